@@ -1,0 +1,1 @@
+"""Coordinator: discovery, placement, the pipeline trunk, and the HTTP API."""

@@ -1,0 +1,1 @@
+"""Decoding: sampling, the speculative loop, and text-level generation."""

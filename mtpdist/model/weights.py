@@ -1,0 +1,147 @@
+"""Reading Qwen3.5/3.6 checkpoints into one canonical key layout.
+
+Canonical keys: `model.embed_tokens.weight`, `model.layers.{i}.*`, `model.norm.weight`,
+`lm_head.weight`, `mtp.*`; conv1d weights as [C, K, 1]; RMSNorm weights effective (not
+offset from 1); MoE experts fused as `mlp.switch_mlp.{gate,up,down}_proj.weight`.
+
+Raw Hugging Face checkpoints store the GDN conv1d weight as [C, 1, K] and most RMSNorm
+weights as an offset from 1. That conv layout is the one signal used to tell the two
+layouts apart, so the shift is applied exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterable
+
+import mlx.core as mx
+
+from ..errors import ModelLoadError
+
+_SKIP_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.")
+_SHIFTED_NORM_SUFFIXES = (
+    ".input_layernorm.weight", ".post_attention_layernorm.weight",
+    ".q_norm.weight", ".k_norm.weight",
+)
+_SHIFTED_NORM_KEYS = (
+    "model.norm.weight", "mtp.norm.weight",
+    "mtp.pre_fc_norm_hidden.weight", "mtp.pre_fc_norm_embedding.weight",
+)
+_PER_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def canonical_key(key: str) -> str | None:
+    """Map a checkpoint key (raw HF or mlx-lm layout) to the canonical layout; None to skip."""
+    if key.startswith(_SKIP_PREFIXES):
+        return None
+    for prefix, repl in (("model.language_model.", "model."), ("language_model.model.", "model."),
+                         ("language_model.", ""), ("model.mtp.", "mtp.")):
+        if key.startswith(prefix):
+            key = repl + key[len(prefix):]
+            break
+    if key.startswith(_SKIP_PREFIXES):
+        return None
+    return key
+
+
+def _is_shifted_norm(key: str, value: mx.array) -> bool:
+    return value.ndim == 1 and (key in _SHIFTED_NORM_KEYS or key.endswith(_SHIFTED_NORM_SUFFIXES))
+
+
+class Checkpoint:
+    """A model folder's safetensors, read lazily, with keys in the canonical layout."""
+
+    def __init__(self, model_dir: str | Path):
+        self.path = Path(model_dir)
+        files = self._weight_files()
+        self._files: dict[Path, dict[str, mx.array]] = {}
+        self._where: dict[str, tuple[Path, str]] = {}
+        for f in files:
+            for key in self._arrays(f):
+                ck = canonical_key(key)
+                if ck is not None:
+                    self._where[ck] = (f, key)
+        if not self._where:
+            raise ModelLoadError(f"{self.path}: the safetensors files hold no weights")
+        conv = next((k for k in self._where if k.endswith("conv1d.weight")), None)
+        self.raw_layout = conv is not None and self._raw(conv).shape[-1] != 1
+
+    def _weight_files(self) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            files = [self.path / n for n in names]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise ModelLoadError(f"{self.path}: index names missing shards: {', '.join(missing)}")
+            return files
+        files = sorted(self.path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{self.path}: no .safetensors weights found")
+        return files
+
+    def _arrays(self, f: Path) -> dict[str, mx.array]:
+        if f not in self._files:
+            self._files[f] = mx.load(str(f))  # lazy: nothing is read until used
+        return self._files[f]
+
+    def _raw(self, ck: str) -> mx.array:
+        f, key = self._where[ck]
+        return self._arrays(f)[key]
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self._where)
+
+    def has_mtp(self) -> bool:
+        return any(k.startswith("mtp.") for k in self._where)
+
+    def tensors(self, want: Callable[[str], bool]) -> dict[str, mx.array]:
+        """The canonical tensors whose key satisfies `want`, converted to the MLX layout."""
+        out: dict[str, mx.array] = {}
+        experts: dict[tuple[str, str], dict[int, mx.array]] = {}
+        for ck in self._where:
+            if not want(ck):
+                continue
+            v = self._raw(ck)
+            m = _PER_EXPERT.match(ck)
+            if m:
+                experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v
+                continue
+            if ck.endswith(".experts.gate_up_proj"):
+                base = ck[: -len(".experts.gate_up_proj")]
+                mid = v.shape[-2] // 2
+                out[f"{base}.switch_mlp.gate_proj.weight"] = v[..., :mid, :]
+                out[f"{base}.switch_mlp.up_proj.weight"] = v[..., mid:, :]
+                continue
+            if ck.endswith(".experts.down_proj"):
+                out[ck.replace(".experts.down_proj", ".switch_mlp.down_proj.weight")] = v
+                continue
+            if self.raw_layout:
+                if ck.endswith("conv1d.weight") and v.shape[-1] != 1:
+                    v = v.moveaxis(2, 1)
+                elif _is_shifted_norm(ck, v):
+                    v = v + 1.0
+            out[ck] = v
+        for (base, proj), per in experts.items():
+            n = max(per) + 1
+            if sorted(per) != list(range(n)):
+                raise ModelLoadError(f"{base}: experts {sorted(set(range(n)) - set(per))} missing")
+            out[f"{base}.switch_mlp.{proj}_proj.weight"] = mx.stack([per[e] for e in range(n)])
+        return out
+
+    def close(self) -> None:
+        self._files.clear()
+
+
+def layer_of(key: str) -> int | None:
+    """Backbone layer index a canonical key belongs to, or None."""
+    if key.startswith("model.layers."):
+        return int(key.split(".", 3)[2])
+    return None
+
+
+def select(keys: Iterable[str], prefix: str) -> list[str]:
+    return [k for k in keys if k.startswith(prefix)]

@@ -1,0 +1,1 @@
+"""Wire format: the only code that touches protobuf."""
