@@ -1,0 +1,97 @@
+"""The `mtpdist` command line: one parser, each subcommand in its own module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import MtpdistError
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mtpdist", description=__doc__)
+    ap.add_argument("--version", action="version", version=f"mtpdist {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a prompt (this machine, or through workers)")
+    g.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
+    g.add_argument("--mtp-hidden", choices=["post-norm", "pre-norm"], default="post-norm",
+                   help="which backbone hidden state feeds the MTP head (default post-norm)")
+    g.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    g.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                   help="run the layers on this worker (repeatable, in pipeline order)")
+    _add_sampling(g)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to MLX, keeping the MTP head")
+    c.add_argument("--hf-path", required=True)
+    c.add_argument("--mlx-path", required=True)
+    c.add_argument("-q", "--quantize", action="store_true")
+    c.add_argument("--q-bits", type=int, default=4)
+    c.add_argument("--q-group-size", type=int, default=64)
+    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
+    c.add_argument("--mtp-precision", choices=["bf16", "fp16", "quantized"], default="bf16",
+                   help="precision of the MTP head (default bf16; fp16 is faster on M1/M2)")
+
+    s = sub.add_parser("synth", help="write a random-weight Qwen3.5-style checkpoint (tests, benchmarks)")
+    s.add_argument("--out", required=True)
+    s.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny")
+    s.add_argument("--moe", action="store_true")
+    s.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("bench", help="measure plain vs MTP decoding against mlx-lm; writes JSON")
+    b.add_argument("--model", required=True)
+    b.add_argument("--prompt", default="def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n")
+    b.add_argument("--max-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--cycles", type=int, default=30, help="steps timed for the per-pass cost figures")
+    b.add_argument("--out", default=None, help="write the JSON here too")
+    b.add_argument("--skip-mlx-lm", action="store_true")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            from .commands import run_generate
+            return run_generate(args)
+        if args.command == "convert":
+            from .model.convert import ConvertOptions, convert
+            out = convert(args.hf_path, args.mlx_path, ConvertOptions(
+                dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
+                q_group_size=args.q_group_size, mtp_precision=args.mtp_precision))
+            print(f"wrote {out}")
+            return 0
+        if args.command == "synth":
+            from .model.synthetic import make_synthetic
+            print(make_synthetic(args.out, args.size, moe=args.moe, seed=args.seed))
+            return 0
+        if args.command == "bench":
+            from .bench import run_bench
+            print(json.dumps(run_bench(args), indent=2))
+            return 0
+    except MtpdistError as e:
+        print(f"mtpdist: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Text-level generation over any trunk: prompt in, streamed text and statistics out."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
+
+import mlx.core as mx
+
+from ..model.loader import ModelParts
+from .sampling import Sampler, SamplingParams
+from .speculative import MTPDrafter, Pipeline, plain_tokens, speculative_tokens
+from .trunk import Trunk
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One completion: token ids in, how to decode and when to stop."""
+
+    prompt_ids: tuple[int, ...]
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+    mtp: bool = False
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    text: str
+    token_ids: tuple[int, ...]
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    generation_tps: float
+    drafted: int
+    accepted: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+
+    @property
+    def acceptance(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "token_ids": list(self.token_ids), "prompt_tokens": self.prompt_tokens,
+                "generation_tokens": self.generation_tokens, "prompt_tps": round(self.prompt_tps, 3),
+                "generation_tps": round(self.generation_tps, 3), "drafted": self.drafted,
+                "accepted": self.accepted, "acceptance": round(self.acceptance, 4),
+                "finish_reason": self.finish_reason}
+
+
+@dataclass
+class Delta:
+    """Newly confirmed text and tokens; `result` is set on the last one."""
+
+    text: str
+    token_ids: list[int]
+    result: GenerationResult | None = None
+
+
+class Generator:
+    """Owns the coordinator-side model parts and a tokenizer; runs requests over a trunk."""
+
+    def __init__(self, parts: ModelParts, tokenizer, post_norm: bool = True, prefill_step: int = 512):
+        self.parts, self.tokenizer = parts, tokenizer
+        self.post_norm, self.prefill_step = post_norm, prefill_step
+        eos = set(parts.config.eos_token_ids)
+        eos.update(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.eos = frozenset(eos)
+
+    def encode(self, text: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(text))
+
+    def stream(self, req: GenerationRequest, trunk: Trunk) -> Iterator[Delta]:
+        """Yield text as it is confirmed; the last Delta carries the GenerationResult."""
+        if not req.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if req.mtp and self.parts.mtp is None:
+            raise ValueError("MTP was requested but the MTP head is not loaded")
+        head = self.parts.head
+        drafter = MTPDrafter(head, self.parts.mtp, self.post_norm) if req.mtp else None
+        pipe = Pipeline(head, trunk, drafter)
+        decode = speculative_tokens if req.mtp else plain_tokens
+        sampler = Sampler(req.sampling)
+        tokens: list[int] = []
+        detok = _TextTail(self.tokenizer, req.stop)
+        t0 = time.perf_counter()
+        t_first = None
+        finish = "length"
+        gen = decode(pipe, list(req.prompt_ids), sampler, self.prefill_step)
+        try:
+            for step in gen:
+                if t_first is None:
+                    t_first = time.perf_counter()
+                new = []
+                for tok in step:
+                    if len(tokens) >= req.max_tokens:
+                        break
+                    if tok in self.eos:
+                        finish = "stop"
+                        break
+                    tokens.append(tok)
+                    new.append(tok)
+                text, hit = detok.add(new)
+                if hit:
+                    finish = "stop"
+                if text or new:
+                    yield Delta(text, new)
+                if finish == "stop" or len(tokens) >= req.max_tokens:
+                    break
+        finally:
+            gen.close()
+            trunk.close()
+        t_end = time.perf_counter()
+        tail = detok.flush()
+        n_gen = max(len(tokens) - 1, 0)
+        gen_time = (t_end - t_first) if t_first else 0.0
+        result = GenerationResult(
+            text=detok.text, token_ids=tuple(tokens), prompt_tokens=len(req.prompt_ids),
+            generation_tokens=len(tokens),
+            prompt_tps=len(req.prompt_ids) / max((t_first or t_end) - t0, 1e-9),
+            generation_tps=n_gen / gen_time if gen_time > 0 else 0.0,
+            drafted=pipe.stats.drafted, accepted=pipe.stats.accepted, finish_reason=finish)
+        yield Delta(tail, [], result)
+
+    def generate(self, req: GenerationRequest, trunk: Trunk) -> GenerationResult:
+        for d in self.stream(req, trunk):
+            if d.result is not None:
+                return d.result
+        raise RuntimeError("generation ended without a result")
+
+
+class _TextTail:
+    """Incremental detokenization that holds back text which could start a stop string."""
+
+    def __init__(self, tokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.text = ""      # final text so far (stop string cut off)
+        self.sent = 0       # characters already handed out
+        self.hit = False
+
+    def add(self, ids: list[int]) -> tuple[str, bool]:
+        if self.hit:
+            return "", True
+        self.ids.extend(ids)
+        full = self.tokenizer.decode(self.ids)
+        for s in self.stop:
+            i = full.find(s)
+            if i >= 0:
+                full, self.hit = full[:i], True
+        safe = len(full)
+        if not self.hit:  # hold back a partial UTF-8 char and any prefix of a stop string
+            safe = len(full.rstrip("\ufffd"))
+            for s in self.stop:
+                k = next((k for k in range(min(len(s) - 1, safe), 0, -1) if full[:safe].endswith(s[:k])), 0)
+                safe = min(safe, len(full.rstrip("\ufffd")) - k)
+        self.text = full
+        out = full[self.sent:safe] if safe > self.sent else ""
+        self.sent = max(self.sent, safe)
+        return out, self.hit
+
+    def flush(self) -> str:
+        out = self.text[self.sent:]
+        self.sent = len(self.text)
+        return out

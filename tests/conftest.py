@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny random-weight Qwen3.5 checkpoints written once per session."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtpdist.model.config import ModelConfig
+from mtpdist.model.synthetic import make_config, random_weights, to_raw_hf, write_checkpoint
+
+
+@pytest.fixture(scope="session")
+def tiny_dense(tmp_path_factory):
+    """8 layers (6 GDN, 2 attention), vocab 512, tied embeddings, MTP head, raw HF layout."""
+    raw = make_config("tiny")
+    w = random_weights(ModelConfig.from_dict(raw), seed=1)
+    path = write_checkpoint(tmp_path_factory.mktemp("tiny_dense"), raw, to_raw_hf(w))
+    return path, w
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory):
+    """MoE variant, untied lm_head, sharded files, per-expert MTP experts (Qwen3.5 layout)."""
+    raw = make_config("tiny", moe=True, tie=False)
+    w = random_weights(ModelConfig.from_dict(raw), seed=2)
+    path = write_checkpoint(tmp_path_factory.mktemp("tiny_moe"), raw, to_raw_hf(w, per_expert_mtp=True), shards=3)
+    return path, w
+
+
+@pytest.fixture(scope="session")
+def tiny_moe_fused(tmp_path_factory):
+    """MoE variant with fused gate_up_proj MTP experts (Qwen3.6 layout)."""
+    raw = make_config("tiny", moe=True, tie=False, num_layers=4)
+    w = random_weights(ModelConfig.from_dict(raw), seed=3)
+    path = write_checkpoint(tmp_path_factory.mktemp("tiny_moe36"), raw, to_raw_hf(w, per_expert_mtp=False))
+    return path, w
+
+
+@pytest.fixture(scope="session")
+def tiny_vocab32(tmp_path_factory):
+    """A 32-token vocabulary, for statistical tests of sampled decoding."""
+    raw = make_config("tiny", vocab_size=32, num_layers=4)
+    w = random_weights(ModelConfig.from_dict(raw), seed=4)
+    # Sharpen the logits a little so distributions are neither flat nor one-hot.
+    w["model.embed_tokens.weight"] = w["model.embed_tokens.weight"] * 0.5
+    return write_checkpoint(tmp_path_factory.mktemp("v32"), raw, to_raw_hf(w), tokenizer=False)

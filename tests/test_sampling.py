@@ -1,0 +1,74 @@
+"""Sampled speculative decoding follows the target distribution exactly."""
+
+from __future__ import annotations
+
+import itertools
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from scipy.stats import chisquare
+
+from mtpdist.engine.sampling import Sampler, SamplingParams, filtered_probs
+from mtpdist.engine.speculative import MTPDrafter, Pipeline, speculative_tokens
+from mtpdist.engine.trunk import LocalTrunk
+from mtpdist.model.loader import load_parts
+
+
+def test_filters_keep_what_they_should():
+    logits = mx.log(mx.array([0.5, 0.2, 0.15, 0.1, 0.05]))
+    p = lambda **kw: np.asarray(filtered_probs(logits, SamplingParams(temperature=1.0, **kw)))
+    np.testing.assert_allclose(p(), [0.5, 0.2, 0.15, 0.1, 0.05], atol=1e-6)
+    assert np.count_nonzero(p(top_k=2)) == 2
+    assert np.count_nonzero(p(top_p=0.6)) == 2          # 0.5 alone is short of 0.6
+    assert np.count_nonzero(p(min_p=0.25)) == 3         # >= 0.125
+    assert np.isclose(p(top_k=3).sum(), 1.0)
+
+
+def test_accept_rule_reproduces_target():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(8))
+    q = rng.dirichlet(np.ones(8))
+    s = Sampler(SamplingParams(temperature=1.0, seed=1))
+    counts = np.zeros(8)
+    for _ in range(20000):
+        d = s.draw(q)
+        counts[s.verify(p, d, q)[1]] += 1
+    assert chisquare(counts, p * counts.sum()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.8, top_k=12, top_p=0.9)])
+def test_speculative_sampling_matches_target_joint(tiny_vocab32, params):
+    parts = load_parts(tiny_vocab32, mtp=True)
+    sp = SamplingParams(**params)
+    prompt = [3, 1, 4, 1, 5]
+    # Exact joint of the first two generated tokens from the plain model.
+    V = parts.config.vocab_size
+
+    def dist(ids):
+        t = LocalTrunk(parts.stack)
+        h = t.forward(parts.head.embed(mx.array([ids])))
+        return np.asarray(filtered_probs(parts.head.logits(parts.head.norm(h[0, -1])), sp), dtype=np.float64)
+
+    p1 = dist(prompt)
+    joint = np.array([p1[a] * dist(prompt + [a]) for a in range(V)]).ravel()
+    counts = np.zeros(V * V)
+    draws, accepted, drafted = 1200, 0, 0
+    for seed in range(draws):
+        pipe = Pipeline(parts.head, LocalTrunk(parts.stack), MTPDrafter(parts.head, parts.mtp))
+        out = []
+        gen = speculative_tokens(pipe, prompt, Sampler(SamplingParams(**params, seed=seed)))
+        for step in gen:
+            out += step
+            if len(out) >= 2:
+                break
+        gen.close()
+        counts[out[0] * V + out[1]] += 1
+        accepted, drafted = accepted + pipe.stats.accepted, drafted + pipe.stats.drafted
+    assert 0 < accepted < drafted  # both paths were exercised
+    # Pool cells with small expectations so the chi-square approximation holds.
+    expected = joint * draws
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3

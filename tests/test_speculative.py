@@ -1,0 +1,56 @@
+"""Greedy decoding with MTP is token-identical to plain greedy decoding."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtpdist.model.loader import load_parts
+
+from helpers import OracleDrafter, plain_greedy, spec_greedy
+
+PROMPT = [5, 17, 99, 3, 42, 8, 200, 11, 7, 300, 12, 13, 14]  # 13 tokens: 4 prefill chunks of 4
+N = 40
+
+
+@pytest.fixture(scope="module")
+def dense(tiny_dense):
+    return load_parts(tiny_dense[0], mtp=True)
+
+
+def test_random_mtp_head_mostly_rejects_yet_output_identical(dense):
+    want = plain_greedy(dense, PROMPT, N, step=4)
+    got, stats = spec_greedy(dense, PROMPT, N, step=4)
+    assert got == want
+    assert stats.drafted > 0 and stats.accepted < stats.drafted
+
+
+def test_always_agreeing_drafter_accepts_everything_identically(dense):
+    want = plain_greedy(dense, PROMPT, N + 2, step=4)
+    got, stats = spec_greedy(dense, PROMPT, N, step=4,
+                             drafter=OracleDrafter(PROMPT + want, dense.config.vocab_size))
+    assert got == want[:N]
+    assert stats.accepted == stats.drafted > N // 3
+
+
+def test_mixed_accepts_and_rejects_identical(dense):
+    want = plain_greedy(dense, PROMPT, N + 2, step=4)
+    got, stats = spec_greedy(dense, PROMPT, N, step=4, drafter=OracleDrafter(
+        PROMPT + want, dense.config.vocab_size, wrong=lambda i: i % 3 == 0))
+    assert got == want[:N]
+    assert 0 < stats.accepted < stats.drafted
+
+
+def test_pre_norm_setting_is_also_lossless(dense):
+    assert spec_greedy(dense, PROMPT, 24, post_norm=False)[0] == plain_greedy(dense, PROMPT, 24)
+
+
+def test_single_token_prompt(dense):
+    assert spec_greedy(dense, [7], 12)[0] == plain_greedy(dense, [7], 12)
+
+
+def test_moe_model_identical(tiny_moe):
+    parts = load_parts(tiny_moe[0], mtp=True)
+    want = plain_greedy(parts, PROMPT, 30, step=5)
+    got, _ = spec_greedy(parts, PROMPT, 30, step=5, drafter=OracleDrafter(
+        PROMPT + want + [0, 0], parts.config.vocab_size, wrong=lambda i: i % 4 == 0))
+    assert got == want
