@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mtp-precision", choices=["bf16", "fp16", "quantized"], default="bf16",
                    help="precision of the MTP head (default bf16; fp16 is faster on M1/M2)")
 
+    w = sub.add_parser("worker", help="serve a slice of a model's layers over gRPC")
+    from .worker.main import add_arguments as add_worker_arguments
+    add_worker_arguments(w)
+
     s = sub.add_parser("synth", help="write a random-weight Qwen3.5-style checkpoint (tests, benchmarks)")
     s.add_argument("--out", required=True)
     s.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny")
@@ -77,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
                 q_group_size=args.q_group_size, mtp_precision=args.mtp_precision))
             print(f"wrote {out}")
             return 0
+        if args.command == "worker":
+            from .worker.main import run_worker
+            return run_worker(args)
         if args.command == "synth":
             from .model.synthetic import make_synthetic
             print(make_synthetic(args.out, args.size, moe=args.moe, seed=args.seed))

@@ -1,0 +1,97 @@
+"""A worker's gRPC client: every call has a deadline, failures name the worker."""
+
+from __future__ import annotations
+
+import queue
+from typing import Iterable, Iterator
+
+import grpc
+
+from ..errors import WorkerCallError
+from . import convert as cv
+from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
+from .v1 import worker_pb2 as pb
+from .v1 import worker_pb2_grpc as pbg
+
+MAX_MESSAGE = 256 << 20
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE),
+    ("grpc.max_receive_message_length", MAX_MESSAGE),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class WorkerClient:
+    """Calls one worker. `timeout` bounds each call; loading a shard gets `load_timeout`."""
+
+    def __init__(self, address: str, timeout: float = 30.0, load_timeout: float = 3600.0):
+        self.address, self.timeout, self.load_timeout = address, timeout, load_timeout
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.stub = pbg.WorkerStub(self.channel)
+
+    def _call(self, method, request, timeout: float | None = None):
+        try:
+            return method(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
+
+    def describe(self) -> WorkerInfo:
+        return cv.info_from_pb(self._call(self.stub.Describe, pb.DescribeRequest()))
+
+    def has_shard(self, spec: ShardSpec) -> tuple[bool, str]:
+        r = self._call(self.stub.HasShard, cv.spec_to_pb(spec))
+        return r.available, r.source
+
+    def load_shard(self, spec: ShardSpec, chunks: Iterable[bytes] = ()) -> LoadResult:
+        """Send the spec, then the chunks. The chunks are pulled on the calling thread
+        (MLX arrays belong to the thread that made them) and handed to gRPC through a
+        small bounded queue, so at most a few chunks are in memory at once."""
+        q: queue.Queue = queue.Queue(maxsize=4)
+        done = object()
+
+        def requests() -> Iterator[pb.LoadShardRequest]:
+            yield pb.LoadShardRequest(spec=cv.spec_to_pb(spec))
+            while (c := q.get()) is not done:
+                yield pb.LoadShardRequest(data=c)
+
+        fut = self.stub.LoadShard.future(requests(), timeout=self.load_timeout)
+        try:
+            for c in chunks:
+                while not fut.done():
+                    try:
+                        q.put(c, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                if fut.done():
+                    break
+        finally:
+            q.put(done) if not fut.done() else None
+        try:
+            return cv.load_result_from_pb(fut.result())
+        except grpc.RpcError as e:
+            raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
+
+    def forward(self, call: ForwardCall) -> ForwardResult:
+        return cv.result_from_pb(self._call(self.stub.Forward, cv.forward_to_pb(call)))
+
+    def rewind(self, sequence_id: str, n: int, position: int) -> int:
+        req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)
+        return self._call(self.stub.Rewind, req).position
+
+    def rewind_future(self, sequence_id: str, n: int, position: int):
+        """Start a rewind without waiting; `.result()` raises grpc.RpcError on failure."""
+        req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)
+        return self.stub.Rewind.future(req, timeout=self.timeout)
+
+    def release(self, sequence_id: str) -> bool:
+        return self._call(self.stub.Release, pb.ReleaseRequest(sequence_id=sequence_id)).released
+
+    def health(self, timeout: float | None = None) -> str:
+        return self._call(self.stub.Health, pb.HealthRequest(), timeout).status
+
+    def close(self) -> None:
+        self.channel.close()

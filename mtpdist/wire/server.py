@@ -1,0 +1,92 @@
+"""Serve a worker implementation over gRPC: convert messages, map errors to status codes."""
+
+from __future__ import annotations
+
+import logging
+from concurrent import futures
+from typing import Iterator, Protocol
+
+import grpc
+
+from ..errors import RequestError, WorkerCallError
+from . import convert as cv
+from .client import CHANNEL_OPTIONS
+from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
+from .v1 import worker_pb2 as pb
+from .v1 import worker_pb2_grpc as pbg
+
+log = logging.getLogger("mtpdist.wire")
+
+
+class WorkerHandler(Protocol):
+    def describe(self) -> WorkerInfo: ...
+    def has_shard(self, spec: ShardSpec) -> tuple[bool, str]: ...
+    def load_shard(self, spec: ShardSpec, chunks: Iterator[bytes]) -> LoadResult: ...
+    def forward(self, call: ForwardCall) -> ForwardResult: ...
+    def rewind(self, sequence_id: str, n: int, position: int) -> int: ...
+    def release(self, sequence_id: str) -> bool: ...
+    def health(self) -> str: ...
+
+
+def _guard(fn):
+    """Run a handler; turn our errors into the right gRPC status, never crash the server."""
+    def wrapped(self, request, context):
+        try:
+            return fn(self, request, context)
+        except RequestError as e:
+            context.abort(getattr(grpc.StatusCode, e.code), str(e))
+        except WorkerCallError as e:  # a downstream worker failed: pass its status on
+            context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNAVAILABLE), str(e))
+        except (ValueError, TypeError) as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    wrapped.__name__ = fn.__name__
+    return wrapped
+
+
+class _Servicer(pbg.WorkerServicer):
+    def __init__(self, handler: WorkerHandler):
+        self.h = handler
+
+    @_guard
+    def Describe(self, request, context):
+        return cv.info_to_pb(self.h.describe())
+
+    @_guard
+    def HasShard(self, request, context):
+        ok, source = self.h.has_shard(cv.spec_from_pb(request))
+        return pb.HasShardReply(available=ok, source=source)
+
+    @_guard
+    def LoadShard(self, request_iterator, context):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "spec":
+            raise RequestError("INVALID_ARGUMENT", "LoadShard must start with a ShardSpec")
+        chunks = (r.data for r in request_iterator if r.WhichOneof("part") == "data")
+        return cv.load_result_to_pb(self.h.load_shard(cv.spec_from_pb(first.spec), chunks))
+
+    @_guard
+    def Forward(self, request, context):
+        return cv.result_to_pb(self.h.forward(cv.forward_from_pb(request)))
+
+    @_guard
+    def Rewind(self, request, context):
+        return pb.RewindReply(position=self.h.rewind(request.sequence_id, request.n, request.position))
+
+    @_guard
+    def Release(self, request, context):
+        return pb.ReleaseReply(released=self.h.release(request.sequence_id))
+
+    @_guard
+    def Health(self, request, context):
+        return pb.HealthReply(status=self.h.health())
+
+
+def serve(handler: WorkerHandler, host: str, port: int, threads: int = 16) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `handler`; returns the server and the bound port."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS)
+    pbg.add_WorkerServicer_to_server(_Servicer(handler), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port}")
+    server.start()
+    return server, bound

@@ -1,0 +1,77 @@
+"""Plain frozen dataclasses that cross the wire boundary (no protobuf here)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PROTOCOL_VERSION = 1
+ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Hidden states as raw little-endian bytes."""
+
+    data: bytes
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str      # safetensors code (F32, BF16, U32, ...)
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    model_hash: str
+    layer_start: int
+    layer_end: int
+    config_json: str
+    tensors: tuple[TensorInfo, ...] = ()
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    worker_id: str
+    version: str
+    protocol_version: int
+    memory_bytes: int
+    usable_bytes: int
+    backend: str
+    chip: str
+    model_hash: str = ""
+    layer_start: int = 0
+    layer_end: int = 0
+    sequences: int = 0
+    state_bytes: int = 0
+    mlx_version: str = ""
+    weight_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    sequence_id: str
+    position: int
+    hidden: Activation
+    rewind: int = 0
+    keep: tuple[int, ...] = ()
+    next: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ForwardResult:
+    hidden: Activation
+    position: int
+    compute_us: tuple[int, ...] = field(default_factory=tuple)
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    source: str
+    bytes_received: int
+    layer_start: int
+    layer_end: int
