@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from mtpdist.model.config import ModelConfig
 from mtpdist.model.synthetic import make_config, random_weights, to_raw_hf, write_checkpoint
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Hashes and shards go to a temporary folder, never the user's ~/.cache."""
+    os.environ["MTPDIST_CACHE"] = str(tmp_path_factory.mktemp("mtpdist-cache"))
 
 
 @pytest.fixture(scope="session")
