@@ -126,6 +126,14 @@ def run_bench(args) -> dict:
         result["acceptance"] = round(statistics.median(acceptance), 4)
         result["mtp_tokens_equal_plain"] = bool(tokens_equal)
     result["pass_costs"] = pass_costs(session, prompt_ids, args.cycles)
+    if args.workers or args.worker:
+        from .bench_pipeline import mlx_lm_ring_pipeline, pipeline_bench
+        single = {"plain": med["plain"], "mtp": med.get("mtp", med["plain"])}
+        result["pipeline"] = pipeline_bench(args.model, prompt_ids, args.max_tokens, args.repeats,
+                                            args.workers, args.worker, single)
+        if not args.skip_mlx_lm:
+            result["pipeline"]["mlx_lm_ring"] = mlx_lm_ring_pipeline(args.model, prompt_ids, args.max_tokens,
+                                                                     args.repeats, len(result["pipeline"]["tps_median"]) and result["pipeline"]["workers"])
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result

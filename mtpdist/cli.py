@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cycles", type=int, default=30, help="steps timed for the per-pass cost figures")
     b.add_argument("--out", default=None, help="write the JSON here too")
     b.add_argument("--skip-mlx-lm", action="store_true")
+    b.add_argument("--workers", type=int, default=0, help="also run through N local worker processes")
+    b.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                   help="also run through these (already running) workers")
     return ap
 
 

@@ -66,7 +66,7 @@ class PipelineTrunk:
         t.forwards += 1
         t.wall_us += int((time.perf_counter() - t0) * 1e6)
         t.compute_us += sum(stages)
-        t.bytes_sent += len(act.data) * (len(self.clients) + 1)
+        t.bytes_sent += 2 * len(self.clients) * len(act.data)  # each stage: request in, reply out
         self.pending_rewind = 0
         self.position = r.position
         return from_activation(r.hidden)[None]

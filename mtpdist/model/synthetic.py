@@ -108,16 +108,13 @@ def write_checkpoint(out_dir: str | Path, raw_config: dict, weights: dict[str, m
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(raw_config, indent=2))
     keys = sorted(weights)
-    if shards == 1:
-        mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
-    else:
-        weight_map = {}
-        for i in range(shards):
-            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-            part = {k: weights[k] for k in keys[i::shards]}
-            mx.save_safetensors(str(out / name), part, metadata={"format": "mlx"})
-            weight_map.update({k: name for k in part})
-        (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    weight_map = {}
+    for i in range(shards):  # always with an index, as real releases ship (mlx-lm's sharded_load needs it)
+        name = "model.safetensors" if shards == 1 else f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: weights[k] for k in keys[i::shards]}
+        mx.save_safetensors(str(out / name), part, metadata={"format": "mlx"})
+        weight_map.update({k: name for k in part})
+    (out / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     if tokenizer:
         from .tokenizer_gen import write_tokenizer
         text = raw_config.get("text_config", raw_config)

@@ -1,0 +1,73 @@
+"""Start `mtpdist worker` processes on this machine (bench, demo, tests)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class LocalWorker:
+    """One worker subprocess on 127.0.0.1 with a free port."""
+
+    def __init__(self, cache: Path | None = None, *extra: str, host: str = "127.0.0.1", start_timeout: float = 60):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if cache is not None:
+            env["MTPDIST_CACHE"] = str(cache)
+        self.proc = subprocess.Popen([sys.executable, "-m", "mtpdist.cli", "worker", "--host", host, "--port", "0",
+                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        self.address = None
+        self.log: list[str] = []
+        deadline = time.time() + start_timeout
+        while time.time() < deadline:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None:
+                break
+            self.log.append(line)
+            m = re.search(r"listening on (\S+:\d+)", line)
+            if m:
+                self.address = m.group(1)
+                return
+        self.stop()
+        raise RuntimeError("worker did not start:\n" + "".join(self.log[-20:]))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout and not self.proc.stdout.closed:
+            self.proc.stdout.close()
+
+
+class LocalCluster:
+    """N local workers, stopped together (a context manager)."""
+
+    def __init__(self, n: int, cache: Path | None = None, *extra: str):
+        self.workers: list[LocalWorker] = []
+        try:
+            for i in range(n):
+                self.workers.append(LocalWorker(cache / f"w{i}" if cache else None, *extra))
+        except Exception:
+            self.stop()
+            raise
+
+    @property
+    def addresses(self) -> list[str]:
+        return [w.address for w in self.workers]
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
