@@ -13,10 +13,15 @@ from pathlib import Path
 class LocalWorker:
     """One worker subprocess on 127.0.0.1 with a free port."""
 
-    def __init__(self, cache: Path | None = None, *extra: str, host: str = "127.0.0.1", start_timeout: float = 60):
+    def __init__(self, cache: Path | None = None, *extra: str, host: str = "127.0.0.1", start_timeout: float = 60,
+                 token: str | None = None, advertise: bool = False):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if cache is not None:
             env["MTPDIST_CACHE"] = str(cache)
+            env["MTPDIST_CONFIG"] = str(cache / "config")
+        env.pop("MTPDIST_TOKEN", None)
+        extra = (*extra, *(("--token", token) if token else ("--insecure",)),
+                 *(("--mdns-interface", host) if advertise else ("--no-advertise",)))
         self.proc = subprocess.Popen([sys.executable, "-m", "mtpdist.cli", "worker", "--host", host, "--port", "0",
                                       *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.address = None
@@ -49,11 +54,13 @@ class LocalWorker:
 class LocalCluster:
     """N local workers, stopped together (a context manager)."""
 
-    def __init__(self, n: int, cache: Path | None = None, *extra: str):
+    def __init__(self, n: int, cache: Path | None = None, *extra: str, token: str | None = None,
+                 advertise: bool = False):
         self.workers: list[LocalWorker] = []
         try:
             for i in range(n):
-                self.workers.append(LocalWorker(cache / f"w{i}" if cache else None, *extra))
+                self.workers.append(LocalWorker(cache / f"w{i}" if cache else None, *extra, token=token,
+                                                advertise=advertise))
         except Exception:
             self.stop()
             raise

@@ -1,4 +1,4 @@
-"""A coordinator session over a fixed list of workers: plan, load shards, generate."""
+"""A coordinator session: head and MTP head here, layers on workers, re-planned on change."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from mtpdist.model.config import read_config
 from mtpdist.model.hashing import model_hash
 from mtpdist.model.loader import load_parts
 from mtpdist.model.weights import Checkpoint, layer_of
-from mtpdist.placement import PlacementError, plan_layers
-from mtpdist.wire.client import WorkerClient
-from mtpdist.wire.types import PROTOCOL_VERSION, ShardSpec
+from mtpdist.placement import Placement, PlacementError, plan_layers
+from mtpdist.wire.client import ChannelSettings, WorkerClient
+from mtpdist.wire.types import PROTOCOL_VERSION, ShardSpec, WorkerInfo
 
 log = logging.getLogger("mtpdist.coordinator")
 
@@ -36,40 +36,57 @@ def layer_bytes(model_dir: Path, num_layers: int) -> list[int]:
 
 
 class PipelineSession:
-    """Head and MTP head here; layers on workers, in the order given."""
+    """Generation through workers. `attach` (re)plans and loads shards for a worker list."""
 
     def __init__(self, model_dir: str | Path, workers: Sequence[str], mtp: bool = False, post_norm: bool = True,
                  prefill_step: int = 512, chain: bool = True, rewind: str = "carry", progress: bool = True,
-                 rpc_timeout: float = 30.0):
+                 channel: ChannelSettings = ChannelSettings(), headroom: float = 0.1):
         self.model_dir = Path(model_dir)
-        self.chain, self.rewind = chain, rewind
-        config, raw = read_config(self.model_dir)
-        self.clients = [WorkerClient(a, timeout=rpc_timeout) for a in workers]
-        infos = [c.describe() for c in self.clients]
-        for c, info in zip(self.clients, infos):
+        self.chain, self.rewind, self.progress = chain, rewind, progress
+        self.channel, self.headroom = channel, headroom
+        self.config, self.raw_config = read_config(self.model_dir)
+        self.layer_bytes = layer_bytes(self.model_dir, self.config.num_hidden_layers)
+        self.model_hash = model_hash(self.model_dir, progress)
+        self.parts = load_parts(self.model_dir, layers=(0, 0), head=True, mtp=mtp)
+        self.generator = Generator(self.parts, load_tokenizer_for(self.model_dir), post_norm, prefill_step)
+        self.clients: list[WorkerClient] = []
+        self.infos: list[WorkerInfo] = []
+        self.placement: Placement | None = None
+        self.attach(workers)
+
+    @property
+    def addresses(self) -> list[str]:
+        return [c.address for c in self.clients]
+
+    def attach(self, workers: Sequence[str]) -> None:
+        """Plan layers over `workers` (refusing before loading anything if they don't fit), load shards."""
+        clients = [WorkerClient(a, self.channel) for a in workers]
+        infos = [c.describe() for c in clients]
+        for c, info in zip(clients, infos):
             if info.protocol_version != PROTOCOL_VERSION:
                 raise MtpdistError(f"worker {c.address} speaks protocol {info.protocol_version}, "
                                    f"this coordinator {PROTOCOL_VERSION}; upgrade mtpdist on both")
         try:
-            self.placement = plan_layers([i.usable_bytes for i in infos],
-                                         layer_bytes(self.model_dir, config.num_hidden_layers))
+            placement = plan_layers([i.usable_bytes for i in infos], self.layer_bytes, self.headroom)
         except PlacementError as e:
-            raise MtpdistError(str(e)) from e
-        self.model_hash = model_hash(self.model_dir, progress)
-        for c, (start, end) in zip(self.clients, self.placement.ranges):
-            self._load_shard(c, start, end, json.dumps(raw), progress)
-        self.parts = load_parts(self.model_dir, layers=(0, 0), head=True, mtp=mtp)
-        self.generator = Generator(self.parts, load_tokenizer_for(self.model_dir), post_norm, prefill_step)
+            raise MtpdistError(f"the model does not fit: {e}") from e
+        for c, (start, end) in zip(clients, placement.ranges):
+            self._load_shard(c, start, end)
+        for old in self.clients:
+            old.close()
+        self.clients, self.placement = clients, placement
+        self.infos = [c.describe() for c in clients]
 
-    def _load_shard(self, client: WorkerClient, start: int, end: int, config_json: str, progress: bool) -> None:
+    def _load_shard(self, client: WorkerClient, start: int, end: int) -> None:
+        config_json = json.dumps(self.raw_config)
         spec = ShardSpec(self.model_hash, start, end, config_json)
-        ok, source = client.has_shard(spec)
+        ok, _ = client.has_shard(spec)
         if ok:
             r = client.load_shard(spec)
         else:
             src = ShardSource(self.model_dir, start, end)
             spec = ShardSpec(self.model_hash, start, end, config_json, src.manifest())
-            with tqdm(total=src.nbytes, unit="B", unit_scale=True, disable=not progress,
+            with tqdm(total=src.nbytes, unit="B", unit_scale=True, disable=not self.progress,
                       desc=f"layers {start}-{end - 1} -> {client.address}") as bar:
                 r = client.load_shard(spec, src.chunks(bar.update))
         log.info("worker %s holds layers %d-%d (%s)", client.address, start, end - 1, r.source)

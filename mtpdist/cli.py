@@ -20,6 +20,20 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
+def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    from .worker.main import add_security_arguments
+    p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
+                   help="use this worker (repeatable, in pipeline order; mixes with discovery)")
+    p.add_argument("--workers", type=int, default=0, help="wait for this many workers in all (found on mDNS)")
+    p.add_argument("--cluster", default="default", help="only use workers advertising this cluster name")
+    p.add_argument("--mdns-interface", action="append", default=[], metavar="IP",
+                   help="browse mDNS on this interface address only (repeatable)")
+    p.add_argument("--discover-timeout", type=float, default=15.0, help="seconds to wait for --workers")
+    p.add_argument("--tls-ca", default=None, help="CA certificate to trust for workers serving TLS")
+    p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline (s) of each call to a worker")
+    add_security_arguments(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mtpdist", description=__doc__)
     ap.add_argument("--version", action="version", version=f"mtpdist {__version__}")
@@ -33,8 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which backbone hidden state feeds the MTP head (default post-norm)")
     g.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    g.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
-                   help="run the layers on this worker (repeatable, in pipeline order)")
+    add_cluster_arguments(g)
     _add_sampling(g)
 
     c = sub.add_parser("convert", help="convert a Hugging Face checkpoint to MLX, keeping the MTP head")
@@ -50,6 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="serve a slice of a model's layers over gRPC")
     from .worker.main import add_arguments as add_worker_arguments
     add_worker_arguments(w)
+
+    st = sub.add_parser("status", help="show the workers: addresses, link, layers held, memory")
+    add_cluster_arguments(st)
+    st.add_argument("--json", action="store_true")
 
     s = sub.add_parser("synth", help="write a random-weight Qwen3.5-style checkpoint (tests, benchmarks)")
     s.add_argument("--out", required=True)
@@ -87,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             from .worker.main import run_worker
             return run_worker(args)
+        if args.command == "status":
+            from .commands import run_status
+            return run_status(args)
         if args.command == "synth":
             from .model.synthetic import make_synthetic
             print(make_synthetic(args.out, args.size, moe=args.moe, seed=args.seed))

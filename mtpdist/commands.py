@@ -18,15 +18,70 @@ def sampling_from(args) -> SamplingParams:
         raise MtpdistError(str(e)) from e
 
 
+def channel_from(args):
+    from .security import resolve_token
+    from .wire.client import ChannelSettings
+    return ChannelSettings(token=resolve_token(args.token, args.token_file, args.insecure), tls_ca=args.tls_ca,
+                           timeout=args.rpc_timeout)
+
+
+def membership_from(args):
+    from .coordinator.cluster import ClusterOptions, Membership
+    return Membership(ClusterOptions(workers=max(args.workers, len(args.worker)), static=tuple(args.worker),
+                                     cluster=args.cluster, mdns_interfaces=tuple(args.mdns_interface),
+                                     discover_timeout=args.discover_timeout))
+
+
+def run_status(args) -> int:
+    """`mtpdist status`: every worker found, what it holds and how it is reached."""
+    from .wire.client import WorkerClient
+    channel = channel_from(args)
+    if not args.worker and not args.workers:
+        args.workers = 1  # discover whoever answers within the timeout
+    m = membership_from(args)
+    try:
+        if m.browser:
+            m.browser.wait_for(args.workers, args.discover_timeout)
+        ads = {a.address: a for a in m.discovered()}
+        rows = []
+        for addr in m.current():
+            row = {"address": addr, "link": next((k for ip, k in ads[addr].links if addr.startswith(ip + ":")), "")
+                   if addr in ads else "static"}
+            try:
+                i = WorkerClient(addr, channel).describe()
+                row.update(worker_id=i.worker_id, backend=i.backend, chip=i.chip, version=i.version,
+                           usable_gib=round(i.usable_bytes / 2**30, 2), weights_gib=round(i.weight_bytes / 2**30, 3),
+                           layers=f"{i.layer_start}-{i.layer_end - 1}" if i.layer_end else "none",
+                           sequences=i.sequences, state_mib=round(i.state_bytes / 2**20, 1))
+            except MtpdistError as e:
+                row["error"] = str(e)
+            rows.append(row)
+    finally:
+        m.close()
+    if args.json:
+        print(json.dumps({"workers": rows}, indent=2))
+    elif not rows:
+        print("no workers found")
+    else:
+        for r in rows:
+            print("  ".join(f"{k}={v}" for k, v in r.items()))
+    return 0 if rows and not any("error" in r for r in rows) else 1
+
+
 def run_generate(args) -> int:
     """`mtpdist generate`: one completion, printed as text or as one JSON object."""
     if args.max_tokens < 1:
         raise MtpdistError("--max-tokens must be at least 1")
     post_norm = args.mtp_hidden == "post-norm"
-    if args.worker:
+    if args.worker or args.workers:
         from .coordinator.session import PipelineSession
-        session = PipelineSession(args.model, args.worker, mtp=args.mtp, post_norm=post_norm,
-                                  prefill_step=args.prefill_step)
+        membership = membership_from(args)
+        try:
+            addresses = membership.wait()
+        finally:
+            membership.close()
+        session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
+                                  prefill_step=args.prefill_step, channel=channel_from(args))
     else:
         from .engine.local import LocalSession
         session = LocalSession(args.model, mtp=args.mtp, post_norm=post_norm, prefill_step=args.prefill_step)

@@ -49,7 +49,8 @@ def plan_layers(usable: list[int], layer_bytes: list[int], headroom: float = 0.1
 
 
 def _arith(total, usable, cap, headroom, used=None) -> str:
-    gb = lambda b: f"{b / 2**30:.2f} GiB"
+    def gb(b):
+        return f"{b / 2**30:.2f} GiB" if b >= 2**30 or b == 0 else f"{b / 2**20:.1f} MiB"
     lines = [f"the model's layers need {gb(total)}; workers offer {gb(sum(cap))} "
              f"after keeping {headroom:.0%} for KV/state:"]
     for i, (u, c) in enumerate(zip(usable, cap)):

@@ -138,6 +138,6 @@ def test_cli_generate_through_workers_matches_single_process(three_workers, tiny
     args = [sys.executable, "-m", "mtpdist.cli", "generate", "--model", str(tiny_dense[0]), "--prompt",
             "class Foo:", "--max-tokens", "10", "--json", "--mtp"]
     local = json.loads(subprocess.run(args, capture_output=True, text=True, check=True).stdout)
-    remote = json.loads(subprocess.run(args + ["--worker", three_workers[0], "--worker", three_workers[1]],
+    remote = json.loads(subprocess.run(args + ["--worker", three_workers[0], "--worker", three_workers[1], "--insecure"],
                                        capture_output=True, text=True, check=True).stdout)
     assert remote["token_ids"] == local["token_ids"] and remote["drafted"] > 0

@@ -1,4 +1,4 @@
-"""`mtpdist worker`: serve a slice of a model's layers over gRPC."""
+"""`mtpdist worker`: serve a slice of a model's layers over gRPC and advertise on mDNS."""
 
 from __future__ import annotations
 
@@ -8,15 +8,28 @@ import sys
 import threading
 from pathlib import Path
 
+from mtpdist import __version__
+from mtpdist.discovery import Advert, Advertiser, links_for, local_links
+from mtpdist.errors import MtpdistError
 from mtpdist.model.hashing import cache_dir
+from mtpdist.security import resolve_token, worker_id
+from mtpdist.wire.client import ChannelSettings
 from mtpdist.wire.server import serve
+from mtpdist.wire.types import PROTOCOL_VERSION
 
 from .service import WorkerService
 
+log = logging.getLogger("mtpdist.worker")
+
+
+def add_security_arguments(p) -> None:
+    p.add_argument("--token", default=None, help="cluster token (or MTPDIST_TOKEN, or --token-file)")
+    p.add_argument("--token-file", default=None, help="file holding the cluster token")
+    p.add_argument("--insecure", action="store_true", help="run without a token (trusted networks only)")
+
 
 def add_arguments(p) -> None:
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to listen on (default 127.0.0.1; use the Thunderbolt/Ethernet address to serve peers)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all; a token is required)")
     p.add_argument("--port", type=int, default=50551, help="gRPC port (0 picks a free one)")
     p.add_argument("--model-dir", default=None, help="a local copy of the model; used when its content hash matches")
     p.add_argument("--cache-dir", default=None, help=f"where streamed shards are kept (default {cache_dir()})")
@@ -24,21 +37,58 @@ def add_arguments(p) -> None:
                    help="memory offered for weights and state (default 75%% of RAM)")
     p.add_argument("--max-sequences", type=int, default=64, help="live sequences before the oldest is evicted")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline (s) for calls to the next worker")
+    p.add_argument("--cluster", default="default", help="cluster name advertised on mDNS (default 'default')")
+    p.add_argument("--no-advertise", action="store_true", help="do not advertise on mDNS")
+    p.add_argument("--mdns-interface", action="append", default=[], metavar="IP",
+                   help="advertise on this interface address only (repeatable; default: the listen address, "
+                        "or every non-loopback IPv4 address when listening on all)")
+    p.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (needs --tls-key)")
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-ca", default=None, help="CA to trust when calling the next worker over TLS")
+    add_security_arguments(p)
+
+
+def mdns_interfaces(host: str, chosen: list[str]) -> list[str]:
+    if chosen:
+        return chosen
+    if host not in ("0.0.0.0", "::"):
+        return [host]
+    return [ip for ip, _, kind in local_links() if kind != "loopback"] or ["127.0.0.1"]
 
 
 def run_worker(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    token = resolve_token(args.token, args.token_file, args.insecure)
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise MtpdistError("--tls-cert and --tls-key go together")
     service = WorkerService(
         cache_root=Path(args.cache_dir) if args.cache_dir else cache_dir(),
         model_dir=Path(args.model_dir) if args.model_dir else None,
         usable_bytes=int(args.usable_memory_gb * (1 << 30)) if args.usable_memory_gb else None,
-        max_sequences=args.max_sequences, rpc_timeout=args.rpc_timeout)
-    server, port = serve(service, args.host, args.port)
-    print(f"mtpdist worker {service.worker_id} listening on {args.host}:{port}", flush=True)
+        max_sequences=args.max_sequences, worker_id=worker_id(),
+        channel=ChannelSettings(token=token, tls_ca=args.tls_ca, timeout=args.rpc_timeout))
+    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
+    server, port = serve(service, args.host, args.port, token=token, tls=tls)
+    if token is None:
+        log.warning("running without a cluster token (--insecure): anyone who can reach this port can use it")
+    advertiser = None
+    if not args.no_advertise:
+        ifaces = mdns_interfaces(args.host, args.mdns_interface)
+        from mtpdist.engine.devices import backend_name
+        import platform
+        advertiser = Advertiser(Advert(
+            worker_id=service.worker_id, port=port, links=links_for(ifaces), protocol=PROTOCOL_VERSION,
+            usable_bytes=service.usable, backend=backend_name(), chip=platform.processor() or platform.machine(),
+            cluster=args.cluster, version=__version__), ifaces)
+        log.info("advertising on mDNS (%s) in cluster %r", ", ".join(ifaces), args.cluster)
+    print(f"mtpdist worker {service.worker_id} listening on {args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{port}",
+          flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     done.wait()
+    if advertiser:
+        advertiser.close()
     server.stop(grace=2).wait()
     return 0
 

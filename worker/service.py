@@ -14,7 +14,7 @@ from typing import Iterator
 
 from mtpdist import __version__
 from mtpdist.errors import ModelLoadError, RequestError
-from mtpdist.wire.client import WorkerClient
+from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import (PROTOCOL_VERSION, ForwardCall, ForwardResult, LoadResult, ShardSpec,
                                 WorkerInfo)
 
@@ -34,12 +34,13 @@ class WorkerService:
     """Implements the wire's WorkerHandler."""
 
     def __init__(self, cache_root: Path, model_dir: Path | None = None, usable_bytes: int | None = None,
-                 max_sequences: int = 64, worker_id: str | None = None, rpc_timeout: float = 30.0):
+                 max_sequences: int = 64, worker_id: str | None = None,
+                 channel: ChannelSettings = ChannelSettings()):
         self.store = ShardStore(cache_root)
         self.model_dir, self._model_dir_hash = model_dir, None
         self.memory = total_memory()
         self.usable = usable_bytes or int(self.memory * 0.75)
-        self.max_sequences, self.rpc_timeout = max_sequences, rpc_timeout
+        self.max_sequences, self.channel = max_sequences, channel
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
         self.mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")  # the one MLX thread
         self.stage = None
@@ -61,7 +62,7 @@ class WorkerService:
     def _client(self, address: str) -> WorkerClient:
         with self._lock:
             if address not in self._next:
-                self._next[address] = WorkerClient(address, timeout=self.rpc_timeout)
+                self._next[address] = WorkerClient(address, self.channel)
             return self._next[address]
 
     def _stage(self):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import queue
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import grpc
 
 from ..errors import WorkerCallError
 from . import convert as cv
+from .auth import channel_credentials, metadata
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
 from .v1 import worker_pb2_grpc as pbg
@@ -24,17 +26,32 @@ CHANNEL_OPTIONS = [
 ]
 
 
-class WorkerClient:
-    """Calls one worker. `timeout` bounds each call; loading a shard gets `load_timeout`."""
+@dataclass(frozen=True)
+class ChannelSettings:
+    """How to reach workers: the cluster token, TLS trust, and the per-call deadline."""
 
-    def __init__(self, address: str, timeout: float = 30.0, load_timeout: float = 3600.0):
-        self.address, self.timeout, self.load_timeout = address, timeout, load_timeout
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    token: str | None = None
+    tls_ca: str | None = None
+    timeout: float = 30.0
+    load_timeout: float = 3600.0
+
+
+class WorkerClient:
+    """Calls one worker. Every call carries the token and a deadline (`timeout`)."""
+
+    def __init__(self, address: str, settings: ChannelSettings = ChannelSettings()):
+        self.address, self.settings = address, settings
+        self.timeout, self.load_timeout = settings.timeout, settings.load_timeout
+        self.md = metadata(settings.token)
+        if settings.tls_ca:
+            self.channel = grpc.secure_channel(address, channel_credentials(settings.tls_ca), options=CHANNEL_OPTIONS)
+        else:
+            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self.stub = pbg.WorkerStub(self.channel)
 
     def _call(self, method, request, timeout: float | None = None):
         try:
-            return method(request, timeout=timeout or self.timeout)
+            return method(request, timeout=timeout or self.timeout, metadata=self.md)
         except grpc.RpcError as e:
             raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
 
@@ -57,7 +74,7 @@ class WorkerClient:
             while (c := q.get()) is not done:
                 yield pb.LoadShardRequest(data=c)
 
-        fut = self.stub.LoadShard.future(requests(), timeout=self.load_timeout)
+        fut = self.stub.LoadShard.future(requests(), timeout=self.load_timeout, metadata=self.md)
         try:
             for c in chunks:
                 while not fut.done():
@@ -85,7 +102,7 @@ class WorkerClient:
     def rewind_future(self, sequence_id: str, n: int, position: int):
         """Start a rewind without waiting; `.result()` raises grpc.RpcError on failure."""
         req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)
-        return self.stub.Rewind.future(req, timeout=self.timeout)
+        return self.stub.Rewind.future(req, timeout=self.timeout, metadata=self.md)
 
     def release(self, sequence_id: str) -> bool:
         return self._call(self.stub.Release, pb.ReleaseRequest(sequence_id=sequence_id)).released

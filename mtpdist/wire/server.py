@@ -10,6 +10,7 @@ import grpc
 
 from ..errors import RequestError, WorkerCallError
 from . import convert as cv
+from .auth import TokenInterceptor, server_credentials
 from .client import CHANNEL_OPTIONS
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
@@ -81,11 +82,18 @@ class _Servicer(pbg.WorkerServicer):
         return pb.HealthReply(status=self.h.health())
 
 
-def serve(handler: WorkerHandler, host: str, port: int, threads: int = 16) -> tuple[grpc.Server, int]:
-    """Start a gRPC server for `handler`; returns the server and the bound port."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS)
+def serve(handler: WorkerHandler, host: str, port: int, token: str | None = None,
+          tls: tuple[str, str] | None = None, threads: int = 16) -> tuple[grpc.Server, int]:
+    """Start a gRPC server for `handler`; returns the server and the bound port.
+
+    With `token`, every call must carry it; `tls` is (cert file, key file).
+    """
+    interceptors = [TokenInterceptor(token)] if token else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS,
+                         interceptors=interceptors)
     pbg.add_WorkerServicer_to_server(_Servicer(handler), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    where = f"{host}:{port}"
+    bound = server.add_secure_port(where, server_credentials(*tls)) if tls else server.add_insecure_port(where)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()
