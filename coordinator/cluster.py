@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 from mtpdist.discovery import Advert, Browser, local_links
@@ -19,9 +20,11 @@ class ClusterOptions:
     mdns_interfaces: tuple[str, ...] = ()  # default: every non-loopback IPv4 address
     discover_timeout: float = 15.0
 
+    settle: float = 2.0                    # with workers=0: after the first, wait this long for more
+
     @property
     def discover(self) -> bool:
-        return self.workers > len(self.static)
+        return self.workers > len(self.static) or not self.static
 
 
 def default_interfaces() -> list[str]:
@@ -50,7 +53,10 @@ class Membership:
 
     def wait(self) -> list[str]:
         """Wait (up to the timeout) for the requested number of workers; refuse with who was found."""
-        if self.browser:
+        if self.browser and self.opts.workers == 0:  # "whoever is there": the first, then a short settle
+            if self.browser.wait_for(1, self.opts.discover_timeout):
+                time.sleep(self.opts.settle)
+        elif self.browser:
             self.browser.wait_for(self.opts.workers - len(self.opts.static), self.opts.discover_timeout)
         got = self.current()
         if len(got) < max(self.opts.workers, 1):

@@ -64,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .worker.main import add_arguments as add_worker_arguments
     add_worker_arguments(w)
 
+    co = sub.add_parser("coordinator", help="find workers, place the model, serve the OpenAI-compatible API")
+    from .coordinator.main import add_arguments as add_coordinator_arguments
+    add_coordinator_arguments(co)
+    add_cluster_arguments(co)
+
     st = sub.add_parser("status", help="show the workers: addresses, link, layers held, memory")
     add_cluster_arguments(st)
     st.add_argument("--json", action="store_true")
@@ -104,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "worker":
             from .worker.main import run_worker
             return run_worker(args)
+        if args.command == "coordinator":
+            from .coordinator.main import run_coordinator
+            return run_coordinator(args)
         if args.command == "status":
             from .commands import run_status
             return run_status(args)

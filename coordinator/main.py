@@ -1,0 +1,93 @@
+"""`mtpdist coordinator`: find the workers, place the model, serve the OpenAI API."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from pathlib import Path
+
+from mtpdist.errors import MtpdistError
+
+from .engine_thread import EngineThread
+from .metrics import Metrics
+from .server import ServerState, create_app
+
+log = logging.getLogger("mtpdist.coordinator")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
+    p.add_argument("--mtp-hidden", choices=["post-norm", "pre-norm"], default="post-norm")
+    p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or MTPDIST_API_KEY)")
+    p.add_argument("--local", action="store_true", help="run every layer in this process (no workers)")
+    p.add_argument("--prefill-step", type=int, default=512)
+    p.add_argument("--max-context", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--default-max-tokens", type=int, default=512)
+
+
+def run_coordinator(args) -> int:
+    import os
+
+    import uvicorn
+
+    from mtpdist.commands import channel_from, membership_from
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    post_norm = args.mtp_hidden == "post-norm"
+    membership = None
+    if args.local:
+        from mtpdist.engine.local import LocalSession
+        session = LocalSession(args.model, mtp=args.mtp, post_norm=post_norm, prefill_step=args.prefill_step)
+        prepare = lambda: None  # noqa: E731
+        cluster_info = lambda: {"mode": "local", "workers": []}  # noqa: E731
+    else:
+        from .session import PipelineSession
+        membership = membership_from(args)
+        addresses = membership.wait()
+        session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
+                                  prefill_step=args.prefill_step, channel=channel_from(args))
+
+        def prepare():
+            now = membership.current()
+            if now != session.addresses:
+                log.info("workers changed (%s -> %s); re-planning", session.addresses, now)
+                session.attach(now)
+
+        def cluster_info():
+            return {"mode": "pipeline", "workers": [
+                {"address": c.address, "worker_id": i.worker_id, "backend": i.backend, "chip": i.chip,
+                 "layers": [i.layer_start, i.layer_end], "usable_bytes": i.usable_bytes,
+                 "weight_bytes": i.weight_bytes, "sequences": i.sequences, "state_bytes": i.state_bytes}
+                for c in session.clients for i in [c.describe()]]}
+    config = session.parts.config
+    metrics = Metrics()
+    engine = EngineThread(session.generator, session.trunk, prepare,
+                          on_done=lambda job, result, trunk: metrics.record_generation(result, trunk))
+    engine.start()
+    max_ctx = args.max_context or int(config.text_config.get("max_position_embeddings", 32768))
+    state = ServerState(engine=engine, tokenizer=session.generator.tokenizer, model_name=Path(args.model).name,
+                        max_context=max_ctx, mtp=args.mtp, metrics=metrics, vocab_size=config.vocab_size,
+                        api_key=args.api_key or os.environ.get("MTPDIST_API_KEY"), cluster_info=cluster_info,
+                        default_max_tokens=args.default_max_tokens)
+    app = create_app(state)
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        raise MtpdistError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from e
+    host, port = sock.getsockname()[:2]
+    workers = "local" if args.local else f"{len(session.clients)} workers"
+    print(f"mtpdist coordinator serving http://{host}:{port}/v1 (model {state.model_name}, {workers}, "
+          f"MTP {'on' if args.mtp else 'off'})", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
+        if membership:
+            membership.close()
+    return 0

@@ -1,0 +1,37 @@
+"""Prometheus metrics of one server (its own registry: no process-wide globals)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("mtpdist_requests", "HTTP requests", ["endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter("mtpdist_prompt_tokens", "Prompt tokens processed", registry=r)
+        self.generated_tokens = Counter("mtpdist_generated_tokens", "Tokens generated", registry=r)
+        self.drafted = Counter("mtpdist_mtp_drafted", "MTP drafts verified", registry=r)
+        self.accepted = Counter("mtpdist_mtp_accepted", "MTP drafts accepted", registry=r)
+        self.acceptance = Gauge("mtpdist_mtp_acceptance", "Draft acceptance of the last request", registry=r)
+        self.tps = Gauge("mtpdist_generation_tokens_per_second", "Decode rate of the last request", registry=r)
+        self.queue_depth = Gauge("mtpdist_queue_depth", "Requests waiting or running", registry=r)
+        self.hop_latency = Histogram("mtpdist_pipeline_overhead_seconds",
+                                     "Per-forward time outside worker compute (network and serialization)",
+                                     buckets=(1e-4, 3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0), registry=r)
+        self.request_seconds = Histogram("mtpdist_request_seconds", "Request latency", ["endpoint"], registry=r)
+
+    def record_generation(self, result, trunk) -> None:
+        self.prompt_tokens.inc(result.prompt_tokens)
+        self.generated_tokens.inc(result.generation_tokens)
+        self.drafted.inc(result.drafted)
+        self.accepted.inc(result.accepted)
+        if result.drafted:
+            self.acceptance.set(result.acceptance)
+        self.tps.set(result.generation_tps)
+        t = getattr(trunk, "timings", None)
+        if t is not None and t.forwards:
+            self.hop_latency.observe((t.wall_us - t.compute_us) / t.forwards / 1e6)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
