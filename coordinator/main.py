@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
     p.add_argument("--default-max-tokens", type=int, default=512)
 
 
-def run_coordinator(args) -> int:
+def run_coordinator(args, on_ready=None) -> int:
     import os
 
     import uvicorn
@@ -83,6 +83,8 @@ def run_coordinator(args) -> int:
     workers = "local" if args.local else f"{len(session.clients)} workers"
     print(f"mtpdist coordinator serving http://{host}:{port}/v1 (model {state.model_name}, {workers}, "
           f"MTP {'on' if args.mtp else 'off'})", flush=True)
+    if on_ready:
+        on_ready(f"http://{host}:{port}/v1", state.model_name)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     try:
         server.run(sockets=[sock])

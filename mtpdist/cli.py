@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_coordinator_arguments(co)
     add_cluster_arguments(co)
 
+    d = sub.add_parser("demo", help="two local workers + coordinator with the bundled model (no download)")
+    from .coordinator.demo import add_arguments as add_demo_arguments
+    add_demo_arguments(d)
+
     st = sub.add_parser("status", help="show the workers: addresses, link, layers held, memory")
     add_cluster_arguments(st)
     st.add_argument("--json", action="store_true")
@@ -112,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "coordinator":
             from .coordinator.main import run_coordinator
             return run_coordinator(args)
+        if args.command == "demo":
+            from .coordinator.demo import run_demo
+            return run_demo(args)
         if args.command == "status":
             from .commands import run_status
             return run_status(args)

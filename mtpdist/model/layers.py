@@ -25,7 +25,7 @@ from .cache import AttentionCache, GDNCache
 class RollbackGatedDeltaNet(GatedDeltaNet):
     """GatedDeltaNet whose forward can snapshot its state after given positions."""
 
-    def __call__(self, x: mx.array, cache: GDNCache, keep: Sequence[int] = ()) -> mx.array:
+    def __call__(self, x: mx.array, cache: GDNCache | None, keep: Sequence[int] = ()) -> mx.array:
         B, T, _ = x.shape
         K = self.conv_kernel_size
         qkv = self.in_proj_qkv(x)
@@ -33,7 +33,7 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
         b = self.in_proj_b(x)
         a = self.in_proj_a(x)
 
-        conv_state = cache.conv
+        conv_state = cache.conv if cache is not None else None
         if conv_state is None:
             conv_state = mx.zeros((B, K - 1, self.conv_dim), dtype=x.dtype)
         conv_input = mx.concatenate([conv_state, qkv], axis=1)
@@ -44,7 +44,7 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
         q, k = normalize_qk(q, k, inv_scale=self.head_k_dim**-0.5, eps=1e-6)
 
-        state = cache.ssm
+        state = cache.ssm if cache is not None else None  # no cache: a whole sequence (training)
         bounds = [0, *[p for p in keep if 0 < p < T], T]
         outs, snapshots = [], {}
         for s, e in zip(bounds[:-1], bounds[1:]):
@@ -56,7 +56,8 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
             if e < T:
                 snapshots[e] = (conv_input[:, e : e + K - 1], state)
         out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
-        cache.record(mx.contiguous(conv_input[:, -(K - 1):]), state, T, snapshots)
+        if cache is not None:
+            cache.record(mx.contiguous(conv_input[:, -(K - 1):]), state, T, snapshots)
 
         out = self.norm(out, z)
         return self.out_proj(out.reshape(B, T, -1))

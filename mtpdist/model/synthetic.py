@@ -20,6 +20,7 @@ from .weights import _is_shifted_norm
 SIZES = {
     # name: (hidden, layers, heads, kv heads, head_dim, lin k heads, lin v heads, lin dim, ffn, vocab)
     "tiny": (64, 8, 4, 2, 16, 2, 4, 16, 128, 512),
+    "demo": (256, 8, 4, 2, 64, 2, 4, 64, 768, 4096),
     "small": (512, 8, 8, 2, 64, 4, 8, 64, 1536, 32000),
     "medium": (1024, 12, 8, 2, 128, 8, 16, 128, 3072, 32000),
 }

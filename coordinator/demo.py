@@ -1,0 +1,70 @@
+"""`mtpdist demo`: two local workers and a coordinator on 127.0.0.1, with the bundled model."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import secrets
+import tempfile
+from pathlib import Path
+
+from mtpdist.errors import MtpdistError
+
+from .local_cluster import LocalCluster
+
+DEMO_MODEL = Path(str(importlib.resources.files("mtpdist") / "demo_model"))
+DEFAULT_PROMPT = "def fibonacci(n):\n    "
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", default=None, help="use this model instead of the bundled demo model")
+    p.add_argument("--workers", type=int, default=2, help="local workers to start (default 2)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--once", action="store_true", help="run one greedy MTP completion through the cluster and exit")
+    p.add_argument("--json", action="store_true", help="with --once: print the `mtpdist generate --json` object")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--no-mtp", action="store_true", help="plain decoding")
+
+
+def model_path(arg: str | None) -> Path:
+    path = Path(arg) if arg else DEMO_MODEL
+    if not (path / "config.json").is_file():
+        raise MtpdistError(f"{path}: not a model folder" + ("" if arg else " (the bundled demo model is missing)"))
+    return path
+
+
+def run_demo(args) -> int:
+    model = model_path(args.model)
+    token = secrets.token_urlsafe(16)
+    cluster = f"demo-{secrets.token_hex(4)}"
+    with tempfile.TemporaryDirectory(prefix="mtpdist-demo-") as tmp, \
+            LocalCluster(args.workers, Path(tmp), "--cluster", cluster, token=token, advertise=True) as workers:
+        if not args.json:
+            print(f"started {args.workers} workers: {', '.join(workers.addresses)} (cluster {cluster})", flush=True)
+        common = dict(worker=[], workers=args.workers, cluster=cluster, mdns_interface=["127.0.0.1"],
+                      discover_timeout=30.0, tls_ca=None, rpc_timeout=30.0, token=token, token_file=None,
+                      insecure=False, model=str(model), mtp=not args.no_mtp, mtp_hidden="post-norm",
+                      prefill_step=512)
+        if args.once:
+            from mtpdist.commands import run_generate
+            return run_generate(argparse.Namespace(**common, prompt=args.prompt, max_tokens=args.max_tokens,
+                                                   json=args.json, temp=0.0, top_p=1.0, top_k=0, min_p=0.0,
+                                                   seed=None, stop=[]))
+        from .main import run_coordinator
+        return run_coordinator(argparse.Namespace(**common, host="127.0.0.1", port=args.port, api_key=None,
+                                                  local=False, max_context=None, default_max_tokens=256),
+                               on_ready=print_usage)
+
+
+def print_usage(url: str, model: str) -> None:
+    print(f"""
+Try it (Ctrl-C stops everything):
+
+  curl {url}/chat/completions -H 'Content-Type: application/json' \\
+    -d '{{"model": "{model}", "messages": [{{"role": "user", "content": "def add(a, b):"}}], "max_tokens": 48}}'
+
+  python -c "from openai import OpenAI; c = OpenAI(base_url='{url}', api_key='none'); \\
+print(c.completions.create(model='{model}', prompt='import os\\n', max_tokens=48, temperature=0).choices[0].text)"
+""", flush=True)

@@ -1,0 +1,214 @@
+#!/usr/bin/env python3
+"""Train the bundled demo model: a small Qwen3.5-architecture model with a real MTP head.
+
+  prepare  (CPU)   train a 4096-token BPE on Python's standard library; tokenize it into
+                   train / held-out arrays (held-out = every file whose name hashes to 0 mod 20)
+  train    (any)   train backbone and MTP head together: next-token loss + MTP loss on t+2
+  package  (CPU)   write the released layout (as `mtpdist convert` would) and measure quality
+
+The corpus is whatever this Python ships, so the run needs no download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def corpus_files() -> list[Path]:
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    skip = ("site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "__pycache__")
+    return sorted(f for f in lib.rglob("*.py") if not any(part in skip for part in f.relative_to(lib).parts))
+
+
+def held_out(f: Path) -> bool:
+    return int(hashlib.sha1(f.name.encode()).hexdigest(), 16) % 20 == 0
+
+
+def prepare(out: Path, vocab: int) -> None:
+    from mtpdist.model.tokenizer_gen import write_tokenizer
+    from tokenizers import Tokenizer
+    files = corpus_files()
+    texts = {f: f.read_text(encoding="utf-8", errors="ignore") for f in files}
+    train = [t for f, t in texts.items() if not held_out(f)]
+    out.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(out, vocab, corpus=train)
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    eos = tok.token_to_id("<|endoftext|>")
+    for name, keep in (("train", False), ("heldout", True)):
+        ids = []
+        for f, t in texts.items():
+            if held_out(f) == keep:
+                ids.extend(tok.encode(t).ids + [eos])
+        np.save(out / f"{name}.npy", np.array(ids, dtype=np.uint16))
+        print(f"{name}: {sum(held_out(f) == keep for f in files)} files, {len(ids):,} tokens")
+
+
+def build(config):
+    from mtpdist.model.qwen35 import Head, LayerStack, MTPHead
+    return Head(config), LayerStack(config, 0, config.num_hidden_layers), MTPHead(config)
+
+
+def losses(head, stack, mtp, x, mtp_weight: float):
+    """Next-token loss of the backbone and t+2 loss of the MTP head on batch x [B, T+2]."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    inp, nxt, nxt2 = x[:, :-2], x[:, 1:-1], x[:, 2:]
+    h = head.norm(stack(head.embed(inp), [None] * len(stack.layers)))
+    l1 = nn.losses.cross_entropy(head.logits(h), nxt, reduction="mean")
+    z = mtp(h, head.embed(nxt), [None] * len(mtp.layers))
+    l2 = nn.losses.cross_entropy(head.logits(z), nxt2, reduction="mean")
+    return l1 + mtp_weight * l2, (l1, l2)
+
+
+def train(data: Path, out: Path, seconds: float, batch: int, seq: int, lr: float, mtp_weight: float) -> None:
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mtpdist.model.config import ModelConfig
+    from mtpdist.model.synthetic import make_config
+
+    raw = make_config("demo")
+    raw["text_config"]["eos_token_id"] = 1
+    config = ModelConfig.from_dict(raw)
+    mx.random.seed(0)
+    head, stack, mtp = build(config)
+    model = nn.Module()
+    model.head, model.stack, model.mtp = head, stack, mtp
+    n_params = sum(v.size for _, v in tree_flatten(model.parameters()))
+    print(f"device {mx.default_device()}, {n_params / 1e6:.2f}M parameters", flush=True)
+    tokens = np.load(data / "train.npy").astype(np.int32)
+    held = np.load(data / "heldout.npy").astype(np.int32)
+    rng = np.random.default_rng(0)
+    warmup, total_guess = 200, 6000
+    schedule = optim.join_schedules([optim.linear_schedule(1e-5, lr, warmup),
+                                     optim.cosine_decay(lr, total_guess, lr * 0.1)], [warmup])
+    opt = optim.AdamW(learning_rate=schedule, weight_decay=0.05)
+
+    def loss_fn(model, x):
+        return losses(model.head, model.stack, model.mtp, x, mtp_weight)
+
+    grad = nn.value_and_grad(model, loss_fn)
+
+    def batch_of(src, n):
+        starts = rng.integers(0, len(src) - seq - 3, n)
+        return mx.array(np.stack([src[s : s + seq + 2] for s in starts]))
+
+    t0, step = time.time(), 0
+    while time.time() - t0 < seconds:
+        (loss, (l1, l2)), g = grad(model, batch_of(tokens, batch))
+        g, _ = optim.clip_grad_norm(g, 1.0)
+        opt.update(model, g)
+        mx.eval(model.parameters(), opt.state, loss)
+        step += 1
+        if step % 50 == 0:
+            print(f"step {step} {time.time() - t0:.0f}s loss {l1.item():.3f} mtp {l2.item():.3f}", flush=True)
+    evals = [losses(head, stack, mtp, batch_of(held, 16), mtp_weight)[1] for _ in range(8)]
+    l1 = float(np.mean([e[0].item() for e in evals]))
+    l2 = float(np.mean([e[1].item() for e in evals]))
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for prefix, m in (("model.", head), ("model.layers.", stack), ("mtp.", mtp)):
+        for k, v in tree_flatten(m.parameters()):
+            key = k if k.startswith("lm_head") else prefix + (k[len("layers."):] if prefix == "model.layers." else k)
+            weights[key] = v
+    keys = sorted(weights)  # shards under 16 MiB each, so they travel back from a remote run
+    for i in range(4):
+        mx.save_safetensors(str(out / f"canonical-{i}.safetensors"), {k: weights[k] for k in keys[i::4]})
+    stats = {"steps": step, "seconds": round(time.time() - t0), "batch": batch, "seq": seq, "lr": lr,
+             "mtp_weight": mtp_weight, "params": n_params, "train_tokens": int(len(tokens)),
+             "heldout_loss": round(l1, 4), "heldout_mtp_loss": round(l2, 4), "device": str(mx.default_device())}
+    (out / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    print(json.dumps(stats), flush=True)
+
+
+def package(trained: Path, data: Path, dst: Path) -> None:
+    """Raw-HF files from the trained weights, then `convert` them exactly as a user would."""
+    import shutil
+    import tempfile
+
+    import mlx.core as mx
+    from mtpdist.model.convert import ConvertOptions, convert
+    from mtpdist.model.synthetic import to_raw_hf, write_checkpoint
+    raw = json.loads((trained / "config.json").read_text())
+    weights = {}
+    for f in sorted(trained.glob("canonical-*.safetensors")):
+        weights.update({k: v.astype(mx.float32) for k, v in mx.load(str(f)).items()})
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoint(tmp, raw, to_raw_hf(weights), tokenizer=False)
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(data / f, Path(tmp) / f)
+        if dst.exists():
+            shutil.rmtree(dst)
+        convert(tmp, dst, ConvertOptions(dtype="bfloat16", mtp_precision="bf16"))
+    print(f"wrote {dst}")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--vocab", type=int, default=4096)
+    t = sub.add_parser("train")
+    t.add_argument("--data", type=Path, required=True)
+    t.add_argument("--out", type=Path, required=True)
+    t.add_argument("--seconds", type=float, default=480)
+    t.add_argument("--batch", type=int, default=32)
+    t.add_argument("--seq", type=int, default=256)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--mtp-weight", type=float, default=0.5)
+    k = sub.add_parser("package")
+    k.add_argument("--trained", type=Path, required=True)
+    k.add_argument("--data", type=Path, required=True)
+    k.add_argument("--out", type=Path, required=True)
+    m = sub.add_parser("measure")
+    m.add_argument("--model", type=Path, required=True)
+    m.add_argument("--data", type=Path, required=True)
+    a = ap.parse_args()
+    if a.cmd == "prepare":
+        prepare(a.out, a.vocab)
+    elif a.cmd == "train":
+        train(a.data, a.out, a.seconds, a.batch, a.seq, a.lr, a.mtp_weight)
+    elif a.cmd == "package":
+        package(a.trained, a.data, a.out)
+    else:
+        print(json.dumps(measure(a.model, a.data), indent=2))
+    return 0
+
+
+
+def measure(model_dir: Path, data: Path, prompts: int = 24, prompt_len: int = 48, gen: int = 48) -> dict:
+    """Held-out greedy draft acceptance and plain-vs-MTP agreement, through the product's own path."""
+    from mtpdist.engine.generate import GenerationRequest
+    from mtpdist.engine.local import LocalSession
+    held = np.load(data / "heldout.npy").astype(np.int64)
+    rng = np.random.default_rng(1)
+    s = LocalSession(model_dir, mtp=True)
+    drafted = accepted = 0
+    identical = True
+    for start in rng.integers(0, len(held) - prompt_len - 1, prompts):
+        ids = tuple(int(t) for t in held[start : start + prompt_len])
+        spec = s.generator.generate(GenerationRequest(ids, gen, mtp=True), s.trunk())
+        plain = s.generator.generate(GenerationRequest(ids, gen, mtp=False), s.trunk())
+        identical &= spec.token_ids == plain.token_ids
+        drafted, accepted = drafted + spec.drafted, accepted + spec.accepted
+    return {"heldout_prompts": prompts, "prompt_tokens": prompt_len, "generated_tokens": gen,
+            "greedy_acceptance": round(accepted / max(drafted, 1), 4), "mtp_identical_to_plain": bool(identical)}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
