@@ -77,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_cluster_arguments(st)
     st.add_argument("--json", action="store_true")
 
+    dr = sub.add_parser("doctor", help="check this machine: MLX backend, memory, interfaces, mDNS, port, versions")
+    dr.add_argument("--mdns-interface", action="append", default=[], metavar="IP")
+    dr.add_argument("--port", type=int, default=50551)
+    dr.add_argument("--json", action="store_true")
+
     s = sub.add_parser("synth", help="write a random-weight Qwen3.5-style checkpoint (tests, benchmarks)")
     s.add_argument("--out", required=True)
     s.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny")
@@ -122,6 +127,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             from .commands import run_status
             return run_status(args)
+        if args.command == "doctor":
+            from .doctor import run_doctor
+            checks = run_doctor(args.mdns_interface, args.port)
+            if args.json:
+                print(json.dumps([c.__dict__ for c in checks], indent=2))
+            else:
+                for c in checks:
+                    print(f"{c.status:4}  {c.name:12}  {c.detail}")
+            return 1 if any(c.status == "FAIL" for c in checks) else 0
         if args.command == "synth":
             from .model.synthetic import make_synthetic
             print(make_synthetic(args.out, args.size, moe=args.moe, seed=args.seed))

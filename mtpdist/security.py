@@ -10,7 +10,8 @@ from pathlib import Path
 
 from .errors import MtpdistError
 
-TOKEN_HELP = "set a cluster token (--token, MTPDIST_TOKEN, or --token-file) or pass --insecure"
+TOKEN_HELP = ("set a cluster token (--token, MTPDIST_TOKEN, --token-file, or ~/.config/mtpdist/token) "
+              "or pass --insecure")
 
 
 def config_dir() -> Path:
@@ -26,6 +27,9 @@ def resolve_token(token: str | None, token_file: str | None, insecure: bool) -> 
         except OSError as e:
             raise MtpdistError(f"cannot read token file {token_file}: {e.strerror}") from e
     token = token or os.environ.get("MTPDIST_TOKEN") or None
+    default_file = config_dir() / "token"
+    if token is None and not insecure and default_file.is_file():
+        token = default_file.read_text().strip() or None
     if token is None and not insecure:
         raise MtpdistError(f"no cluster token: {TOKEN_HELP}")
     if token is not None and len(token) < 8:

@@ -101,3 +101,12 @@ def test_cli_convert_keeps_mtp(tiny_dense, tmp_path):
     a = json.loads(mtpdist("generate", "--model", str(out), "--prompt", "abc", "--max-tokens", "8", "--json").stdout)
     b = json.loads(mtpdist("generate", "--model", str(tiny_dense[0]), "--prompt", "abc", "--max-tokens", "8", "--json").stdout)
     assert a["token_ids"] == b["token_ids"]
+
+
+def test_doctor_checks_this_machine():
+    p = mtpdist("doctor", "--mdns-interface", "127.0.0.1", "--port", "0", "--json", check=False)
+    checks = {c["name"]: c for c in json.loads(p.stdout)}
+    assert set(checks) == {"versions", "mlx backend", "memory", "interfaces", "mdns", "worker port", "token",
+                           "shard cache"}
+    assert checks["mdns"]["status"] == "OK" and "127.0.0.1" in checks["mdns"]["detail"]
+    assert checks["mlx backend"]["status"] == "OK" and p.returncode == 0
