@@ -41,7 +41,7 @@ def test_refusals_are_logged_by_the_worker(tmp_path):
 
 
 def test_worker_without_token_needs_insecure(tmp_path):
-    env = {"MTPDIST_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    env = {"MTPDIST_CACHE": str(tmp_path), "MTPDIST_CONFIG": str(tmp_path / "cfg"), "PATH": "/usr/bin:/bin"}
     p = subprocess.run([sys.executable, "-m", "mtpdist.cli", "worker", "--port", "0", "--no-advertise"],
                        capture_output=True, text=True, timeout=60, env=env)
     assert p.returncode == 2 and "--insecure" in p.stderr and "MTPDIST_TOKEN" in p.stderr
