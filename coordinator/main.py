@@ -48,13 +48,9 @@ def run_coordinator(args, on_ready=None) -> int:
         membership = membership_from(args)
         addresses = membership.wait()
         session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
-                                  prefill_step=args.prefill_step, channel=channel_from(args))
-
-        def prepare():
-            now = membership.current()
-            if now != session.addresses:
-                log.info("workers changed (%s -> %s); re-planning", session.addresses, now)
-                session.attach(now)
+                                  prefill_step=args.prefill_step, channel=channel_from(args),
+                                  candidates=membership.current)
+        prepare = session.ensure_ready
 
         def cluster_info():
             return {"mode": "pipeline", "workers": [

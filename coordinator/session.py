@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Callable, Sequence
 
 from tqdm import tqdm
 
@@ -40,7 +42,8 @@ class PipelineSession:
 
     def __init__(self, model_dir: str | Path, workers: Sequence[str], mtp: bool = False, post_norm: bool = True,
                  prefill_step: int = 512, chain: bool = True, rewind: str = "carry", progress: bool = True,
-                 channel: ChannelSettings = ChannelSettings(), headroom: float = 0.1):
+                 channel: ChannelSettings = ChannelSettings(), headroom: float = 0.1,
+                 candidates: Callable[[], list[str]] | None = None):
         self.model_dir = Path(model_dir)
         self.chain, self.rewind, self.progress = chain, rewind, progress
         self.channel, self.headroom = channel, headroom
@@ -52,6 +55,8 @@ class PipelineSession:
         self.clients: list[WorkerClient] = []
         self.infos: list[WorkerInfo] = []
         self.placement: Placement | None = None
+        # Where workers may be found again after a failure (mDNS membership, or the list given).
+        self.candidates = candidates or (lambda: list(workers))
         self.attach(workers)
 
     @property
@@ -91,8 +96,47 @@ class PipelineSession:
                 r = client.load_shard(spec, src.chunks(bar.update))
         log.info("worker %s holds layers %d-%d (%s)", client.address, start, end - 1, r.source)
 
-    def trunk(self) -> PipelineTrunk:
+    def raw_trunk(self) -> PipelineTrunk:
         return PipelineTrunk(self.clients, chain=self.chain, rewind=self.rewind)
+
+    def trunk(self):
+        """A trunk for one sequence that recovers from losing workers."""
+        from .resilience import ResilientTrunk
+        return ResilientTrunk(self)
+
+    def alive(self, addresses: Sequence[str], timeout: float = 2.0) -> dict[str, WorkerInfo]:
+        """The workers among `addresses` that answer Describe within `timeout`, in order."""
+        def probe(a):
+            c = WorkerClient(a, replace(self.channel, timeout=timeout))
+            try:
+                return c.describe()
+            except MtpdistError:
+                return None
+            finally:
+                c.close()
+        with ThreadPoolExecutor(max(1, len(addresses))) as pool:
+            infos = list(pool.map(probe, addresses))
+        return {a: i for a, i in zip(addresses, infos) if i is not None}
+
+    def recover(self) -> None:
+        """After a failure: re-plan over the workers that still answer."""
+        alive = list(self.alive(self.candidates()))
+        if not alive:
+            raise MtpdistError("no worker answers; cannot continue")
+        log.warning("re-planning over %d worker(s): %s", len(alive), ", ".join(alive))
+        self.attach(alive)
+
+    def ensure_ready(self) -> None:
+        """Before a request: pick up workers that joined, left or restarted (and lost their shard)."""
+        infos = self.alive(self.candidates())
+        expected = {c.address: r for c, r in zip(self.clients, self.placement.ranges)}
+        same = list(infos) == self.addresses and all(
+            (i.model_hash, i.layer_start, i.layer_end) == (self.model_hash, *expected[a]) for a, i in infos.items())
+        if not same:
+            if not infos:
+                raise MtpdistError("no worker answers")
+            log.info("workers changed (%s -> %s); re-planning", self.addresses, list(infos))
+            self.attach(list(infos))
 
     def close(self) -> None:
         for c in self.clients:

@@ -22,7 +22,7 @@ def channel_from(args):
     from .security import resolve_token
     from .wire.client import ChannelSettings
     return ChannelSettings(token=resolve_token(args.token, args.token_file, args.insecure), tls_ca=args.tls_ca,
-                           timeout=args.rpc_timeout)
+                           timeout=args.rpc_timeout, step_timeout=getattr(args, "step_timeout", 5.0))
 
 
 def membership_from(args):

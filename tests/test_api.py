@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import re
 import subprocess
 import sys
 import time
@@ -17,30 +15,9 @@ import pytest
 from mtpdist.coordinator.local_cluster import LocalCluster
 from mtpdist.wire.client import WorkerClient
 
+from servers import Coordinator
+
 KEY = "test-api-key"
-
-
-class Coordinator:
-    def __init__(self, *args: str):
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, "-m", "mtpdist.cli", "coordinator", "--port", "0", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.url = None
-        deadline = time.time() + 120
-        while time.time() < deadline and self.url is None:
-            line = self.proc.stdout.readline()
-            if not line and self.proc.poll() is not None:
-                raise RuntimeError("coordinator exited")
-            m = re.search(r"serving (http://\S+/v1)", line)
-            self.url = m.group(1) if m else None
-
-    def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.proc.stdout.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import logging
 import os
 import platform
 import threading
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -125,13 +126,17 @@ class WorkerService:
         self.stage = Stage(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
         self.spec = spec
 
-    def forward(self, call: ForwardCall) -> ForwardResult:
+    def forward(self, call: ForwardCall, deadline: float | None = None) -> ForwardResult:
         stage = self._stage()
+        start = time.monotonic()
         out = self._on_mlx(stage.forward, call.sequence_id, call.position, call.hidden, call.rewind, call.keep)
         if not call.next:
             return ForwardResult(out.hidden, out.position, (out.compute_us,))
+        # The next hop gets most of what is left of our caller's deadline, so that a hung
+        # worker further down is reported by name before our caller gives up on us.
+        left = None if deadline is None else max(0.2, (deadline - (time.monotonic() - start)) * 0.8)
         downstream = self._client(call.next[0]).forward(ForwardCall(
-            call.sequence_id, call.position, out.hidden, call.rewind, call.keep, call.next[1:]))
+            call.sequence_id, call.position, out.hidden, call.rewind, call.keep, call.next[1:]), left)
         return ForwardResult(downstream.hidden, downstream.position, (out.compute_us, *downstream.compute_us))
 
     def rewind(self, sequence_id: str, n: int, position: int) -> int:

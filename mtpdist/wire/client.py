@@ -15,7 +15,7 @@ from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
 from .v1 import worker_pb2_grpc as pbg
 
-MAX_MESSAGE = 256 << 20
+MAX_MESSAGE = 64 << 20  # activations of a 512-token chunk of a 27B model are ~10 MiB
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -23,6 +23,12 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A restarted worker must be reachable at once: no subchannel (and its reconnect
+    # backoff) shared with an earlier channel to the dead process, and short backoffs.
+    ("grpc.use_local_subchannel_pool", 1),
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
 ]
 
 
@@ -32,8 +38,12 @@ class ChannelSettings:
 
     token: str | None = None
     tls_ca: str | None = None
-    timeout: float = 30.0
+    timeout: float = 30.0          # any call, prefill chunks included
+    step_timeout: float = 5.0      # a decode/verify forward (few tokens): a hung worker shows fast
     load_timeout: float = 3600.0
+
+    def forward_timeout(self, tokens: int) -> float:
+        return self.step_timeout if tokens <= 16 else self.timeout
 
 
 class WorkerClient:
@@ -92,8 +102,9 @@ class WorkerClient:
         except grpc.RpcError as e:
             raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
 
-    def forward(self, call: ForwardCall) -> ForwardResult:
-        return cv.result_from_pb(self._call(self.stub.Forward, cv.forward_to_pb(call)))
+    def forward(self, call: ForwardCall, timeout: float | None = None) -> ForwardResult:
+        t = timeout or self.settings.forward_timeout(call.hidden.shape[0] if call.hidden.shape else 0)
+        return cv.result_from_pb(self._call(self.stub.Forward, cv.forward_to_pb(call), t))
 
     def rewind(self, sequence_id: str, n: int, position: int) -> int:
         req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)
