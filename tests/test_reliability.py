@@ -189,3 +189,16 @@ def test_http_fuzzing_against_the_openapi_document(tmp_path, tiny_dense):
         c.stop()
         for w in workers:
             w.stop()
+
+
+def test_short_soak_leaks_nothing():
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("soak", Path(__file__).parent.parent / "scripts" / "soak.py")
+    soak = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(soak)
+    r = soak.soak(str(Path(__file__).parent.parent / "mtpdist" / "demo_model"), seconds=12, clients=4,
+                  max_tokens=24, hangup=0.3)
+    assert r["failed"] == 0, r["failures"]
+    assert r["completed"] > 0 and r["hung_up"] > 0
+    assert r["leaked_sequences"] == [0, 0]
