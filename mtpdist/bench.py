@@ -21,7 +21,8 @@ from .engine.sampling import SamplingParams
 from .engine.speculative import MTPDrafter, Pipeline, prefill
 
 
-def _mlx_lm_tps(model, tokenizer, prompt_ids, max_tokens) -> float:
+def mlx_lm_tps(model, tokenizer, prompt_ids, max_tokens) -> float:
+    """Greedy decode rate of mlx-lm's own stream_generate, timed from the first token."""
     from mlx_lm import stream_generate
     t_first = t_last = None
     n = 0
@@ -99,7 +100,7 @@ def run_bench(args) -> dict:
     tokens_equal = True
     for i in range(args.repeats + 1):  # the first round warms up and is dropped
         if ref is not None:
-            tps = _mlx_lm_tps(ref[0], ref[1], list(prompt_ids), args.max_tokens)
+            tps = mlx_lm_tps(ref[0], ref[1], list(prompt_ids), args.max_tokens)
             if i:
                 runs["mlx_lm"].append(tps)
         plain = ours(False)

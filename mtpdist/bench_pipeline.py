@@ -50,6 +50,7 @@ def pipeline_bench(model: str, prompt_ids, max_tokens: int, repeats: int, n_work
                             tok_bytes.append(t.bytes_sent / max(r.generation_tokens + len(prompt_ids), 1))
                         else:
                             acc.append(r.acceptance)
+        memory = _worker_memory(cluster, session) if cluster else None
         session.close()
     finally:
         if cluster:
@@ -69,6 +70,22 @@ def pipeline_bench(model: str, prompt_ids, max_tokens: int, repeats: int, n_work
         "acceptance": round(statistics.median(acc), 4) if acc else None,
     }
     out["mtp_speedup_ratio"] = round(out["mtp_speedup_pipeline"] / out["mtp_speedup_single"], 4)
+    if memory:
+        out["worker_memory"] = memory
+    return out
+
+
+def _worker_memory(cluster, session) -> list[dict]:
+    """Each local worker's peak resident memory next to the bytes of the layers it holds."""
+    out = []
+    for w, info in zip(cluster.workers, session.infos):
+        try:
+            status = Path(f"/proc/{w.proc.pid}/status").read_text()
+        except OSError:
+            return []
+        kib = {l.split(":")[0]: int(l.split()[1]) for l in status.splitlines() if l.startswith(("VmHWM", "VmRSS"))}
+        out.append({"layers": [info.layer_start, info.layer_end], "shard_mib": round(info.weight_bytes / 2**20, 1),
+                    "peak_rss_mib": round(kib.get("VmHWM", 0) / 1024, 1), "rss_mib": round(kib.get("VmRSS", 0) / 1024, 1)})
     return out
 
 

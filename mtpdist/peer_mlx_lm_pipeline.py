@@ -5,26 +5,17 @@ Run under mlx.launch; rank 0 prints one JSON line with the greedy decode rate.
 
 import json
 import sys
-import time
 
 import mlx.core as mx
-from mlx_lm import stream_generate
 from mlx_lm.utils import sharded_load
+
+from mtpdist.bench import mlx_lm_tps
 
 
 def main(model: str, prompt_ids: list[int], max_tokens: int, repeats: int) -> None:
     group = mx.distributed.init()
     model_, tokenizer = sharded_load(model, pipeline_group=group)
-    rates = []
-    for i in range(repeats + 1):
-        t_first = t_last = None
-        n = 0
-        for _ in stream_generate(model_, tokenizer, prompt_ids, max_tokens=max_tokens):
-            t_last = time.perf_counter()
-            t_first = t_first or t_last
-            n += 1
-        if i:
-            rates.append((n - 1) / (t_last - t_first))
+    rates = [mlx_lm_tps(model_, tokenizer, prompt_ids, max_tokens) for _ in range(repeats + 1)][1:]
     if group.rank() == 0:
         print(json.dumps({"mlx_lm_pipeline_tps": sorted(rates)[len(rates) // 2], "ranks": group.size()}), flush=True)
 

@@ -90,3 +90,16 @@ def test_uneven_layers_follow_bytes_not_counts():
     p = plan_layers([100, 100], [50, 1, 1, 1, 1, 1, 1, 50], headroom=0.0)
     assert p.ranges == ((0, 4), (4, 8))
     assert plan_layers([300, 100], [1] * 8).ranges == ((0, 6), (6, 8))
+
+
+def test_worker_id_is_stable_and_a_copied_folder_gets_a_new_one(tmp_path):
+    import json
+
+    from mtpdist.security import worker_id
+    first = worker_id(tmp_path)
+    assert worker_id(tmp_path) == first                      # persisted
+    data = json.loads((tmp_path / "worker.json").read_text())
+    data["machine"] = "another-mac/0123456789ab"             # as if the folder was copied from elsewhere
+    (tmp_path / "worker.json").write_text(json.dumps(data))
+    fresh = worker_id(tmp_path)
+    assert fresh != first and worker_id(tmp_path) == fresh

@@ -146,3 +146,41 @@ def test_discovery_and_serving_across_network_namespaces(two_hosts, tmp_path, ti
     finally:
         worker.terminate()
         worker.wait(10)
+
+
+def test_status_and_a_worker_joining_between_requests(tmp_path, tiny_dense):
+    import time
+
+    import httpx
+    import openai
+
+    from servers import Coordinator
+    cluster = f"t{uuid.uuid4().hex[:6]}"
+    first = LocalCluster(1, tmp_path / "a", "--cluster", cluster, advertise=True)
+    second = None
+    c = Coordinator("--model", str(tiny_dense[0]), "--insecure", "--workers", "1", "--cluster", cluster,
+                    "--mdns-interface", "127.0.0.1")
+    try:
+        client = openai.OpenAI(base_url=c.url, api_key="x", max_retries=0)
+        want = client.completions.create(model="m", prompt="import os", max_tokens=10, temperature=0).choices[0].text
+        second = LocalCluster(1, tmp_path / "b", "--cluster", cluster, advertise=True)
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            got = client.completions.create(model="m", prompt="import os", max_tokens=10, temperature=0)
+            assert got.choices[0].text == want
+            if len(httpx.get(c.url + "/cluster").json()["workers"]) == 2:
+                break
+            time.sleep(0.5)
+        workers = httpx.get(c.url + "/cluster").json()["workers"]
+        assert len(workers) == 2 and [w["layers"] for w in workers] == [[0, 4], [4, 8]]
+        st = subprocess.run([sys.executable, "-m", "mtpdist.cli", "status", "--workers", "2", "--cluster", cluster,
+                             "--mdns-interface", "127.0.0.1", "--insecure", "--json"],
+                            capture_output=True, text=True, timeout=120)
+        rows = json.loads(st.stdout)["workers"]
+        assert st.returncode == 0 and sorted(r["layers"] for r in rows) == ["0-3", "4-7"]
+        assert all(r["link"] == "loopback" and r["backend"] == "cpu" for r in rows)
+    finally:
+        c.stop()
+        first.stop()
+        if second:
+            second.stop()
