@@ -40,23 +40,6 @@ class EngineThread(threading.Thread):
         self.jobs: queue.Queue = queue.Queue()
         self.busy = False
 
-    def call(self, fn, *args):
-        """Run fn on this thread (anything touching MLX outside a job, e.g. tokenizing)."""
-        done = threading.Event()
-        box = {}
-
-        def task():
-            try:
-                box["v"] = fn(*args)
-            except BaseException as e:  # handed back to the caller
-                box["e"] = e
-            done.set()
-        self.jobs.put(task)
-        done.wait()
-        if "e" in box:
-            raise box["e"]
-        return box["v"]
-
     @property
     def depth(self) -> int:
         return self.jobs.qsize() + (1 if self.busy else 0)
@@ -71,9 +54,7 @@ class EngineThread(threading.Thread):
         while (job := self.jobs.get()) is not None:
             self.busy = True
             try:
-                if callable(job):
-                    job()
-                elif not job.cancelled.is_set():
+                if not job.cancelled.is_set():
                     self._run(job)
             finally:
                 self.busy = False

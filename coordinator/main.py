@@ -53,11 +53,17 @@ def run_coordinator(args, on_ready=None) -> int:
         prepare = session.ensure_ready
 
         def cluster_info():
-            return {"mode": "pipeline", "workers": [
-                {"address": c.address, "worker_id": i.worker_id, "backend": i.backend, "chip": i.chip,
-                 "layers": [i.layer_start, i.layer_end], "usable_bytes": i.usable_bytes,
-                 "weight_bytes": i.weight_bytes, "sequences": i.sequences, "state_bytes": i.state_bytes}
-                for c in session.clients for i in [c.describe()]]}
+            rows = []
+            for c in list(session.clients):
+                try:
+                    i = c.describe()
+                except (MtpdistError, ValueError) as e:  # a worker gone since the last request
+                    rows.append({"address": c.address, "error": str(e)})
+                    continue
+                rows.append({"address": c.address, "worker_id": i.worker_id, "backend": i.backend, "chip": i.chip,
+                             "layers": [i.layer_start, i.layer_end], "usable_bytes": i.usable_bytes,
+                             "weight_bytes": i.weight_bytes, "sequences": i.sequences, "state_bytes": i.state_bytes})
+            return {"mode": "pipeline", "workers": rows}
     config = session.parts.config
     metrics = Metrics()
     engine = EngineThread(session.generator, session.trunk, prepare,

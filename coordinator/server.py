@@ -90,8 +90,8 @@ def create_app(state: ServerState) -> FastAPI:
                                             "owned_by": "mtpdist"}]}
 
     @app.get("/v1/cluster")
-    async def cluster():
-        return state.engine.call(state.cluster_info)
+    def cluster():  # plain def: FastAPI runs it in its threadpool, never behind a generation
+        return state.cluster_info()
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):

@@ -110,3 +110,19 @@ def test_doctor_checks_this_machine():
                            "shard cache"}
     assert checks["mdns"]["status"] == "OK" and "127.0.0.1" in checks["mdns"]["detail"]
     assert checks["mlx backend"]["status"] == "OK" and p.returncode == 0
+
+
+def test_streamed_text_equals_one_decode_of_all_tokens(tiny_dense):
+    from mlx_lm.utils import load_tokenizer
+
+    from mtpdist.engine.generate import _TextTail
+    tok = load_tokenizer(tiny_dense[0])
+    ids = tok.encode(" leading space, ünïcödé ✓ and € signs\n\tdone  ")
+    tail, pieces = _TextTail(tok, ()), []
+    for i in ids:                    # one token at a time, as decoding yields them
+        pieces.append(tail.add([i])[0])
+    pieces.append(tail.flush())
+    assert "".join(pieces) == tok.decode(ids) == " leading space, ünïcödé ✓ and € signs\n\tdone  "
+    cut = _TextTail(tok, ("€",))
+    out = "".join(cut.add([i])[0] for i in ids) + cut.flush()
+    assert out == " leading space, ünïcödé ✓ and " and cut.hit

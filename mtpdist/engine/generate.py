@@ -131,36 +131,59 @@ class Generator:
 
 
 class _TextTail:
-    """Incremental detokenization that holds back text which could start a stop string."""
+    """Incremental detokenization that equals `tokenizer.decode(all ids)`, cut at stop strings.
+
+    Each step decodes only a short window of recent tokens and appends what the newest
+    tokens add (waiting while a UTF-8 character is incomplete), so cost does not grow
+    with the output. Text that could still grow into a stop string is held back.
+    """
 
     def __init__(self, tokenizer, stop: Sequence[str]):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.tokenizer = tokenizer
+        self.stop = [s for s in stop if s]
+        self.keep = max((len(s) for s in self.stop), default=1) - 1
         self.ids: list[int] = []
+        self.prefix = self.read = 0  # window start; tokens already turned into text
+        self.decoded = ""   # decode(ids[:read])
         self.text = ""      # final text so far (stop string cut off)
         self.sent = 0       # characters already handed out
         self.hit = False
+
+    def _advance(self, final: bool = False) -> None:
+        before = self.tokenizer.decode(self.ids[self.prefix:self.read])
+        after = self.tokenizer.decode(self.ids[self.prefix:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            self.decoded += after[len(before):]
+            self.prefix, self.read = self.read, len(self.ids)
 
     def add(self, ids: list[int]) -> tuple[str, bool]:
         if self.hit:
             return "", True
         self.ids.extend(ids)
-        full = self.tokenizer.decode(self.ids)
+        self._advance()
+        return self._update(self.decoded)
+
+    def _update(self, full: str) -> tuple[str, bool]:
+        start = max(0, len(self.text) - self.keep)  # a stop string can only begin in the new tail
         for s in self.stop:
-            i = full.find(s)
+            i = full.find(s, start)
             if i >= 0:
                 full, self.hit = full[:i], True
         safe = len(full)
-        if not self.hit:  # hold back a partial UTF-8 char and any prefix of a stop string
-            safe = len(full.rstrip("\ufffd"))
+        if not self.hit:
             for s in self.stop:
-                k = next((k for k in range(min(len(s) - 1, safe), 0, -1) if full[:safe].endswith(s[:k])), 0)
-                safe = min(safe, len(full.rstrip("\ufffd")) - k)
+                k = next((k for k in range(min(len(s) - 1, safe), 0, -1) if full.endswith(s[:k])), 0)
+                safe = min(safe, len(full) - k)
         self.text = full
         out = full[self.sent:safe] if safe > self.sent else ""
         self.sent = max(self.sent, safe)
         return out, self.hit
 
     def flush(self) -> str:
-        out = self.text[self.sent:]
+        out = ""
+        if not self.hit:
+            self._advance(final=True)
+            out, _ = self._update(self.decoded)
+        out += self.text[self.sent:]
         self.sent = len(self.text)
         return out
