@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,3 +27,35 @@ def test_demo_once_matches_single_process_generate():
          "def fibonacci(n):\n    ", "--max-tokens", "40", "--json"], capture_output=True, text=True, check=True).stdout)
     assert got["token_ids"] == plain["token_ids"] and got["text"] == plain["text"]
     assert got["drafted"] > 0 and got["acceptance"] > 0.3   # a trained head, not a random one
+
+
+def test_demo_serves_and_stops_cleanly_on_ctrl_c():
+    import re
+    import signal
+    import time
+
+    import openai
+    p = subprocess.Popen([sys.executable, "-m", "mtpdist.cli", "demo", "--port", "0"], stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        url, lines = None, []
+        deadline = time.time() + 120
+        while url is None and time.time() < deadline:
+            line = p.stdout.readline()
+            lines.append(line)
+            m = re.search(r"serving (http://\S+/v1)", line)
+            url = m.group(1) if m else None
+        assert url, "".join(lines)
+        usage = "".join(p.stdout.readline() for _ in range(8))
+        assert "curl " + url in usage and "from openai import OpenAI" in usage
+        r = openai.OpenAI(base_url=url, api_key="none", max_retries=0).completions.create(
+            model="demo_model", prompt="import os\n", max_tokens=8, temperature=0)
+        assert r.usage.completion_tokens == 8 and r.model_extra["mtp"]["drafted"] > 0
+        os.killpg(p.pid, signal.SIGINT)               # Ctrl-C goes to the whole foreground group
+        assert p.wait(30) in (0, 130)                  # 130: the conventional status after Ctrl-C
+        time.sleep(0.5)
+        left = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True).stdout.split()
+        assert left == []                              # the workers are gone too
+    finally:
+        if p.poll() is None:
+            p.kill()

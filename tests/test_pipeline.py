@@ -141,3 +141,20 @@ def test_cli_generate_through_workers_matches_single_process(three_workers, tiny
     remote = json.loads(subprocess.run(args + ["--worker", three_workers[0], "--worker", three_workers[1], "--insecure"],
                                        capture_output=True, text=True, check=True).stdout)
     assert remote["token_ids"] == local["token_ids"] and remote["drafted"] > 0
+
+
+def test_evicted_sequence_gets_a_clear_error(tmp_path, tiny_dense):
+    w = WorkerProcess(tmp_path / "c", "--max-sequences", "2")
+    try:
+        PipelineSession(tiny_dense[0], [w.address], progress=False).close()
+        c = WorkerClient(w.address)
+        h = to_activation(mx.zeros((2, 64)))
+        for seq in ("a", "b", "c"):                  # the third pushes out the least recently used
+            c.forward(ForwardCall(seq, 0, h))
+        with pytest.raises(WorkerCallError) as e:
+            c.forward(ForwardCall("a", 2, h))
+        assert e.value.code == "RESOURCE_EXHAUSTED" and "evicted" in e.value.details
+        assert c.forward(ForwardCall("b", 2, h)).position == 4   # the others are untouched
+        assert c.describe().sequences == 2
+    finally:
+        w.stop()

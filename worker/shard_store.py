@@ -10,6 +10,8 @@ import struct
 from pathlib import Path
 from typing import Iterator
 
+from tqdm import tqdm
+
 from mtpdist.errors import RequestError
 from mtpdist.wire.types import ShardSpec
 
@@ -53,13 +55,16 @@ class ShardStore:
         blob = json.dumps(header).encode()
         blob += b" " * (-len(blob) % 8)
         got = 0
-        with open(tmp / "model.safetensors", "wb") as f:
+        with open(tmp / "model.safetensors", "wb") as f, tqdm(
+                total=total, unit="B", unit_scale=True, leave=False, mininterval=1.0,
+                desc=f"receiving layers {spec.layer_start}-{spec.layer_end - 1}") as bar:
             f.write(struct.pack("<Q", len(blob)) + blob)
             for c in chunks:
                 got += len(c)
                 if got > total:
                     raise RequestError("INVALID_ARGUMENT", f"stream sent more than the manifest's {total} bytes")
                 f.write(c)
+                bar.update(len(c))
         if got != total:
             raise RequestError("INVALID_ARGUMENT", f"stream ended after {got} of {total} bytes")
         (tmp / "config.json").write_text(spec.config_json)
