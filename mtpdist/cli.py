@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a random-weight Qwen3.5-style checkpoint (tests, benchmarks)")
     s.add_argument("--out", required=True)
-    s.add_argument("--size", choices=["tiny", "small", "medium"], default="tiny")
+    s.add_argument("--size", choices=["tiny", "small", "medium", "0.8b"], default="tiny",
+                   help="0.8b has Qwen3.5-0.8B's shapes (3.2 GB in fp32)")
     s.add_argument("--moe", action="store_true")
     s.add_argument("--seed", type=int, default=0)
 

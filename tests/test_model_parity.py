@@ -90,3 +90,18 @@ def test_partial_stack_loads_only_its_layers(tiny_dense):
     split = b.stack(a.stack(x, a.stack.make_caches()), b.stack.make_caches())
     whole = full.stack(x, full.stack.make_caches())
     np.testing.assert_array_equal(np.asarray(split), np.asarray(whole))
+
+
+@pytest.mark.parametrize("fixture", ["tiny_dense", "tiny_moe"])
+def test_decode_steps_match_mlx_lm_with_caches(fixture, request):
+    """Short passes (the compiled small-T GDN path) after a prefill, against mlx-lm's own caches."""
+    path, _ = request.getfixturevalue(fixture)
+    ref, _ = load_model(path)
+    ref_cache = ref.make_cache()
+    parts = load_parts(path)
+    trunk = LocalTrunk(parts.stack)
+    steps = [TOKENS[:, :10], TOKENS[:, 10:11], TOKENS[:, 11:13], TOKENS[:, 13:14], TOKENS[:, 14:16]]
+    for x in steps:
+        want = ref(x, cache=ref_cache)
+        got = parts.head.logits(parts.head.norm(trunk.forward(parts.head.embed(x))))
+        assert_close(got, want)

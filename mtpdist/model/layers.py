@@ -22,6 +22,32 @@ from mlx_lm.models.qwen3_next import Qwen3NextSparseMoeBlock as SparseMoeBlock
 from .cache import AttentionCache, GDNCache
 
 
+SMALL_T = 4  # passes this short (decode, verify) take the compiled path
+
+
+@mx.compile
+def _recurrence(q, k, v, a, b, A_log, dt_bias, state):
+    """The gated delta rule over a few tokens as one compiled graph.
+
+    Same arithmetic as mlx-lm's ops path (compute_g, then the per-step update); returns
+    y [B, T, Hv, Dv] followed by the state after each position.
+    """
+    beta = mx.sigmoid(b)
+    g = mx.exp(-mx.exp(A_log.astype(mx.float32)) * nn.softplus(a + dt_bias))
+    rep = v.shape[-2] // q.shape[-2]
+    if rep > 1:
+        q, k = mx.repeat(q, rep, -2), mx.repeat(k, rep, -2)
+    ys, states = [], []
+    for t in range(q.shape[1]):
+        state = state * g[:, t, :, None, None]
+        kv_mem = (state * k[:, t, :, None, :]).sum(axis=-1)
+        delta = (v[:, t] - kv_mem) * beta[:, t, :, None]
+        state = state + k[:, t, :, None, :] * delta[..., None]
+        ys.append((state * q[:, t, :, None, :]).sum(axis=-1).astype(q.dtype))
+        states.append(state)
+    return (mx.stack(ys, axis=1), *states)
+
+
 class RollbackGatedDeltaNet(GatedDeltaNet):
     """GatedDeltaNet whose forward can snapshot its state after given positions."""
 
@@ -45,17 +71,27 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
         q, k = normalize_qk(q, k, inv_scale=self.head_k_dim**-0.5, eps=1e-6)
 
         state = cache.ssm if cache is not None else None  # no cache: a whole sequence (training)
-        bounds = [0, *[p for p in keep if 0 < p < T], T]
-        outs, snapshots = [], {}
-        for s, e in zip(bounds[:-1], bounds[1:]):
-            y, state = gated_delta_update(
-                q[:, s:e], k[:, s:e], v[:, s:e], a[:, s:e], b[:, s:e],
-                self.A_log, self.dt_bias, state, None, use_kernel=not self.training,
-            )
-            outs.append(y)
-            if e < T:
-                snapshots[e] = (conv_input[:, e : e + K - 1], state)
-        out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+        cuts = [p for p in keep if 0 < p < T]
+        snapshots = {}
+        if T <= SMALL_T and not mx.metal.is_available():
+            # Decode and verify: every step fused in one compiled graph, states after each kept.
+            if state is None:
+                state = mx.zeros((B, self.num_v_heads, self.head_v_dim, self.head_k_dim), dtype=mx.float32)
+            out, *states = _recurrence(q, k, v, a, b, self.A_log, self.dt_bias, state)
+            state = states[-1]
+            snapshots = {p: (conv_input[:, p : p + K - 1], states[p - 1]) for p in cuts}
+        elif not cuts:
+            out, state = gated_delta_update(q, k, v, a, b, self.A_log, self.dt_bias, state, None,
+                                            use_kernel=not self.training)
+        else:  # split the recurrence where snapshots are wanted (Metal kernel, or long chunks)
+            bounds, outs = [0, *cuts, T], []
+            for s, e in zip(bounds[:-1], bounds[1:]):
+                y, state = gated_delta_update(q[:, s:e], k[:, s:e], v[:, s:e], a[:, s:e], b[:, s:e],
+                                              self.A_log, self.dt_bias, state, None, use_kernel=not self.training)
+                outs.append(y)
+                if e < T:
+                    snapshots[e] = (conv_input[:, e : e + K - 1], state)
+            out = mx.concatenate(outs, axis=1)
         if cache is not None:
             cache.record(mx.contiguous(conv_input[:, -(K - 1):]), state, T, snapshots)
 
