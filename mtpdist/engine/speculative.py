@@ -61,9 +61,10 @@ def prefill(p: Pipeline, prompt: Sequence[int], step: int) -> None:
     for s in range(0, len(prompt) - 1, step):
         chunk = prompt[s : min(s + step, len(prompt) - 1)]
         h, n = p.run(chunk)
-        if p.drafter is not None:
-            p.drafter.extend(h, n, prompt[s + 1 : s + 1 + len(chunk)])
-        mx.eval(h)
+        out = [h]
+        if p.drafter is not None:  # evaluating its logits also settles the MTP cache, chunk by chunk
+            out.append(p.drafter.extend(h, n, prompt[s + 1 : s + 1 + len(chunk)]))
+        mx.eval(*out)
 
 
 def plain_tokens(p: Pipeline, prompt: Sequence[int], sampler: Sampler, step: int = 512) -> Iterator[list[int]]:
