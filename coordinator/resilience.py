@@ -11,8 +11,6 @@ from __future__ import annotations
 import logging
 from typing import Sequence
 
-import mlx.core as mx
-
 from mtpdist.errors import MtpdistError, WorkerCallError
 
 log = logging.getLogger("mtpdist.coordinator")
@@ -36,7 +34,7 @@ class ResilientTrunk:
     def timings(self):
         return self.inner.timings
 
-    def forward(self, hidden: mx.array, keep: Sequence[int] = ()) -> mx.array:
+    def forward(self, hidden, keep: Sequence[int] = ()):
         out = self._with_recovery(lambda: self.inner.forward(hidden, keep))
         self.ops.append(("f", hidden, tuple(keep)))
         return out

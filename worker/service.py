@@ -73,8 +73,7 @@ class WorkerService:
 
     # -- WorkerHandler ---------------------------------------------------------------
     def describe(self) -> WorkerInfo:
-        import mlx.core as mx
-        from mtpdist.engine.devices import backend_name
+        from mtpdist.engine.devices import backend_name, mlx_version
         stage = self.stage
         return WorkerInfo(
             worker_id=self.worker_id, version=__version__, protocol_version=PROTOCOL_VERSION,
@@ -83,7 +82,7 @@ class WorkerService:
             model_hash=self.spec.model_hash if self.spec else "",
             layer_start=self.spec.layer_start if self.spec else 0, layer_end=self.spec.layer_end if self.spec else 0,
             sequences=len(stage.seqs) if stage else 0, state_bytes=self._on_mlx(stage.state_bytes) if stage else 0,
-            mlx_version=mx.__version__, weight_bytes=self.weight_bytes)
+            mlx_version=mlx_version(), weight_bytes=self.weight_bytes)
 
     def has_shard(self, spec: ShardSpec) -> tuple[bool, str]:
         if self.spec is not None and (spec.model_hash, spec.layer_start, spec.layer_end) == (
