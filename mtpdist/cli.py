@@ -37,7 +37,12 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="mtpdist", description=__doc__)
+    ap = argparse.ArgumentParser(
+        prog="mtpdist",
+        description="Run one Qwen3.5/3.6 model across several Macs, with the model's own MTP head "
+                    "doing speculative decoding across the pipeline.",
+        epilog="Start with `mtpdist demo` (no download). On real Macs: `mtpdist worker` on each, "
+               "`mtpdist coordinator --model PATH --mtp` on one. See README.md and deploy/README.md.")
     ap.add_argument("--version", action="version", version=f"mtpdist {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
