@@ -33,9 +33,10 @@ def mlx_lm_tps(model, tokenizer, prompt_ids, max_tokens) -> float:
     return (n - 1) / (t_last - t_first) if n > 1 else 0.0
 
 
-def _timed(fn, n: int) -> float:
+def timed(fn, n: int, warmup: int = 1) -> float:
     """Median milliseconds of fn() over n calls (fn must eval what it computes)."""
-    fn()
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(n):
         t = time.perf_counter()
@@ -62,11 +63,11 @@ def pass_costs(session: LocalSession, prompt_ids, cycles: int) -> dict:
         mx.eval(mx.argmax(head.logits(n[0]), axis=-1))
         trunk.rewind(1)
 
-    out = {"step_ms": _timed(step, cycles), "verify_ms": _timed(verify, cycles)}
+    out = {"step_ms": timed(step, cycles), "verify_ms": timed(verify, cycles)}
     if drafter is not None:
         h, n = pipe.run([tok])
         mx.eval(h, n)
-        out["draft_ms"] = _timed(lambda: mx.eval(mx.argmax(drafter.extend(h, n, [tok]))), cycles)
+        out["draft_ms"] = timed(lambda: mx.eval(mx.argmax(drafter.extend(h, n, [tok]))), cycles)
         s = out["step_ms"]
         out["verify_over_step"] = out["verify_ms"] / s
         out["draft_over_step"] = out["draft_ms"] / s

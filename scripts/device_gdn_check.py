@@ -7,27 +7,19 @@ cost there. Kept as the starting point for a Metal/CUDA small-T kernel.
 """
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 
+from mtpdist.bench import timed as _bench_timed  # noqa: E402
 from mtpdist.model.layers import _recurrence  # noqa: E402
 
 
 def timed(fn, n=100):
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
+    return _bench_timed(fn, n, warmup=5)
 
 
 _SOURCE = """

@@ -2,14 +2,18 @@
 """Cost of each part of one GatedDeltaNet layer at 1 vs 2 tokens (any MLX backend; 0.8B shapes, bf16)."""
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
+
+from mtpdist.bench import timed as _bench_timed  # noqa: E402
+
+
+def timed(fn, n=100):
+    return _bench_timed(fn, n, warmup=5)
 import mlx.nn as nn  # noqa: E402
 from mlx.utils import tree_map  # noqa: E402
 
@@ -17,16 +21,6 @@ from mtpdist.model.config import ModelConfig  # noqa: E402
 from mtpdist.model.layers import DecoderLayer, _recurrence  # noqa: E402
 from mtpdist.model.synthetic import make_config  # noqa: E402
 
-
-def timed(fn, n=100):
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
 
 
 cfg = ModelConfig.from_dict(make_config(sys.argv[1] if len(sys.argv) > 1 else "0.8b"))

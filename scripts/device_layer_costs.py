@@ -5,14 +5,18 @@ usage: scripts/device_layer_costs.py [SIZE]   (default 0.8b: Qwen3.5-0.8B shapes
 """
 
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
+
+from mtpdist.bench import timed as _bench_timed  # noqa: E402
+
+
+def timed(fn, n=50):
+    return _bench_timed(fn, n, warmup=5)
 from mlx.utils import tree_map  # noqa: E402
 
 from mtpdist.model.config import ModelConfig  # noqa: E402
@@ -20,16 +24,6 @@ from mtpdist.model.layers import DecoderLayer, make_cache  # noqa: E402
 from mtpdist.model.qwen35 import Head  # noqa: E402
 from mtpdist.model.synthetic import make_config  # noqa: E402
 
-
-def timed(fn, n=50):
-    for _ in range(5):
-        fn()
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(ts)
 
 
 def main(size="0.8b"):
