@@ -126,3 +126,14 @@ def test_streamed_text_equals_one_decode_of_all_tokens(tiny_dense):
     cut = _TextTail(tok, ("€",))
     out = "".join(cut.add([i])[0] for i in ids) + cut.flush()
     assert out == " leading space, ünïcödé ✓ and " and cut.hit
+
+
+def test_bench_writes_its_json(tiny_dense, tmp_path):
+    out = tmp_path / "bench.json"
+    mtpdist("bench", "--model", str(tiny_dense[0]), "--max-tokens", "8", "--repeats", "1", "--cycles", "3",
+            "--out", str(out))
+    r = json.loads(out.read_text())
+    assert set(r["tps_median"]) == {"mlx_lm", "plain", "mtp"}
+    assert r["mtp_tokens_equal_plain"] is True           # the bench checks correctness, not only speed
+    for k in ("step_ms", "verify_ms", "draft_ms", "verify_over_step", "cycle_over_step"):
+        assert r["pass_costs"][k] > 0
