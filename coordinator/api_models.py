@@ -17,6 +17,7 @@ UNSUPPORTED = {
 
 
 class StreamOptions(BaseModel):
+    """stream_options: whether the last streamed chunk carries usage."""
     include_usage: bool = False
 
 
@@ -56,6 +57,7 @@ class _Common(BaseModel):
 
 
 class ChatMessage(BaseModel):
+    """One chat message; content may be a string or a list of text parts."""
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None
@@ -72,6 +74,7 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
+    """The body of POST /v1/chat/completions."""
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
 
@@ -80,6 +83,7 @@ class ChatCompletionRequest(_Common):
 
 
 class CompletionRequest(_Common):
+    """The body of POST /v1/completions."""
     prompt: Union[str, list[int]]
 
     def limit(self) -> Optional[int]:

@@ -14,6 +14,7 @@ log = logging.getLogger("mtpdist.coordinator")
 
 @dataclass(frozen=True)
 class ClusterOptions:
+    """How the coordinator finds its workers (flags of generate/coordinator/status)."""
     workers: int = 0                       # wait for this many in all (static + discovered)
     static: tuple[str, ...] = ()           # --worker HOST:PORT, in pipeline order, first
     cluster: str = "default"
@@ -28,6 +29,7 @@ class ClusterOptions:
 
 
 def default_interfaces() -> list[str]:
+    """This machine's non-loopback IPv4 addresses, where mDNS is browsed by default."""
     return [ip for ip, _, kind in local_links() if kind != "loopback"] or ["127.0.0.1"]
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.resources
-import json
 import secrets
 import tempfile
 from pathlib import Path
@@ -18,6 +17,7 @@ DEFAULT_PROMPT = "def fibonacci(n):\n    "
 
 
 def add_arguments(p) -> None:
+    """Flags of `mtpdist demo`."""
     p.add_argument("--model", default=None, help="use this model instead of the bundled demo model")
     p.add_argument("--workers", type=int, default=2, help="local workers to start (default 2)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
@@ -29,6 +29,7 @@ def add_arguments(p) -> None:
 
 
 def model_path(arg: str | None) -> Path:
+    """The model the demo serves: --model, or the bundled one."""
     path = Path(arg) if arg else DEMO_MODEL
     if not (path / "config.json").is_file():
         raise MtpdistError(f"{path}: not a model folder" + ("" if arg else " (the bundled demo model is missing)"))
@@ -36,6 +37,7 @@ def model_path(arg: str | None) -> Path:
 
 
 def run_demo(args) -> int:
+    """Start local workers (found over mDNS on loopback), then serve, or run one completion with --once."""
     model = model_path(args.model)
     token = secrets.token_urlsafe(16)
     cluster = f"demo-{secrets.token_hex(4)}"
@@ -59,6 +61,7 @@ def run_demo(args) -> int:
 
 
 def print_usage(url: str, model: str) -> None:
+    """Show how to call the demo with curl and with the openai package."""
     print(f"""
 Try it (Ctrl-C stops everything):
 

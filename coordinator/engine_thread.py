@@ -13,7 +13,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-from mtpdist.engine.generate import Delta, GenerationRequest, Generator
+from mtpdist.engine.generate import GenerationRequest, Generator
 from mtpdist.errors import MtpdistError
 
 log = logging.getLogger("mtpdist.coordinator")
@@ -21,6 +21,7 @@ log = logging.getLogger("mtpdist.coordinator")
 
 @dataclass
 class Job:
+    """One queued generation and the queue its events go to."""
     request: GenerationRequest
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -83,7 +84,3 @@ class EngineThread(threading.Thread):
             job.emit(MtpdistError(f"internal error: {e}"))
         finally:
             job.emit(None)
-
-
-def is_final(d) -> bool:
-    return isinstance(d, Delta) and d.result is not None

@@ -16,6 +16,7 @@ log = logging.getLogger("mtpdist.coordinator")
 
 
 def add_arguments(p) -> None:
+    """Flags of `mtpdist coordinator` (cluster flags are added by the CLI)."""
     p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
     p.add_argument("--mtp-hidden", choices=["post-norm", "pre-norm"], default="post-norm")
@@ -29,6 +30,7 @@ def add_arguments(p) -> None:
 
 
 def run_coordinator(args, on_ready=None) -> int:
+    """Find workers, place the model, and serve the API until interrupted."""
     import os
 
     import uvicorn

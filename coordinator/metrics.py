@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 
 class Metrics:
+    """Prometheus counters, gauges and histograms of one server."""
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter("mtpdist_requests", "HTTP requests", ["endpoint", "status"], registry=r)
@@ -22,6 +23,7 @@ class Metrics:
         self.request_seconds = Histogram("mtpdist_request_seconds", "Request latency", ["endpoint"], registry=r)
 
     def record_generation(self, result, trunk) -> None:
+        """Account one finished generation (tokens, MTP statistics, pipeline overhead)."""
         self.prompt_tokens.inc(result.prompt_tokens)
         self.generated_tokens.inc(result.generation_tokens)
         self.drafted.inc(result.drafted)

@@ -20,6 +20,7 @@ RECOVERABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUS
 
 
 class ResilientTrunk:
+    """A sequence's trunk that recovers from losing workers by re-planning and exact replay."""
     def __init__(self, session, max_recoveries: int = 3):
         self.session, self.max_recoveries = session, max_recoveries
         self.inner = session.raw_trunk()

@@ -24,6 +24,7 @@ from .metrics import Metrics
 
 
 class APIError(Exception):
+    """An error answered as an OpenAI-style JSON object with an HTTP status."""
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error"):
         super().__init__(message)
@@ -35,6 +36,7 @@ class APIError(Exception):
 
 @dataclass
 class ServerState:
+    """What the HTTP handlers share: the engine thread, tokenizer, limits, metrics."""
     engine: EngineThread
     tokenizer: object
     model_name: str
@@ -48,6 +50,7 @@ class ServerState:
 
 
 def create_app(state: ServerState) -> FastAPI:
+    """The FastAPI application of the OpenAI-compatible API."""
     app = FastAPI(title="mtpdist", version=__version__,
                   description="OpenAI-compatible API over a pipeline of Macs, with MTP speculative decoding")
 

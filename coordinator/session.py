@@ -97,6 +97,7 @@ class PipelineSession:
         log.info("worker %s holds layers %d-%d (%s)", client.address, start, end - 1, r.source)
 
     def raw_trunk(self) -> PipelineTrunk:
+        """A plain pipeline trunk for one sequence (no recovery)."""
         return PipelineTrunk(self.clients, chain=self.chain, rewind=self.rewind)
 
     def trunk(self):

@@ -78,6 +78,7 @@ def pass_costs(session: LocalSession, prompt_ids, cycles: int) -> dict:
 
 
 def run_bench(args) -> dict:
+    """`mtpdist bench`: interleaved runs of mlx-lm, plain and MTP (and the pipeline), as a dict."""
     has_mtp = True
     try:
         session = LocalSession(args.model, mtp=True)

@@ -34,7 +34,7 @@ def pipeline_bench(model: str, prompt_ids, max_tokens: int, repeats: int, n_work
         session = PipelineSession(model, addrs, mtp=True, progress=False)
         gen = session.generator
         tps = {f"{m}:{k}": [] for k in MODES for m in ("plain", "mtp")}
-        overhead, rej_bytes, tok_bytes, acc = [], {}, [], []
+        overhead, tok_bytes, acc = [], [], []
         for i in range(repeats + 1):
             for mode, (chain, rewind) in MODES.items():
                 for mtp in (False, True):
@@ -83,7 +83,7 @@ def _worker_memory(cluster, session) -> list[dict]:
             status = Path(f"/proc/{w.proc.pid}/status").read_text()
         except OSError:
             return []
-        kib = {l.split(":")[0]: int(l.split()[1]) for l in status.splitlines() if l.startswith(("VmHWM", "VmRSS"))}
+        kib = {ln.split(":")[0]: int(ln.split()[1]) for ln in status.splitlines() if ln.startswith(("VmHWM", "VmRSS"))}
         out.append({"layers": [info.layer_start, info.layer_end], "shard_mib": round(info.weight_bytes / 2**20, 1),
                     "peak_rss_mib": round(kib.get("VmHWM", 0) / 1024, 1), "rss_mib": round(kib.get("VmRSS", 0) / 1024, 1)})
     return out
@@ -101,5 +101,5 @@ def mlx_lm_ring_pipeline(model: str, prompt_ids, max_tokens: int, repeats: int, 
     for line in p.stdout.splitlines():
         if line.startswith("{"):
             return json.loads(line)
-    tail = [l for l in (p.stderr + p.stdout).splitlines() if l.strip() and "Socket" not in l][-3:]
+    tail = [ln for ln in (p.stderr + p.stdout).splitlines() if ln.strip() and "Socket" not in ln][-3:]
     return {"error": f"exit {p.returncode}: " + " | ".join(tail), "command": " ".join(cmd)}

@@ -21,6 +21,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags that say which workers to use and how to reach them."""
     from .worker.main import add_security_arguments
     p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="use this worker (repeatable, in pipeline order; mixes with discovery)")
@@ -37,6 +38,7 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
     ap = argparse.ArgumentParser(
         prog="mtpdist",
         description="Run one Qwen3.5/3.6 model across several Macs, with the model's own MTP head "
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `mtpdist` command."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":

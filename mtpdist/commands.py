@@ -11,6 +11,7 @@ from .errors import MtpdistError
 
 
 def sampling_from(args) -> SamplingParams:
+    """SamplingParams from CLI flags, with a clear error for bad values."""
     try:
         return SamplingParams(temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
                               min_p=args.min_p, seed=args.seed)
@@ -19,6 +20,7 @@ def sampling_from(args) -> SamplingParams:
 
 
 def channel_from(args):
+    """How to reach workers (token, TLS, deadlines) from CLI flags."""
     from .security import resolve_token
     from .wire.client import ChannelSettings
     return ChannelSettings(token=resolve_token(args.token, args.token_file, args.insecure), tls_ca=args.tls_ca,
@@ -26,6 +28,7 @@ def channel_from(args):
 
 
 def membership_from(args):
+    """Static and discovered workers from CLI flags."""
     from .coordinator.cluster import ClusterOptions, Membership
     return Membership(ClusterOptions(workers=max(args.workers, len(args.worker)), static=tuple(args.worker),
                                      cluster=args.cluster, mdns_interfaces=tuple(args.mdns_interface),

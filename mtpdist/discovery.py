@@ -42,6 +42,7 @@ class Advert:
 
 
 def txt_record(a: Advert) -> dict[str, str]:
+    """The TXT properties advertised for a worker."""
     return {"id": a.worker_id, "proto": str(a.protocol), "mem": str(a.usable_bytes), "backend": a.backend,
             "chip": a.chip[:60], "cluster": a.cluster, "ver": a.version,
             "links": ",".join(f"{ip}={kind}" for ip, kind in a.links)}
@@ -66,7 +67,7 @@ def preferred_ip(links) -> str:
     """Thunderbolt bridge over Ethernet over Wi-Fi; loopback last."""
     if not links:
         raise ValueError("worker advertised no addresses")
-    return min(links, key=lambda l: (LINK_RANK.get(l[1], 2), l[0]))[0]
+    return min(links, key=lambda link: (LINK_RANK.get(link[1], 2), link[0]))[0]
 
 
 def classify(ifname: str, wireless: bool = False, hardware_port: str = "") -> str:

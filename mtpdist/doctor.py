@@ -12,12 +12,14 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Check:
+    """One finding: OK, WARN or FAIL, with details."""
     name: str
     status: str   # OK | WARN | FAIL
     detail: str
 
 
 def check_versions() -> Check:
+    """Installed versions of mtpdist and what it runs on."""
     names = ("mtpdist", "mlx", "mlx-lm", "grpcio", "protobuf", "zeroconf")
     got = {}
     for n in names:
@@ -31,6 +33,7 @@ def check_versions() -> Check:
 
 
 def check_backend() -> Check:
+    """Whether MLX runs, and on what."""
     try:
         import mlx.core as mx
 
@@ -46,6 +49,7 @@ def check_backend() -> Check:
 
 
 def check_memory() -> Check:
+    """Physical memory and what a worker offers by default."""
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -55,6 +59,7 @@ def check_memory() -> Check:
 
 
 def check_interfaces() -> Check:
+    """Network interfaces and their link kinds."""
     from .discovery import local_links
     links = [(ip, i, k) for ip, i, k in local_links() if k != "loopback"]
     if not links:
@@ -89,6 +94,7 @@ def check_mdns(interfaces: list[str]) -> Check:
 
 
 def check_port(port: int) -> Check:
+    """Whether the worker port is free (and the macOS firewall)."""
     s = socket.socket()
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -109,6 +115,7 @@ def check_port(port: int) -> Check:
 
 
 def check_token() -> Check:
+    """Whether a cluster token is configured."""
     from .security import config_dir
     if os.environ.get("MTPDIST_TOKEN"):
         return Check("token", "OK", "MTPDIST_TOKEN is set")
@@ -119,6 +126,7 @@ def check_token() -> Check:
 
 
 def check_cache() -> Check:
+    """Whether the shard cache is writable and has room."""
     from .model.hashing import cache_dir
     d = cache_dir()
     d.mkdir(parents=True, exist_ok=True)
@@ -129,6 +137,7 @@ def check_cache() -> Check:
 
 
 def run_doctor(mdns_interfaces: list[str], port: int) -> list[Check]:
+    """All checks, each isolated so that one failing check cannot hide the others."""
     from .discovery import local_links
     ifaces = mdns_interfaces or [ip for ip, _, k in local_links() if k != "loopback"] or ["127.0.0.1"]
     checks = [check_versions, check_backend, check_memory, check_interfaces, lambda: check_mdns(ifaces),

@@ -11,6 +11,7 @@ class PlacementError(ValueError):
 
 @dataclass(frozen=True)
 class Placement:
+    """Contiguous layer ranges per worker and the bytes each will hold."""
     ranges: tuple[tuple[int, int], ...]     # [start, end) per worker, in pipeline order
     bytes_per_worker: tuple[int, ...]
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import sys
 import sysconfig
 import time
@@ -62,7 +61,6 @@ def build(config):
 
 def losses(head, stack, mtp, x, mtp_weight: float):
     """Next-token loss of the backbone and t+2 loss of the MTP head on batch x [B, T+2]."""
-    import mlx.core as mx
     import mlx.nn as nn
     inp, nxt, nxt2 = x[:, :-2], x[:, 1:-1], x[:, 2:]
     h = head.norm(stack(head.embed(inp), [None] * len(stack.layers)))

@@ -116,7 +116,7 @@ def test_disconnect_mid_stream_frees_worker_state(served):
                                                              "temperature": 0, "stream": True},
                       headers={"authorization": f"Bearer {KEY}"}, timeout=60) as r:
         lines = r.iter_lines()
-        assert next(l for l in lines if l.startswith("data:"))
+        assert next(ln for ln in lines if ln.startswith("data:"))
         busy = max(WorkerClient(a).describe().sequences for a in cluster.addresses)
         assert busy == 1
     deadline = time.time() + 20

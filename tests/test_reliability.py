@@ -108,7 +108,7 @@ def test_stalled_worker_is_noticed_by_the_deadline(tmp_path, tiny_dense):
         assert not errors and got == want
         assert took < 20, f"a stalled worker took {took:.1f}s to be noticed"
         # The chain reports the stalled worker by address, through the workers in front of it.
-        lost = next(l for l in c.lines if "lost a worker" in l)
+        lost = next(ln for ln in c.lines if "lost a worker" in ln)
         assert "DEADLINE_EXCEEDED" in lost and workers[2].address in lost
     finally:
         os.kill(workers[2].proc.pid, signal.SIGCONT)

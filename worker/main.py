@@ -23,12 +23,14 @@ log = logging.getLogger("mtpdist.worker")
 
 
 def add_security_arguments(p) -> None:
+    """Token flags shared by the worker and the coordinator."""
     p.add_argument("--token", default=None, help="cluster token (or MTPDIST_TOKEN, or --token-file)")
     p.add_argument("--token-file", default=None, help="file holding the cluster token")
     p.add_argument("--insecure", action="store_true", help="run without a token (trusted networks only)")
 
 
 def add_arguments(p) -> None:
+    """Flags of `mtpdist worker`."""
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all; a token is required)")
     p.add_argument("--port", type=int, default=50551, help="gRPC port (0 picks a free one)")
     p.add_argument("--model-dir", default=None, help="a local copy of the model; used when its content hash matches")
@@ -49,6 +51,7 @@ def add_arguments(p) -> None:
 
 
 def mdns_interfaces(host: str, chosen: list[str]) -> list[str]:
+    """Where to advertise: the chosen addresses, the listen address, or every non-loopback one."""
     if chosen:
         return chosen
     if host not in ("0.0.0.0", "::"):
@@ -57,6 +60,7 @@ def mdns_interfaces(host: str, chosen: list[str]) -> list[str]:
 
 
 def run_worker(args) -> int:
+    """Serve until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     token = resolve_token(args.token, args.token_file, args.insecure)
     if bool(args.tls_cert) != bool(args.tls_key):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -25,6 +24,7 @@ log = logging.getLogger("mtpdist.worker")
 
 
 def total_memory() -> int:
+    """Physical memory in bytes (0 if unknown)."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):

@@ -20,6 +20,7 @@ _LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 class ShardStore:
+    """Shards kept on disk under the cache folder, keyed by model hash and layer range."""
     def __init__(self, root: Path):
         self.root = Path(root) / "shards"
 

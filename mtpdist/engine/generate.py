@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
-import mlx.core as mx
 
 from ..model.loader import ModelParts
 from .sampling import Sampler, SamplingParams
@@ -27,6 +26,7 @@ class GenerationRequest:
 
 @dataclass(frozen=True)
 class GenerationResult:
+    """What a finished generation produced, with its timing and MTP statistics."""
     text: str
     token_ids: tuple[int, ...]
     prompt_tokens: int
@@ -69,6 +69,7 @@ class Generator:
         self.eos = frozenset(eos)
 
     def encode(self, text: str) -> tuple[int, ...]:
+        """Token ids of a prompt."""
         return tuple(self.tokenizer.encode(text))
 
     def stream(self, req: GenerationRequest, trunk: Trunk) -> Iterator[Delta]:
@@ -124,6 +125,7 @@ class Generator:
         yield Delta(tail, [], result)
 
     def generate(self, req: GenerationRequest, trunk: Trunk) -> GenerationResult:
+        """Run a request to completion and return its result."""
         for d in self.stream(req, trunk):
             if d.result is not None:
                 return d.result

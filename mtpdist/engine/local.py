@@ -13,6 +13,7 @@ from .trunk import LocalTrunk
 
 
 def load_tokenizer_for(model_dir: str | Path):
+    """A model folder's tokenizer, with a clear error when it has none."""
     path = Path(model_dir)
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json) next to the weights")

@@ -23,6 +23,7 @@ from .activations import from_activation, to_activation
 
 @dataclass
 class TrunkTimings:
+    """Wall time, worker compute and bytes of one sequence on the pipeline."""
     forwards: int = 0
     wall_us: int = 0
     compute_us: int = 0
@@ -32,6 +33,7 @@ class TrunkTimings:
 
 
 class PipelineTrunk:
+    """The Trunk protocol over workers, for one sequence."""
     def __init__(self, clients: Sequence[WorkerClient], chain: bool = True, rewind: str = "carry",
                  sequence_id: str | None = None):
         if rewind not in ("carry", "broadcast"):

@@ -19,11 +19,13 @@ from .trunk import Trunk
 
 @dataclass
 class SpecStats:
+    """Drafts verified and accepted in one sequence."""
     drafted: int = 0
     accepted: int = 0
 
 
 class Drafter(Protocol):
+    """Where drafts come from (the MTP head, or a test oracle)."""
     def extend(self, hidden: mx.array, normed: mx.array, tokens: Sequence[int]) -> mx.array:
         """Add MTP entries (hidden[t], tokens[t]) and return draft logits [V] of the last."""
 

@@ -24,6 +24,7 @@ MAX_KEEP = 16
 
 @dataclass
 class StageOutput:
+    """One stage's output hidden states, its cache position after, and compute time."""
     hidden: Activation
     position: int
     compute_us: int

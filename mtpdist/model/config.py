@@ -44,6 +44,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
+        """Parse a config.json dict (text_config nested or not), refusing other architectures."""
         model_type = raw.get("model_type", "")
         text = dict(raw.get("text_config") or raw)
         if model_type not in SUPPORTED_MODEL_TYPES and text.get("model_type") not in SUPPORTED_MODEL_TYPES:

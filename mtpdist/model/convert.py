@@ -29,6 +29,7 @@ DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
 
 @dataclass(frozen=True)
 class ConvertOptions:
+    """Choices of `mtpdist convert`."""
     dtype: str | None = None          # None: the checkpoint's own torch_dtype
     quantize: bool = False
     q_bits: int = 4

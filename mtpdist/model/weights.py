@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import mlx.core as mx
 
@@ -141,7 +141,3 @@ def layer_of(key: str) -> int | None:
     if key.startswith("model.layers."):
         return int(key.split(".", 3)[2])
     return None
-
-
-def select(keys: Iterable[str], prefix: str) -> list[str]:
-    return [k for k in keys if k.startswith(prefix)]

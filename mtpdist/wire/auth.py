@@ -12,6 +12,7 @@ HEADER = "authorization"
 
 
 def metadata(token: str | None) -> tuple:
+    """Call metadata carrying the cluster token."""
     return ((HEADER, f"Bearer {token}"),) if token else ()
 
 
@@ -43,10 +44,12 @@ class TokenInterceptor(grpc.ServerInterceptor):
 
 
 def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
+    """TLS credentials for a worker."""
     with open(cert, "rb") as c, open(key, "rb") as k:
         return grpc.ssl_server_credentials([(k.read(), c.read())])
 
 
 def channel_credentials(ca: str) -> grpc.ChannelCredentials:
+    """TLS trust for calling workers."""
     with open(ca, "rb") as f:
         return grpc.ssl_channel_credentials(root_certificates=f.read())

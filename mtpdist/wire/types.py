@@ -19,6 +19,7 @@ class Activation:
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor of a shard manifest."""
     name: str
     dtype: str      # safetensors code (F32, BF16, U32, ...)
     shape: tuple[int, ...]
@@ -27,6 +28,7 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class ShardSpec:
+    """A contiguous layer range of one model (by content hash)."""
     model_hash: str
     layer_start: int
     layer_end: int
@@ -36,6 +38,7 @@ class ShardSpec:
 
 @dataclass(frozen=True)
 class WorkerInfo:
+    """What a worker reports about itself."""
     worker_id: str
     version: str
     protocol_version: int
@@ -54,6 +57,7 @@ class WorkerInfo:
 
 @dataclass(frozen=True)
 class ForwardCall:
+    """One forward of a chunk of hidden states for a sequence."""
     sequence_id: str
     position: int
     hidden: Activation
@@ -64,6 +68,7 @@ class ForwardCall:
 
 @dataclass(frozen=True)
 class ForwardResult:
+    """The last stage's hidden states and cache position."""
     hidden: Activation
     position: int
     compute_us: tuple[int, ...] = field(default_factory=tuple)
@@ -71,6 +76,7 @@ class ForwardResult:
 
 @dataclass(frozen=True)
 class LoadResult:
+    """How a shard was loaded."""
     source: str
     bytes_received: int
     layer_start: int
