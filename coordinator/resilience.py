@@ -9,6 +9,7 @@ forward is retried. Greedy output is then identical to an undisturbed run.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Sequence
 
 from mtpdist.errors import MtpdistError, WorkerCallError
@@ -59,6 +60,8 @@ class ResilientTrunk:
             if self.recoveries > self.max_recoveries:
                 raise MtpdistError(f"gave up after {self.max_recoveries} recoveries; last failure: {err}")
             log.warning("lost a worker (%s); re-planning and replaying %d steps", err, len(self.ops))
+            if self.recoveries > 1:  # let restarting workers and reconnecting channels settle
+                time.sleep(min(0.25 * 2 ** (self.recoveries - 2), 2.0))
             self.inner.close()
             self.session.recover()  # raises MtpdistError when the model no longer fits
             self.inner = self.session.raw_trunk()

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mtpdist import __version__
-from mtpdist.errors import ModelLoadError, RequestError
+from mtpdist.errors import ModelLoadError, RequestError, WorkerCallError
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import (PROTOCOL_VERSION, ForwardCall, ForwardResult, LoadResult, ShardSpec,
                                 WorkerInfo)
@@ -65,6 +65,12 @@ class WorkerService:
             if address not in self._next:
                 self._next[address] = WorkerClient(address, self.channel)
             return self._next[address]
+
+    def _drop_client(self, address: str) -> None:
+        with self._lock:
+            client = self._next.pop(address, None)
+        if client is not None:
+            client.close()
 
     def _stage(self):
         if self.stage is None:
@@ -134,8 +140,13 @@ class WorkerService:
         # The next hop gets most of what is left of our caller's deadline, so that a hung
         # worker further down is reported by name before our caller gives up on us.
         left = None if deadline is None else max(0.2, (deadline - (time.monotonic() - start)) * 0.8)
-        downstream = self._client(call.next[0]).forward(ForwardCall(
-            call.sequence_id, call.position, out.hidden, call.rewind, call.keep, call.next[1:]), left)
+        try:
+            downstream = self._client(call.next[0]).forward(ForwardCall(
+                call.sequence_id, call.position, out.hidden, call.rewind, call.keep, call.next[1:]), left)
+        except WorkerCallError as e:
+            if e.code == "UNAVAILABLE":  # a fresh channel next time: this one may sit in reconnect backoff
+                self._drop_client(call.next[0])
+            raise
         return ForwardResult(downstream.hidden, downstream.position, (out.compute_us, *downstream.compute_us))
 
     def rewind(self, sequence_id: str, n: int, position: int) -> int:
