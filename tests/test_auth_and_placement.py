@@ -28,6 +28,14 @@ def test_token_required_on_every_call(tmp_path):
         w.stop()
 
 
+def test_a_token_that_starts_with_a_dash_works(tmp_path):
+    w = LocalWorker(tmp_path, token="-starts-with-dash")   # secrets.token_urlsafe can produce these
+    try:
+        assert WorkerClient(w.address, ChannelSettings(token="-starts-with-dash")).health() == "idle"
+    finally:
+        w.stop()
+
+
 def test_refusals_are_logged_by_the_worker(tmp_path):
     w = LocalWorker(tmp_path, token="right-token-123")
     try:
