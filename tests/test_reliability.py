@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import httpx
 import mlx.core as mx
@@ -35,6 +36,22 @@ def start_workers(tmp_path, n, *extra):
     return [LocalWorker(tmp_path / f"w{i}", "--port", str(free_port()), *extra) for i in range(n)]
 
 
+@contextmanager
+def pipeline(tmp_path, model, n, *coordinator_args, worker_args=()):
+    """n workers on fixed ports and a coordinator over them (static --worker list); all stopped after."""
+    workers = start_workers(tmp_path, n, *worker_args)
+    try:
+        c = Coordinator("--model", str(model), "--insecure", *coordinator_args,
+                        *sum((["--worker", w.address] for w in workers), []))
+        try:
+            yield c, workers
+        finally:
+            c.stop()
+    finally:
+        for w in workers:
+            w.stop()
+
+
 def stream_text(url, n, on_first=lambda: None):
     """Stream a completion; returns (text, error events)."""
     text, errors, first = [], [], True
@@ -56,29 +73,20 @@ def stream_text(url, n, on_first=lambda: None):
 
 def test_sigkill_mid_stream_gives_identical_completion(tmp_path, tiny_dense):
     want = expected(tiny_dense[0], 150)
-    workers = start_workers(tmp_path, 3)
-    c = Coordinator("--model", str(tiny_dense[0]), "--mtp", "--insecure", "--step-timeout", "3",
-                    *sum((["--worker", w.address] for w in workers), []))
-    try:
+    with pipeline(tmp_path, tiny_dense[0], 3, "--mtp", "--step-timeout", "3") as (c, workers):
         got, errors = stream_text(c.url, 150, on_first=lambda: os.kill(workers[1].proc.pid, signal.SIGKILL))
         assert not errors and got == want
         assert "lost a worker" in c.log
         info = httpx.get(c.url + "/cluster").json()
         assert [w["address"] for w in info["workers"]] == [workers[0].address, workers[2].address]
-    finally:
-        c.stop()
-        for w in workers:
-            w.stop()
 
 
 def test_unrecoverable_loss_is_a_clear_error_and_a_restarted_worker_rejoins(tmp_path, tiny_dense):
     want = expected(tiny_dense[0], 100)
     # Each worker offers ~0.95 MiB: the 1.3 MiB of layers fit on two, not on one.
-    workers = start_workers(tmp_path, 2, "--usable-memory-gb", "0.00093")
-    port = workers[1].address.rsplit(":", 1)[1]
-    c = Coordinator("--model", str(tiny_dense[0]), "--insecure", "--step-timeout", "3",
-                    *sum((["--worker", w.address] for w in workers), []))
-    try:
+    with pipeline(tmp_path, tiny_dense[0], 2, "--step-timeout", "3",
+                  worker_args=("--usable-memory-gb", "0.00093")) as (c, workers):
+        port = workers[1].address.rsplit(":", 1)[1]
         got, errors = stream_text(c.url, 100, on_first=lambda: os.kill(workers[1].proc.pid, signal.SIGKILL))
         assert errors and errors[0]["code"] == "cluster_unavailable" and "does not fit" in errors[0]["message"]
         assert httpx.get(c.url[:-3] + "/health").json()["status"] == "ok"       # still serving
@@ -86,35 +94,25 @@ def test_unrecoverable_loss_is_a_clear_error_and_a_restarted_worker_rejoins(tmp_
         client = openai.OpenAI(base_url=c.url, api_key="x", max_retries=0)
         r = client.completions.create(model="m", prompt=PROMPT, max_tokens=100, temperature=0)
         assert r.choices[0].text == want                                         # rejoined and used again
-    finally:
-        c.stop()
-        for w in workers:
-            w.stop()
 
 
 def test_stalled_worker_is_noticed_by_the_deadline(tmp_path, tiny_dense):
     want = expected(tiny_dense[0], 120)
-    workers = start_workers(tmp_path, 3)
-    c = Coordinator("--model", str(tiny_dense[0]), "--insecure", "--step-timeout", "2", "--rpc-timeout", "4",
-                    *sum((["--worker", w.address] for w in workers), []))
     stopped = []
-
-    def stall():
-        os.kill(workers[2].proc.pid, signal.SIGSTOP)
-        stopped.append(time.time())
-    try:
-        got, errors = stream_text(c.url, 120, on_first=stall)
-        took = time.time() - stopped[0]
-        assert not errors and got == want
-        assert took < 20, f"a stalled worker took {took:.1f}s to be noticed"
-        # The chain reports the stalled worker by address, through the workers in front of it.
-        lost = next(ln for ln in c.lines if "lost a worker" in ln)
-        assert "DEADLINE_EXCEEDED" in lost and workers[2].address in lost
-    finally:
-        os.kill(workers[2].proc.pid, signal.SIGCONT)
-        c.stop()
-        for w in workers:
-            w.stop()
+    with pipeline(tmp_path, tiny_dense[0], 3, "--step-timeout", "2", "--rpc-timeout", "4") as (c, workers):
+        def stall():
+            os.kill(workers[2].proc.pid, signal.SIGSTOP)
+            stopped.append(time.time())
+        try:
+            got, errors = stream_text(c.url, 120, on_first=stall)
+            took = time.time() - stopped[0]
+            assert not errors and got == want
+            assert took < 20, f"a stalled worker took {took:.1f}s to be noticed"
+            # The chain reports the stalled worker by address, through the workers in front of it.
+            lost = next(ln for ln in c.lines if "lost a worker" in ln)
+            assert "DEADLINE_EXCEEDED" in lost and workers[2].address in lost
+        finally:
+            os.kill(workers[2].proc.pid, signal.SIGCONT)
 
 
 def test_coordinator_restart_reuses_loaded_workers(tmp_path, tiny_dense):

@@ -59,8 +59,9 @@ class Stage:
     def _evict(self, keep: str) -> None:
         while len(self.seqs) > 1 and (len(self.seqs) > self.max_sequences or self.state_bytes() > self.state_budget):
             victim = next(s for s in self.seqs if s != keep)
+            reason = "too many sequences" if len(self.seqs) > self.max_sequences else "memory ran short"
             del self.seqs[victim]
-            self.evicted[victim] = "memory ran short" if len(self.seqs) <= self.max_sequences else "too many sequences"
+            self.evicted[victim] = reason
             while len(self.evicted) > 4096:
                 self.evicted.popitem(last=False)
 
