@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
+from mtpdist.engine.depth import FixedDepth
 from mtpdist.engine.sampling import Sampler, SamplingParams
 from mtpdist.engine.speculative import MTPDrafter, Pipeline, plain_tokens, speculative_tokens
 from mtpdist.engine.trunk import LocalTrunk
@@ -23,10 +24,11 @@ def plain_greedy(parts, prompt, n, step=512, trunk=None):
     return take(plain_tokens(pipe, prompt, Sampler(SamplingParams()), step), n)
 
 
-def spec_greedy(parts, prompt, n, step=512, drafter=None, post_norm=True, trunk=None):
+def spec_greedy(parts, prompt, n, step=512, drafter=None, post_norm=True, trunk=None, depth=1):
     drafter = drafter or MTPDrafter(parts.head, parts.mtp, post_norm)
     pipe = Pipeline(parts.head, trunk or LocalTrunk(parts.stack), drafter)
-    return take(speculative_tokens(pipe, prompt, Sampler(SamplingParams()), step), n), pipe.stats
+    policy = depth if hasattr(depth, "choose") else FixedDepth(depth)
+    return take(speculative_tokens(pipe, prompt, Sampler(SamplingParams()), step, policy), n), pipe.stats
 
 
 class OracleDrafter:
@@ -44,3 +46,9 @@ class OracleDrafter:
         if self.wrong(self.n):
             target = (target + 1) % self.vocab
         return mx.where(mx.arange(self.vocab) == target, 10.0, 0.0)
+
+    def chain(self, token):
+        return self.extend(None, None, [token])
+
+    def rewind(self, n):
+        self.n -= n

@@ -71,3 +71,55 @@ def test_speculative_sampling_matches_target_joint(tiny_vocab32, params):
     obs = np.append(counts[big], counts[~big].sum())
     exp = np.append(expected[big], expected[~big].sum())
     assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_depth_k_sampling_matches_target_joint(tiny_vocab32, depth):
+    """The first depth+1 tokens (the bootstrap token, then one whole chain) follow the target
+    joint. top_k=3 keeps the support small enough to compute that joint exactly."""
+    from mtpdist.engine.depth import FixedDepth
+    parts = load_parts(tiny_vocab32, mtp=True)
+    sp = SamplingParams(temperature=1.0, top_k=3)
+    prompt = [3, 1, 4, 1, 5]
+    n = depth + 1
+
+    def dist(ids):
+        t = LocalTrunk(parts.stack)
+        h = t.forward(parts.head.embed(mx.array([ids])))
+        return np.asarray(filtered_probs(parts.head.logits(parts.head.norm(h[0, -1])), sp), dtype=np.float64)
+
+    joint: dict[tuple, float] = {}
+
+    def expand(prefix, prob):
+        if len(prefix) == n:
+            joint[prefix] = prob
+            return
+        p = dist(prompt + list(prefix))
+        for tok in np.nonzero(p)[0]:
+            expand(prefix + (int(tok),), prob * p[tok])
+    expand((), 1.0)
+    counts: dict[tuple, int] = {}
+    draws, accepted, drafted = 900, 0, 0
+    for seed in range(draws):
+        pipe = Pipeline(parts.head, LocalTrunk(parts.stack), MTPDrafter(parts.head, parts.mtp))
+        out = []
+        gen = speculative_tokens(pipe, prompt, Sampler(SamplingParams(temperature=1.0, top_k=3, seed=seed)),
+                                 depth=FixedDepth(depth))
+        for step in gen:
+            out += step
+            if len(out) >= n:
+                break
+        gen.close()
+        key = tuple(out[:n])
+        assert key in joint, f"drew {key}, which the target gives probability 0"
+        counts[key] = counts.get(key, 0) + 1
+        accepted, drafted = accepted + pipe.stats.accepted, drafted + pipe.stats.drafted
+    assert 0 < accepted < drafted
+    keys = sorted(joint)
+    expected = np.array([joint[k] * draws for k in keys])
+    observed = np.array([counts.get(k, 0) for k in keys], dtype=float)
+    big = expected >= 5
+    obs, exp = observed[big], expected[big]
+    if (~big).any():  # pool the small cells so the chi-square approximation holds
+        obs, exp = np.append(obs, observed[~big].sum()), np.append(exp, expected[~big].sum())
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3

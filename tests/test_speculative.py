@@ -54,3 +54,44 @@ def test_moe_model_identical(tiny_moe):
     got, _ = spec_greedy(parts, PROMPT, 30, step=5, drafter=OracleDrafter(
         PROMPT + want + [0, 0], parts.config.vocab_size, wrong=lambda i: i % 4 == 0))
     assert got == want
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4])
+def test_depth_k_identical_with_mostly_rejecting_head(dense, depth):
+    want = plain_greedy(dense, PROMPT, N, step=4)
+    got, stats = spec_greedy(dense, PROMPT, N, step=4, depth=depth)
+    assert got == want
+    assert stats.drafted > 0 and stats.accepted < stats.drafted
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_depth_k_always_agreeing_accepts_whole_chains(dense, depth):
+    want = plain_greedy(dense, PROMPT, N + 2 * depth, step=4)
+    got, stats = spec_greedy(dense, PROMPT, N, step=4, depth=depth,
+                             drafter=OracleDrafter(PROMPT + want, dense.config.vocab_size))
+    assert got == want[:N]
+    assert stats.accepted == stats.drafted
+    assert stats.verify_passes <= N // (depth + 1) + 2   # k+1 tokens per pass
+    assert stats.acceptance_by_depth() == [1.0] * depth
+
+
+@pytest.mark.parametrize("depth", [2, 3, 4])
+def test_depth_k_rewinds_every_length_identically(dense, depth):
+    # Wrong drafts at varied chain positions: rewinds of 0..k tokens all happen.
+    want = plain_greedy(dense, PROMPT, N + 2 * depth, step=4)
+    drafter = OracleDrafter(PROMPT + want, dense.config.vocab_size, wrong=lambda i: i % 5 in (0, 3))
+    got, stats = spec_greedy(dense, PROMPT, N, step=4, depth=depth, drafter=drafter)
+    assert got == want[:N]
+    assert 0 < stats.accepted < stats.drafted
+    by_depth = stats.acceptance_by_depth()
+    assert len(by_depth) == depth and by_depth == sorted(by_depth, reverse=True)
+
+
+def test_auto_depth_identical_and_settles(dense):
+    from mtpdist.engine.depth import AutoDepth
+    want = plain_greedy(dense, PROMPT, 60, step=4)
+    policy = AutoDepth(max_depth=3, warmup=2)
+    got, stats = spec_greedy(dense, PROMPT, 60, step=4, depth=policy)
+    assert got == want
+    assert all(policy.rounds.get(k, 0) >= 2 for k in (1, 2, 3))  # every depth was measured
+    assert 1 <= policy.choose() <= 3

@@ -9,6 +9,7 @@ from typing import Iterator, Sequence
 
 from ..model.loader import ModelParts
 from .sampling import Sampler, SamplingParams
+from .depth import DepthPolicy, make_policy
 from .speculative import MTPDrafter, Pipeline, plain_tokens, speculative_tokens
 from .trunk import Trunk
 
@@ -22,6 +23,7 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()
     mtp: bool = False
+    mtp_depth: int | str = 1    # 1..8, or "auto"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class GenerationResult:
     drafted: int
     accepted: int
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    verify_passes: int = 0
+    acceptance_by_depth: tuple[float, ...] = ()  # cumulative, see SpecStats
+    time_to_first_token: float = 0.0
 
     @property
     def acceptance(self) -> float:
@@ -46,7 +51,9 @@ class GenerationResult:
                 "generation_tokens": self.generation_tokens, "prompt_tps": round(self.prompt_tps, 3),
                 "generation_tps": round(self.generation_tps, 3), "drafted": self.drafted,
                 "accepted": self.accepted, "acceptance": round(self.acceptance, 4),
-                "finish_reason": self.finish_reason}
+                "verify_passes": self.verify_passes, "acceptance_by_depth": list(self.acceptance_by_depth),
+                "acceptance_by_depth_kind": "cumulative",
+                "time_to_first_token": round(self.time_to_first_token, 4), "finish_reason": self.finish_reason}
 
 
 @dataclass
@@ -72,57 +79,39 @@ class Generator:
         """Token ids of a prompt."""
         return tuple(self.tokenizer.encode(text))
 
-    def stream(self, req: GenerationRequest, trunk: Trunk) -> Iterator[Delta]:
-        """Yield text as it is confirmed; the last Delta carries the GenerationResult."""
+    def check(self, req: GenerationRequest) -> None:
+        """Refuse a request this generator cannot run."""
         if not req.prompt_ids:
             raise ValueError("the prompt is empty")
         if req.mtp and self.parts.mtp is None:
             raise ValueError("MTP was requested but the MTP head is not loaded")
-        head = self.parts.head
-        drafter = MTPDrafter(head, self.parts.mtp, self.post_norm) if req.mtp else None
-        pipe = Pipeline(head, trunk, drafter)
-        decode = speculative_tokens if req.mtp else plain_tokens
+
+    def drafter(self, req: GenerationRequest) -> MTPDrafter | None:
+        """A fresh MTP drafter for one sequence (None without MTP)."""
+        return MTPDrafter(self.parts.head, self.parts.mtp, self.post_norm) if req.mtp else None
+
+    def stream(self, req: GenerationRequest, trunk: Trunk, depth: DepthPolicy | None = None) -> Iterator[Delta]:
+        """Yield text as it is confirmed; the last Delta carries the GenerationResult."""
+        self.check(req)
+        pipe = Pipeline(self.parts.head, trunk, self.drafter(req))
         sampler = Sampler(req.sampling)
-        tokens: list[int] = []
-        detok = _TextTail(self.tokenizer, req.stop)
-        t0 = time.perf_counter()
-        t_first = None
-        finish = "length"
-        gen = decode(pipe, list(req.prompt_ids), sampler, self.prefill_step)
+        if req.mtp:
+            gen = speculative_tokens(pipe, list(req.prompt_ids), sampler, self.prefill_step,
+                                     depth or make_policy(req.mtp_depth))
+        else:
+            gen = plain_tokens(pipe, list(req.prompt_ids), sampler, self.prefill_step)
+        out = Output(self, req)
         try:
             for step in gen:
-                if t_first is None:
-                    t_first = time.perf_counter()
-                new = []
-                for tok in step:
-                    if len(tokens) >= req.max_tokens:
-                        break
-                    if tok in self.eos:
-                        finish = "stop"
-                        break
-                    tokens.append(tok)
-                    new.append(tok)
-                text, hit = detok.add(new)
-                if hit:
-                    finish = "stop"
-                if text or new:
-                    yield Delta(text, new)
-                if finish == "stop" or len(tokens) >= req.max_tokens:
+                delta = out.add(step)
+                if delta is not None:
+                    yield delta
+                if out.done:
                     break
         finally:
             gen.close()
             trunk.close()
-        t_end = time.perf_counter()
-        tail = detok.flush()
-        n_gen = max(len(tokens) - 1, 0)
-        gen_time = (t_end - t_first) if t_first else 0.0
-        result = GenerationResult(
-            text=detok.text, token_ids=tuple(tokens), prompt_tokens=len(req.prompt_ids),
-            generation_tokens=len(tokens),
-            prompt_tps=len(req.prompt_ids) / max((t_first or t_end) - t0, 1e-9),
-            generation_tps=n_gen / gen_time if gen_time > 0 else 0.0,
-            drafted=pipe.stats.drafted, accepted=pipe.stats.accepted, finish_reason=finish)
-        yield Delta(tail, [], result)
+        yield out.finish(pipe.stats)
 
     def generate(self, req: GenerationRequest, trunk: Trunk) -> GenerationResult:
         """Run a request to completion and return its result."""
@@ -130,6 +119,56 @@ class Generator:
             if d.result is not None:
                 return d.result
         raise RuntimeError("generation ended without a result")
+
+
+class Output:
+    """One request's confirmed tokens -> text deltas (EOS, max tokens, stop strings), then its result."""
+
+    def __init__(self, generator: Generator, req: GenerationRequest):
+        self.req, self.eos = req, generator.eos
+        self.detok = _TextTail(generator.tokenizer, req.stop)
+        self.tokens: list[int] = []
+        self.t0 = time.perf_counter()
+        self.t_first: float | None = None
+        self.finish_reason = "length"
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason == "stop" or len(self.tokens) >= self.req.max_tokens
+
+    def add(self, step: Sequence[int]) -> Delta | None:
+        """Confirmed tokens of one step; the Delta to send, if any."""
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        new = []
+        for tok in step:
+            if len(self.tokens) >= self.req.max_tokens:
+                break
+            if tok in self.eos:
+                self.finish_reason = "stop"
+                break
+            self.tokens.append(tok)
+            new.append(tok)
+        text, hit = self.detok.add(new)
+        if hit:
+            self.finish_reason = "stop"
+        return Delta(text, new) if text or new else None
+
+    def finish(self, stats) -> Delta:
+        """The last Delta, carrying the GenerationResult."""
+        t_end = time.perf_counter()
+        tail = self.detok.flush()
+        n_gen = max(len(self.tokens) - 1, 0)
+        gen_time = (t_end - self.t_first) if self.t_first else 0.0
+        ttft = (self.t_first or t_end) - self.t0
+        result = GenerationResult(
+            text=self.detok.text, token_ids=tuple(self.tokens), prompt_tokens=len(self.req.prompt_ids),
+            generation_tokens=len(self.tokens), prompt_tps=len(self.req.prompt_ids) / max(ttft, 1e-9),
+            generation_tps=n_gen / gen_time if gen_time > 0 else 0.0,
+            drafted=stats.drafted, accepted=stats.accepted, finish_reason=self.finish_reason,
+            verify_passes=stats.verify_passes, acceptance_by_depth=tuple(stats.acceptance_by_depth()),
+            time_to_first_token=ttft)
+        return Delta(tail, [], result)
 
 
 class _TextTail:

@@ -1,4 +1,4 @@
-"""Token streams: plain decoding and depth-1 MTP speculative decoding.
+"""Token streams: plain decoding and MTP speculative decoding (depth k) over one trunk.
 
 Both yield lists of newly confirmed token ids. The caller stops by closing the
 generator (max tokens, EOS, stop strings). See REFERENCE.md section 3 for the algorithm.
@@ -7,40 +7,42 @@ generator (max tokens, EOS, stop strings). See REFERENCE.md section 3 for the al
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import mlx.core as mx
-import numpy as np
 
+from ..model.cache import rewind_all
 from ..model.qwen35 import Head, MTPHead
+from .decoder import Drafter, SequenceDecoder, SpecStats, Step, drive
+from .depth import DepthPolicy
 from .sampling import Sampler
 from .trunk import Trunk
 
 
-@dataclass
-class SpecStats:
-    """Drafts verified and accepted in one sequence."""
-    drafted: int = 0
-    accepted: int = 0
-
-
-class Drafter(Protocol):
-    """Where drafts come from (the MTP head, or a test oracle)."""
-    def extend(self, hidden: mx.array, normed: mx.array, tokens: Sequence[int]) -> mx.array:
-        """Add MTP entries (hidden[t], tokens[t]) and return draft logits [V] of the last."""
-
-
 class MTPDrafter:
-    """The model's own MTP head with its KV cache; one per sequence."""
+    """The model's own MTP head with its KV cache; one per sequence.
+
+    Chained drafts (depth k) feed the head's own normed output back as the hidden input,
+    as the backbone's post-norm hidden is fed for the first draft.
+    """
 
     def __init__(self, head: Head, mtp: MTPHead, post_norm: bool = True):
         self.head, self.mtp, self.post_norm = head, mtp, post_norm
         self.caches = mtp.make_caches()
+        self.last: mx.array | None = None
 
     def extend(self, hidden, normed, tokens):
         h = normed if self.post_norm else hidden
         z = self.mtp(h, self.head.embed(mx.array([list(tokens)])), self.caches)
+        self.last = z[:, -1:]
         return self.head.logits(z[0, -1])
+
+    def chain(self, token: int) -> mx.array:
+        return self.extend(self.last, self.last, [token])
+
+    def rewind(self, n: int) -> None:
+        if n:
+            rewind_all(self.caches, n)
 
 
 @dataclass
@@ -92,39 +94,13 @@ def _greedy_step(p: Pipeline, tok: mx.array) -> mx.array:
     return mx.argmax(p.head.logits(p.head.norm(h[:, -1])), axis=-1)
 
 
-def speculative_tokens(p: Pipeline, prompt: Sequence[int], sampler: Sampler, step: int = 512) -> Iterator[list[int]]:
-    """Depth-1 MTP: verify [pending, draft] in one pass; on rejection rewind one token."""
-    greedy = sampler.params.greedy
-    prefill(p, prompt, step)
-    h, n = p.run([prompt[-1]])                       # bootstrap
-    pending = sampler.sample(p.head.logits(n[0, -1]))
-    yield [pending]
-    draft_logits = p.drafter.extend(h, n, [pending])
-    while True:
-        d, q = _draft(sampler, draft_logits)
-        h, n = p.run([pending, d], keep=(1,))
-        logits = p.head.logits(n[0])                 # [2, V]: target at pending, at d
-        p.stats.drafted += 1
-        if greedy:
-            target = mx.argmax(logits, axis=-1).tolist()
-            ok, tok = target[0] == d, target[0]
-        else:
-            ok, tok = sampler.verify(sampler.probs(logits[0]), d, q)
-        if ok:
-            p.stats.accepted += 1
-            bonus = target[1] if greedy else sampler.sample(logits[1])
-            yield [d, bonus]
-            draft_logits = p.drafter.extend(h, n, [d, bonus])
-            pending = bonus
-        else:
-            p.trunk.rewind(1)
-            yield [tok]
-            draft_logits = p.drafter.extend(h[:, :1], n[:, :1], [tok])
-            pending = tok
+def speculative_tokens(p: Pipeline, prompt: Sequence[int], sampler: Sampler, step: int = 512,
+                       depth: DepthPolicy | None = None) -> Iterator[list[int]]:
+    """MTP at depth k: verify [pending, d1..dk] in one pass; rewind the rejected tail."""
+    dec = SequenceDecoder(p.head, sampler, prompt, p.drafter, depth, step)
+    p.stats = dec.stats
 
-
-def _draft(sampler: Sampler, logits: mx.array) -> tuple[int, np.ndarray | None]:
-    if sampler.params.greedy:
-        return int(mx.argmax(logits).item()), None
-    q = sampler.probs(logits)
-    return sampler.draw(q), q
+    def forward(s: Step) -> mx.array:
+        p.trunk.rewind(s.rewind)
+        return p.trunk.forward(p.head.embed(mx.array([list(s.tokens)])), s.keep)
+    yield from drive(dec, forward)

@@ -33,7 +33,8 @@ class LocalTrunk:
         self.caches = stack.make_caches()
 
     def forward(self, hidden: mx.array, keep: Sequence[int] = ()) -> mx.array:
-        return self.stack(hidden, self.caches, keep)
+        # The ragged path with one sequence: the same arithmetic as a batch on a worker.
+        return self.stack.ragged(hidden, [(self.caches, hidden.shape[1], tuple(keep))])
 
     def rewind(self, n: int) -> None:
         rewind_all(self.caches, n)

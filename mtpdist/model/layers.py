@@ -4,15 +4,20 @@ The GatedDeltaNet here is mlx-lm's module with its forward replaced (by subclass
 that one pass over T tokens can leave snapshots of its state after chosen positions.
 The recurrence is split at those positions; each segment continues from the previous
 segment's state, so the arithmetic is the same as one unsplit pass.
+
+`ragged` runs several sequences' rows as one forward: projections and MLPs over all rows
+at once (one read of each weight), attention and the recurrence per sequence on its own
+cache. Matmul rows do not interact, so a sequence's output in a batch equals its output
+alone; the single-sequence path is the same code with one segment.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
+from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 from mlx_lm.models.gated_delta import gated_delta_update, normalize_qk
 from mlx_lm.models.qwen3_5 import GatedDeltaNet, TextModelArgs
 from mlx_lm.models.qwen3_next import Qwen3NextAttention as Attention
@@ -22,7 +27,14 @@ from mlx_lm.models.qwen3_next import Qwen3NextSparseMoeBlock as SparseMoeBlock
 from .cache import AttentionCache, GDNCache
 
 
-SMALL_T = 4  # passes this short (decode, verify) take the compiled path
+SMALL_T = 9  # passes this short (decode, depth-k verify up to k=8) take the compiled path
+
+
+class Segment(NamedTuple):
+    """One sequence's rows in a ragged forward: its cache for this layer, row count, snapshots."""
+    cache: object
+    rows: int
+    keep: tuple[int, ...] = ()
 
 
 @mx.compile
@@ -51,17 +63,37 @@ def _recurrence(q, k, v, a, b, A_log, dt_bias, state):
 class RollbackGatedDeltaNet(GatedDeltaNet):
     """GatedDeltaNet whose forward can snapshot its state after given positions."""
 
-    def __call__(self, x: mx.array, cache: GDNCache | None, keep: Sequence[int] = ()) -> mx.array:
+    def _project(self, x: mx.array):
         B, T, _ = x.shape
-        K = self.conv_kernel_size
-        qkv = self.in_proj_qkv(x)
         z = self.in_proj_z(x).reshape(B, T, self.num_v_heads, self.head_v_dim)
-        b = self.in_proj_b(x)
-        a = self.in_proj_a(x)
+        return self.in_proj_qkv(x), z, self.in_proj_b(x), self.in_proj_a(x)
 
+    def _output(self, out: mx.array, z: mx.array) -> mx.array:
+        B, T = out.shape[:2]
+        return self.out_proj(self.norm(out, z).reshape(B, T, -1))
+
+    def __call__(self, x: mx.array, cache: GDNCache | None, keep: Sequence[int] = ()) -> mx.array:
+        qkv, z, b, a = self._project(x)
+        return self._output(self._mix(qkv, b, a, cache, keep), z)
+
+    def ragged(self, x: mx.array, segments: Sequence[Segment]) -> mx.array:
+        """x [1, N, H] holding several sequences' rows back to back."""
+        qkv, z, b, a = self._project(x)
+        outs, s = [], 0
+        for seg in segments:
+            e = s + seg.rows
+            outs.append(self._mix(qkv[:, s:e], b[:, s:e], a[:, s:e], seg.cache, seg.keep))
+            s = e
+        return self._output(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1), z)
+
+    def _mix(self, qkv: mx.array, b: mx.array, a: mx.array, cache: GDNCache | None,
+             keep: Sequence[int]) -> mx.array:
+        """Conv and gated delta recurrence of one sequence (or a same-length batch) -> y [B, T, Hv, Dv]."""
+        B, T, _ = qkv.shape
+        K = self.conv_kernel_size
         conv_state = cache.conv if cache is not None else None
         if conv_state is None:
-            conv_state = mx.zeros((B, K - 1, self.conv_dim), dtype=x.dtype)
+            conv_state = mx.zeros((B, K - 1, self.conv_dim), dtype=qkv.dtype)
         conv_input = mx.concatenate([conv_state, qkv], axis=1)
         conv_out = nn.silu(self.conv1d(conv_input))
         q, k, v = mx.split(conv_out, [self.key_dim, 2 * self.key_dim], -1)
@@ -94,9 +126,31 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
             out = mx.concatenate(outs, axis=1)
         if cache is not None:
             cache.record(mx.contiguous(conv_input[:, -(K - 1):]), state, T, snapshots)
+        return out
 
-        out = self.norm(out, z)
-        return self.out_proj(out.reshape(B, T, -1))
+
+class RaggedAttention(Attention):
+    """mlx-lm's gated attention, run over several sequences' rows with one projection each."""
+
+    def ragged(self, x: mx.array, segments: Sequence[Segment]) -> mx.array:
+        _, N, _ = x.shape
+        queries, gate = mx.split(self.q_proj(x).reshape(1, N, self.num_attention_heads, -1), 2, axis=-1)
+        gate = gate.reshape(1, N, -1)
+        queries = self.q_norm(queries)
+        keys = self.k_norm(self.k_proj(x).reshape(1, N, self.num_key_value_heads, -1))
+        values = self.v_proj(x).reshape(1, N, self.num_key_value_heads, -1)
+        outs, s = [], 0
+        for seg in segments:
+            e, cache = s + seg.rows, seg.cache
+            q = self.rope(queries[:, s:e].transpose(0, 2, 1, 3), offset=cache.offset)
+            k = self.rope(keys[:, s:e].transpose(0, 2, 1, 3), offset=cache.offset)
+            k, v = cache.update_and_fetch(k, values[:, s:e].transpose(0, 2, 1, 3))
+            mask = create_attention_mask(x[:, s:e], cache)
+            o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+            outs.append(o.transpose(0, 2, 1, 3).reshape(1, seg.rows, -1))
+            s = e
+        output = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+        return self.o_proj(output * mx.sigmoid(gate))
 
 
 class DecoderLayer(nn.Module):
@@ -108,7 +162,7 @@ class DecoderLayer(nn.Module):
         if linear:
             self.linear_attn = RollbackGatedDeltaNet(args)
         else:
-            self.self_attn = Attention(args)
+            self.self_attn = RaggedAttention(args)
         self.input_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.post_attention_layernorm = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         if args.num_experts > 0:
@@ -123,6 +177,14 @@ class DecoderLayer(nn.Module):
         else:
             r = self.self_attn(h, create_attention_mask(h, cache), cache)
         h = x + r
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+    def ragged(self, x: mx.array, segments: Sequence[Segment]) -> mx.array:
+        """Several sequences' rows [1, N, H] through this layer, each on its own cache."""
+        h = self.input_layernorm(x)
+        mixer = self.linear_attn if self.is_linear else self.self_attn
+        h = x + mixer.ragged(h, segments)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 

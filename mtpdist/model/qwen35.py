@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .config import ModelConfig
-from .layers import DecoderLayer, make_cache
+from .layers import DecoderLayer, Segment, make_cache
 
 
 class LayerStack(nn.Module):
@@ -35,6 +35,13 @@ class LayerStack(nn.Module):
         """Run hidden states [B, T, H] through the layers; GDN layers snapshot after `keep`."""
         for layer, cache in zip(self.layers, caches):
             h = layer(h, cache, keep)
+        return h
+
+    def ragged(self, h: mx.array, sequences: Sequence[tuple[list, int, tuple[int, ...]]]) -> mx.array:
+        """Several sequences' rows [1, N, H] as one forward; `sequences` holds each one's
+        (caches, rows, keep) in row order. Each sequence's output equals running it alone."""
+        for i, layer in enumerate(self.layers):
+            h = layer.ragged(h, [Segment(caches[i], rows, tuple(keep)) for caches, rows, keep in sequences])
         return h
 
 

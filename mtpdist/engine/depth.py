@@ -1,0 +1,108 @@
+"""How many tokens to draft per round: a fixed depth, or one chosen from measurements.
+
+`AutoDepth` keeps, per draft position j, how often the j-th draft held given that the ones
+before it did, and per depth k the wall time of a whole round (verify pass plus drafting).
+It picks the k that maximises expected tokens per second,
+(1 + sum_j prod_{i<=j} r_i) / time(k), tries every depth a few times first, and re-tries a
+neighbour now and then so that a drifting acceptance rate or cost is noticed.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class DepthPolicy(Protocol):
+    """Chooses the draft depth for the next round and learns from each verified round."""
+    def choose(self) -> int: ...
+    def observe(self, depth: int, accepted: int, seconds: float) -> None: ...
+
+
+class FixedDepth:
+    """Always the same depth."""
+
+    def __init__(self, k: int):
+        if not 1 <= k <= 8:
+            raise ValueError("MTP depth must be between 1 and 8")
+        self.k = k
+
+    def choose(self) -> int:
+        return self.k
+
+    def observe(self, depth: int, accepted: int, seconds: float) -> None:
+        pass
+
+    def summary(self) -> dict:
+        return {"mode": "fixed", "depth": self.k}
+
+
+class AutoDepth:
+    """Depth from measured acceptance by position and measured round time by depth."""
+
+    def __init__(self, max_depth: int = 4, warmup: int = 3, revisit_every: int = 32, ema: float = 0.2):
+        if not 1 <= max_depth <= 8:
+            raise ValueError("MTP depth must be between 1 and 8")
+        self.max_depth, self.warmup, self.revisit_every, self.ema = max_depth, warmup, revisit_every, ema
+        self.tried = [0] * max_depth        # position j reached (all before it held)
+        self.held = [0] * max_depth
+        self.time: dict[int, float] = {}    # depth -> EMA of round seconds
+        self.rounds: dict[int, int] = {}
+        self.total = 0
+        self.current = max_depth
+
+    def conditional(self) -> list[float]:
+        """P(draft j holds | drafts before it held), with a weak prior of 1/2."""
+        return [(h + 1) / (t + 2) for h, t in zip(self.held, self.tried)]
+
+    def expected_tokens(self, k: int) -> float:
+        """Tokens a round of depth k confirms on average: the bonus plus the accepted prefix."""
+        total, run = 1.0, 1.0
+        for r in self.conditional()[:k]:
+            run *= r
+            total += run
+        return total
+
+    def choose(self) -> int:
+        for k in range(self.max_depth, 0, -1):  # warm-up: every depth a few rounds
+            if self.rounds.get(k, 0) < self.warmup:
+                self.current = k
+                return k
+        best = max(self.time, key=lambda k: self.expected_tokens(k) / self.time[k])
+        if self.total % self.revisit_every == 0:  # look again at the neighbours now and then
+            best = min(self.max_depth, best + 1) if (self.total // self.revisit_every) % 2 else max(1, best - 1)
+        self.current = best
+        return best
+
+    def observe(self, depth: int, accepted: int, seconds: float) -> None:
+        self.total += 1
+        self.rounds[depth] = self.rounds.get(depth, 0) + 1
+        for j in range(min(depth, accepted + 1)):
+            self.tried[j] += 1
+            self.held[j] += j < accepted
+        old = self.time.get(depth)
+        self.time[depth] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+
+    def summary(self) -> dict:
+        return {"mode": "auto", "depth": self.current,
+                "conditional_acceptance": [round(r, 4) for r in self.conditional()],
+                "round_ms": {k: round(v * 1e3, 3) for k, v in sorted(self.time.items())}}
+
+
+def make_policy(depth: int | str) -> DepthPolicy:
+    """`--mtp-depth K` or `--mtp-depth auto`."""
+    if depth == "auto":
+        return AutoDepth()
+    return FixedDepth(int(depth))
+
+
+def parse_depth(text: str) -> int | str:
+    """The value of an `--mtp-depth` flag: 1..8 or 'auto' (argparse type)."""
+    if text == "auto":
+        return "auto"
+    try:
+        k = int(text)
+    except ValueError:
+        raise ValueError(f"--mtp-depth must be 1-8 or 'auto', not {text!r}") from None
+    if not 1 <= k <= 8:
+        raise ValueError(f"--mtp-depth must be 1-8 or 'auto', not {k}")
+    return k
