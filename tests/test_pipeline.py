@@ -80,19 +80,19 @@ def test_bad_calls_get_the_right_status_and_worker_keeps_serving(three_workers, 
             c.forward(call)
         return e.value.code
 
-    assert c.forward(ForwardCall("seq-a", 0, h)).position == 2
-    assert code(ForwardCall("seq-a", 5, h)) == "FAILED_PRECONDITION"     # wrong position
-    assert code(ForwardCall("seq-a", 1, h, rewind=1)) == "FAILED_PRECONDITION"  # no snapshot to rewind to
-    assert code(ForwardCall("never-seen", 3, h)) == "NOT_FOUND"
+    assert c.forward(ForwardCall.single("seq-a", 0, h)).position == 2
+    assert code(ForwardCall.single("seq-a", 5, h)) == "FAILED_PRECONDITION"     # wrong position
+    assert code(ForwardCall.single("seq-a", 1, h, rewind=1)) == "FAILED_PRECONDITION"  # no snapshot to rewind to
+    assert code(ForwardCall.single("never-seen", 3, h)) == "NOT_FOUND"
     assert c.release("seq-a") and not c.release("seq-a")
-    assert code(ForwardCall("seq-a", 2, h)) == "NOT_FOUND"              # released
+    assert code(ForwardCall.single("seq-a", 2, h)) == "NOT_FOUND"              # released
     bad = to_activation(mx.zeros((2, 64)))
-    assert code(ForwardCall("x", 0, type(bad)(bad.data[:-4], bad.dtype, bad.shape))) == "INVALID_ARGUMENT"
-    assert code(ForwardCall("x", 0, type(bad)(bad.data, "int8", bad.shape))) == "INVALID_ARGUMENT"
-    assert code(ForwardCall("x", 0, to_activation(mx.zeros((2, 63))))) == "INVALID_ARGUMENT"
-    assert code(ForwardCall("x", 0, h, keep=(5,))) == "INVALID_ARGUMENT"
+    assert code(ForwardCall.single("x", 0, type(bad)(bad.data[:-4], bad.dtype, bad.shape))) == "INVALID_ARGUMENT"
+    assert code(ForwardCall.single("x", 0, type(bad)(bad.data, "int8", bad.shape))) == "INVALID_ARGUMENT"
+    assert code(ForwardCall.single("x", 0, to_activation(mx.zeros((2, 63))))) == "INVALID_ARGUMENT"
+    assert code(ForwardCall.single("x", 0, h, keep=(5,))) == "INVALID_ARGUMENT"
     assert c.health() == "serving"
-    assert c.forward(ForwardCall("seq-b", 0, h)).position == 2   # still serving
+    assert c.forward(ForwardCall.single("seq-b", 0, h)).position == 2   # still serving
     c.release("seq-b")
     s.close()
 
@@ -150,11 +150,11 @@ def test_evicted_sequence_gets_a_clear_error(tmp_path, tiny_dense):
         c = WorkerClient(w.address)
         h = to_activation(mx.zeros((2, 64)))
         for seq in ("a", "b", "c"):                  # the third pushes out the least recently used
-            c.forward(ForwardCall(seq, 0, h))
+            c.forward(ForwardCall.single(seq, 0, h))
         with pytest.raises(WorkerCallError) as e:
-            c.forward(ForwardCall("a", 2, h))
+            c.forward(ForwardCall.single("a", 2, h))
         assert e.value.code == "RESOURCE_EXHAUSTED" and "evicted (too many sequences)" in e.value.details
-        assert c.forward(ForwardCall("b", 2, h)).position == 4   # the others are untouched
+        assert c.forward(ForwardCall.single("b", 2, h)).position == 4   # the others are untouched
         assert c.describe().sequences == 2
     finally:
         w.stop()

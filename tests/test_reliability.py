@@ -144,27 +144,27 @@ def test_hostile_grpc_input_never_corrupts_another_sequence(tmp_path, tiny_dense
         c = WorkerClient(w.address, ChannelSettings(timeout=30))
         x = to_activation(mx.random.normal((3, 64), key=mx.random.key(0)))
         y = to_activation(mx.random.normal((1, 64), key=mx.random.key(1)))
-        clean = [c.forward(ForwardCall("clean", 0, x)).hidden, c.forward(ForwardCall("clean", 3, y)).hidden]
+        clean = [c.forward(ForwardCall.single("clean", 0, x)).hidden, c.forward(ForwardCall.single("clean", 3, y)).hidden]
         c.release("clean")
         hostile = [
-            ForwardCall("victim", 2, y),                                   # wrong position (it stands at 3)
-            ForwardCall("victim", 0, type(x)(x.data, "float64", x.shape)),
-            ForwardCall("victim", 0, type(x)(x.data, x.dtype, (3, 65))),
-            ForwardCall("victim", 0, type(x)(x.data, x.dtype, (-1, 64))),
-            ForwardCall("victim", 3, y, rewind=2),
-            ForwardCall("", 0, x), ForwardCall("v" * 500, 0, x),
-            ForwardCall("other", 0, x, keep=(0, 1, 2, 3)),
+            ForwardCall.single("victim", 2, y),                                   # wrong position (it stands at 3)
+            ForwardCall.single("victim", 0, type(x)(x.data, "float64", x.shape)),
+            ForwardCall.single("victim", 0, type(x)(x.data, x.dtype, (3, 65))),
+            ForwardCall.single("victim", 0, type(x)(x.data, x.dtype, (-1, 64))),
+            ForwardCall.single("victim", 3, y, rewind=2),
+            ForwardCall.single("", 0, x), ForwardCall.single("v" * 500, 0, x),
+            ForwardCall.single("other", 0, x, keep=(0, 1, 2, 3)),
         ]
-        first = c.forward(ForwardCall("victim", 0, x)).hidden
+        first = c.forward(ForwardCall.single("victim", 0, x)).hidden
         for call in hostile:
             with pytest.raises(WorkerCallError) as e:
                 c.forward(call)
             assert e.value.code in ("INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND")
         big = type(x)(b"\0" * (70 << 20), "float32", ((70 << 20) // 256, 64))
         with pytest.raises(WorkerCallError) as e:
-            c.forward(ForwardCall("victim", 3, big))
+            c.forward(ForwardCall.single("victim", 3, big))
         assert e.value.code == "RESOURCE_EXHAUSTED"
-        second = c.forward(ForwardCall("victim", 3, y)).hidden
+        second = c.forward(ForwardCall.single("victim", 3, y)).hidden
         assert [first.data, second.data] == [a.data for a in clean]         # untouched by the hostile calls
         assert c.health() == "serving"
         s.close()

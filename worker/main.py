@@ -17,6 +17,7 @@ from mtpdist.wire.client import ChannelSettings
 from mtpdist.wire.server import serve
 from mtpdist.wire.types import PROTOCOL_VERSION
 
+from .compute import StageEmulation
 from .service import WorkerService
 
 log = logging.getLogger("mtpdist.worker")
@@ -44,10 +45,22 @@ def add_arguments(p) -> None:
     p.add_argument("--mdns-interface", action="append", default=[], metavar="IP",
                    help="advertise on this interface address only (repeatable; default: the listen address, "
                         "or every non-loopback IPv4 address when listening on all)")
+    p.add_argument("--emulate-ms", default=None, metavar="A,B", type=_emulation,
+                   help="benchmarking aid: make a forward of T rows take at least A + B*(T-1) ms (compute, then "
+                        "sleep), to play a Mac-speed stage on a small machine. Off by default; figures made "
+                        "with it are emulated")
     p.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (needs --tls-key)")
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-ca", default=None, help="CA to trust when calling the next worker over TLS")
     add_security_arguments(p)
+
+
+def _emulation(text: str) -> StageEmulation:
+    import argparse
+    try:
+        return StageEmulation.parse(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def mdns_interfaces(host: str, chosen: list[str]) -> list[str]:
@@ -70,9 +83,13 @@ def run_worker(args) -> int:
         model_dir=Path(args.model_dir) if args.model_dir else None,
         usable_bytes=int(args.usable_memory_gb * (1 << 30)) if args.usable_memory_gb else None,
         max_sequences=args.max_sequences, worker_id=worker_id(),
-        channel=ChannelSettings(token=token, tls_ca=args.tls_ca, timeout=args.rpc_timeout))
+        channel=ChannelSettings(token=token, tls_ca=args.tls_ca, timeout=args.rpc_timeout),
+        emulate=args.emulate_ms)
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     server, port = serve(service, args.host, args.port, token=token, tls=tls)
+    if args.emulate_ms:
+        log.warning("emulating a stage of %g + %g ms per extra row (benchmarking aid)",
+                    args.emulate_ms.a_ms, args.emulate_ms.b_ms)
     if token is None:
         log.warning("running without a cluster token (--insecure): anyone who can reach this port can use it")
     advertiser = None

@@ -8,7 +8,6 @@ import platform
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +17,7 @@ from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import (PROTOCOL_VERSION, ForwardCall, ForwardResult, LoadResult, ShardSpec,
                                 WorkerInfo)
 
+from .compute import ComputeLoop, StageEmulation
 from .shard_store import ShardStore
 
 log = logging.getLogger("mtpdist.worker")
@@ -36,14 +36,14 @@ class WorkerService:
 
     def __init__(self, cache_root: Path, model_dir: Path | None = None, usable_bytes: int | None = None,
                  max_sequences: int = 64, worker_id: str | None = None,
-                 channel: ChannelSettings = ChannelSettings()):
+                 channel: ChannelSettings = ChannelSettings(), emulate: StageEmulation | None = None):
         self.store = ShardStore(cache_root)
         self.model_dir, self._model_dir_hash = model_dir, None
         self.memory = total_memory()
         self.usable = usable_bytes or int(self.memory * 0.75)
         self.max_sequences, self.channel = max_sequences, channel
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
-        self.mlx = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlx")  # the one MLX thread
+        self.compute = ComputeLoop(emulate=emulate)  # the one MLX thread
         self.stage = None
         self.spec: ShardSpec | None = None
         self.weight_bytes = 0
@@ -52,7 +52,7 @@ class WorkerService:
 
     # -- helpers ---------------------------------------------------------------------
     def _on_mlx(self, fn, *args):
-        return self.mlx.submit(fn, *args).result()
+        return self.compute.call(fn, *args)
 
     def _local_hash(self) -> str | None:
         if self.model_dir is not None and self._model_dir_hash is None:
@@ -134,20 +134,22 @@ class WorkerService:
     def forward(self, call: ForwardCall, deadline: float | None = None) -> ForwardResult:
         stage = self._stage()
         start = time.monotonic()
-        out = self._on_mlx(stage.forward, call.sequence_id, call.position, call.hidden, call.rewind, call.keep)
+        # Chunks of one sequence may overtake each other between stages; the wait covers that race.
+        out = self.compute.forward_in_order(stage, call, 0.5 if deadline is None else min(0.5, deadline * 0.5))
         if not call.next:
-            return ForwardResult(out.hidden, out.position, (out.compute_us,))
+            return ForwardResult(out.hidden, out.positions, (out.compute_us,), (out.batch_rows,))
         # The next hop gets most of what is left of our caller's deadline, so that a hung
         # worker further down is reported by name before our caller gives up on us.
         left = None if deadline is None else max(0.2, (deadline - (time.monotonic() - start)) * 0.8)
         try:
-            downstream = self._client(call.next[0]).forward(ForwardCall(
-                call.sequence_id, call.position, out.hidden, call.rewind, call.keep, call.next[1:]), left)
+            downstream = self._client(call.next[0]).forward(
+                ForwardCall(call.sequences, out.hidden, call.next[1:]), left)
         except WorkerCallError as e:
             if e.code == "UNAVAILABLE":  # a fresh channel next time: this one may sit in reconnect backoff
                 self._drop_client(call.next[0])
             raise
-        return ForwardResult(downstream.hidden, downstream.position, (out.compute_us, *downstream.compute_us))
+        return ForwardResult(downstream.hidden, downstream.positions, (out.compute_us, *downstream.compute_us),
+                             (out.batch_rows, *downstream.batch_rows))
 
     def rewind(self, sequence_id: str, n: int, position: int) -> int:
         return self._on_mlx(self._stage().rewind, sequence_id, n, position)

@@ -17,7 +17,7 @@ import mlx.core as mx
 
 from ..errors import WorkerCallError
 from ..wire.client import WorkerClient
-from ..wire.types import ForwardCall
+from ..wire.types import ForwardCall, SequenceRows
 from .activations import from_activation, to_activation
 
 
@@ -53,15 +53,15 @@ class PipelineTrunk:
         self._settle_rewinds()
         act = to_activation(hidden[0])
         t0 = time.perf_counter()
+        rows = (SequenceRows(self.sequence_id, self.position, hidden.shape[1], self.pending_rewind, tuple(keep)),)
         if self.chain:
             rest = tuple(c.address for c in self.clients[1:])
-            r = self.clients[0].forward(ForwardCall(self.sequence_id, self.position, act, self.pending_rewind,
-                                                    tuple(keep), rest))
+            r = self.clients[0].forward(ForwardCall(rows, act, rest))
             stages = r.compute_us
         else:
             stages = []
             for c in self.clients:
-                r = c.forward(ForwardCall(self.sequence_id, self.position, act, self.pending_rewind, tuple(keep)))
+                r = c.forward(ForwardCall(rows, act))
                 act = r.hidden
                 stages.extend(r.compute_us)
         t = self.timings
@@ -70,7 +70,7 @@ class PipelineTrunk:
         t.compute_us += sum(stages)
         t.bytes_sent += 2 * len(self.clients) * len(act.data)  # each stage: request in, reply out
         self.pending_rewind = 0
-        self.position = r.position
+        self.position = r.positions[0]
         return from_activation(r.hidden)[None]
 
     def rewind(self, n: int) -> None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Sequence
 
 import mlx.core as mx
 
 from ..errors import RequestError
 from ..model.cache import GDNCache, cache_arrays
 from ..model.qwen35 import LayerStack
-from ..wire.types import Activation
-from .activations import from_activation, to_activation
+from ..wire.types import SequenceRows
 from .trunk import LocalTrunk
 
 MAX_KEEP = 16
@@ -24,9 +24,9 @@ MAX_KEEP = 16
 
 @dataclass
 class StageOutput:
-    """One stage's output hidden states, its cache position after, and compute time."""
-    hidden: Activation
-    position: int
+    """One stage's output rows, each sequence's cache position after, and compute time."""
+    hidden: mx.array
+    positions: list[int]
     compute_us: int
 
 
@@ -40,9 +40,9 @@ class Stage:
         self.seqs: OrderedDict[str, LocalTrunk] = OrderedDict()
         self.evicted: OrderedDict[str, str] = OrderedDict()
 
-    def _lookup(self, seq_id: str, position: int) -> LocalTrunk:
+    def _existing(self, seq_id: str, position: int) -> LocalTrunk | None:
+        """The sequence's state; None for a valid new sequence; raises otherwise. Changes nothing."""
         if seq_id in self.seqs:
-            self.seqs.move_to_end(seq_id)
             return self.seqs[seq_id]
         if seq_id in self.evicted:
             raise RequestError("RESOURCE_EXHAUSTED", f"sequence {seq_id!r} was evicted ({self.evicted[seq_id]}); "
@@ -51,14 +51,20 @@ class Stage:
             raise RequestError("NOT_FOUND", f"unknown or released sequence {seq_id!r} (a new sequence starts at 0)")
         if not seq_id or len(seq_id) > 128:
             raise RequestError("INVALID_ARGUMENT", "sequence_id must be 1-128 characters")
-        trunk = LocalTrunk(self.stack)
-        self.seqs[seq_id] = trunk
-        self._evict(keep=seq_id)
-        return trunk
+        return None
 
-    def _evict(self, keep: str) -> None:
-        while len(self.seqs) > 1 and (len(self.seqs) > self.max_sequences or self.state_bytes() > self.state_budget):
-            victim = next(s for s in self.seqs if s != keep)
+    def ready(self, rows: SequenceRows) -> bool:
+        """Whether the work before these rows has been applied (chunks of one sequence can
+        reach a stage out of order); a request that can never run counts as ready and fails."""
+        trunk = self.seqs.get(rows.sequence_id)
+        if trunk is None:
+            return rows.position == 0 or rows.sequence_id in self.evicted
+        return trunk.offset - rows.rewind >= rows.position
+
+    def _evict(self, keep: set[str]) -> None:
+        while len(self.seqs) > len(keep) and (len(self.seqs) > self.max_sequences
+                                              or self.state_bytes() > self.state_budget):
+            victim = next(s for s in self.seqs if s not in keep)
             reason = "too many sequences" if len(self.seqs) > self.max_sequences else "memory ran short"
             del self.seqs[victim]
             self.evicted[victim] = reason
@@ -68,26 +74,49 @@ class Stage:
     def state_bytes(self) -> int:
         return sum(c.nbytes() for t in self.seqs.values() for c in t.caches)
 
-    def forward(self, seq_id: str, position: int, hidden: Activation, rewind: int = 0,
-                keep: tuple[int, ...] = ()) -> StageOutput:
-        """Undo `rewind` tokens, check the cache stands at `position`, run the chunk."""
-        x = from_activation(hidden, self.hidden_size)
-        if len(keep) > MAX_KEEP or any(k < 1 or k >= x.shape[0] for k in keep):
-            raise RequestError("INVALID_ARGUMENT", f"keep positions {list(keep)} must lie in [1, {x.shape[0] - 1}]")
-        trunk = self._lookup(seq_id, position)
-        self._check_rewind(seq_id, trunk, rewind)
-        if trunk.offset - rewind != position:
-            raise RequestError("FAILED_PRECONDITION",
-                               f"sequence {seq_id!r}: cache stands at {trunk.offset - rewind}"
-                               f"{f' after rewinding {rewind}' if rewind else ''}, request expects {position}")
+    def check(self, sequences: Sequence[SequenceRows], rows: int) -> None:
+        """Refuse a malformed Forward before anything runs."""
+        if not sequences:
+            raise RequestError("INVALID_ARGUMENT", "a Forward must name at least one sequence")
+        if len({s.sequence_id for s in sequences}) != len(sequences):
+            raise RequestError("INVALID_ARGUMENT", "a sequence appears twice in one Forward")
+        if any(s.tokens < 1 for s in sequences) or sum(s.tokens for s in sequences) != rows:
+            raise RequestError("INVALID_ARGUMENT", f"the sequences' token counts must add up to the {rows} "
+                                                   "rows of hidden, each at least 1")
+        for s in sequences:
+            if len(s.keep) > MAX_KEEP or any(k < 1 or k >= s.tokens for k in s.keep):
+                raise RequestError("INVALID_ARGUMENT",
+                                   f"keep positions {list(s.keep)} must lie in [1, {s.tokens - 1}]")
+
+    def forward(self, sequences: Sequence[SequenceRows], x: mx.array) -> StageOutput:
+        """Run several sequences' rows [N, H] as one forward; each first undoes its `rewind` and
+        must then stand at its `position`. Every check comes before any state changes."""
+        self.check(sequences, x.shape[0])
+        trunks = []
+        for s in sequences:
+            trunk = self._existing(s.sequence_id, s.position)
+            offset = 0 if trunk is None else trunk.offset
+            if trunk is not None:
+                self._check_rewind(s.sequence_id, trunk, s.rewind)
+            elif s.rewind:
+                raise RequestError("FAILED_PRECONDITION", f"sequence {s.sequence_id!r} is new; nothing to rewind")
+            if offset - s.rewind != s.position:
+                raise RequestError("FAILED_PRECONDITION",
+                                   f"sequence {s.sequence_id!r}: cache stands at {offset - s.rewind}"
+                                   f"{f' after rewinding {s.rewind}' if s.rewind else ''}, "
+                                   f"request expects {s.position}")
+            trunks.append(trunk)
+        for i, s in enumerate(sequences):
+            if trunks[i] is None:
+                trunks[i] = self.seqs[s.sequence_id] = LocalTrunk(self.stack)
+            self.seqs.move_to_end(s.sequence_id)
+            trunks[i].rewind(s.rewind)
         t0 = time.perf_counter()
-        trunk.rewind(rewind)
-        out = trunk.forward(x[None], keep)[0]
-        mx.eval(out, *cache_arrays(trunk.caches))
+        out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.keep) for t, s in zip(trunks, sequences)])[0]
+        mx.eval(out, *(a for t in trunks for a in cache_arrays(t.caches)))
         us = int((time.perf_counter() - t0) * 1e6)
-        if self.state_bytes() > self.state_budget:
-            self._evict(keep=seq_id)
-        return StageOutput(to_activation(out), trunk.offset, us)
+        self._evict(keep={s.sequence_id for s in sequences})
+        return StageOutput(out, [t.offset for t in trunks], us)
 
     def rewind(self, seq_id: str, n: int, position: int) -> int:
         trunk = self._lookup_existing(seq_id)
@@ -100,7 +129,7 @@ class Stage:
 
     def _lookup_existing(self, seq_id: str) -> LocalTrunk:
         if seq_id not in self.seqs:
-            self._lookup(seq_id, position=-1)  # raises the right error
+            self._existing(seq_id, position=-1)  # raises the right error
         return self.seqs[seq_id]
 
     @staticmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import grpc
 
@@ -102,9 +102,30 @@ class WorkerClient:
         except grpc.RpcError as e:
             raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
 
+    def _forward_timeout(self, call: ForwardCall, timeout: float | None) -> float:
+        return timeout or self.settings.forward_timeout(call.rows)
+
     def forward(self, call: ForwardCall, timeout: float | None = None) -> ForwardResult:
-        t = timeout or self.settings.forward_timeout(call.hidden.shape[0] if call.hidden.shape else 0)
-        return cv.result_from_pb(self._call(self.stub.Forward, cv.forward_to_pb(call), t))
+        return cv.result_from_pb(self._call(self.stub.Forward, cv.forward_to_pb(call),
+                                            self._forward_timeout(call, timeout)))
+
+    def forward_async(self, call: ForwardCall, done: Callable[[ForwardResult | WorkerCallError], None],
+                      timeout: float | None = None):
+        """Start a Forward without waiting; `done` gets the result or the error, on a gRPC thread.
+        Returns a handle whose `cancel()` abandons the call."""
+        fut = self.stub.Forward.future(cv.forward_to_pb(call), timeout=self._forward_timeout(call, timeout),
+                                       metadata=self.md)
+
+        def finished(f) -> None:
+            try:
+                out = cv.result_from_pb(f.result())
+            except grpc.RpcError as e:
+                out = WorkerCallError(self.address, e.code().name, e.details() or "")
+            except grpc.FutureCancelledError:
+                out = WorkerCallError(self.address, "CANCELLED", "abandoned by the caller")
+            done(out)
+        fut.add_done_callback(finished)
+        return fut
 
     def rewind(self, sequence_id: str, n: int, position: int) -> int:
         req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)

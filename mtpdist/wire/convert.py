@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .types import (Activation, ForwardCall, ForwardResult, LoadResult, ShardSpec, TensorInfo,
+from .types import (Activation, ForwardCall, ForwardResult, LoadResult, SequenceRows, ShardSpec, TensorInfo,
                     WorkerInfo)
 from .v1 import worker_pb2 as pb
 
@@ -37,22 +37,27 @@ def info_from_pb(r: pb.DescribeReply) -> WorkerInfo:
 
 
 def forward_to_pb(c: ForwardCall) -> pb.ForwardRequest:
-    return pb.ForwardRequest(sequence_id=c.sequence_id, rewind=c.rewind, position=c.position,
-                             hidden=activation_to_pb(c.hidden), keep=list(c.keep),
-                             next=[pb.Hop(address=a) for a in c.next])
+    return pb.ForwardRequest(
+        sequences=[pb.SequenceRows(sequence_id=s.sequence_id, rewind=s.rewind, position=s.position,
+                                   tokens=s.tokens, keep=list(s.keep)) for s in c.sequences],
+        hidden=activation_to_pb(c.hidden), next=[pb.Hop(address=a) for a in c.next])
 
 
 def forward_from_pb(r: pb.ForwardRequest) -> ForwardCall:
-    return ForwardCall(sequence_id=r.sequence_id, position=r.position, hidden=activation_from_pb(r.hidden),
-                       rewind=r.rewind, keep=tuple(r.keep), next=tuple(h.address for h in r.next))
+    return ForwardCall(
+        sequences=tuple(SequenceRows(s.sequence_id, s.position, s.tokens, s.rewind, tuple(s.keep))
+                        for s in r.sequences),
+        hidden=activation_from_pb(r.hidden), next=tuple(h.address for h in r.next))
 
 
 def result_to_pb(r: ForwardResult) -> pb.ForwardReply:
-    return pb.ForwardReply(hidden=activation_to_pb(r.hidden), position=r.position, compute_us=list(r.compute_us))
+    return pb.ForwardReply(hidden=activation_to_pb(r.hidden), positions=list(r.positions),
+                           compute_us=list(r.compute_us), batch_rows=list(r.batch_rows))
 
 
 def result_from_pb(r: pb.ForwardReply) -> ForwardResult:
-    return ForwardResult(hidden=activation_from_pb(r.hidden), position=r.position, compute_us=tuple(r.compute_us))
+    return ForwardResult(hidden=activation_from_pb(r.hidden), positions=tuple(r.positions),
+                         compute_us=tuple(r.compute_us), batch_rows=tuple(r.batch_rows))
 
 
 def load_result_to_pb(r: LoadResult) -> pb.LoadShardReply:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -56,22 +56,46 @@ class WorkerInfo:
 
 
 @dataclass(frozen=True)
-class ForwardCall:
-    """One forward of a chunk of hidden states for a sequence."""
+class SequenceRows:
+    """One sequence's rows in a Forward, and where its cache must stand first."""
     sequence_id: str
     position: int
-    hidden: Activation
+    tokens: int
     rewind: int = 0
     keep: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class ForwardCall:
+    """One forward of several sequences' rows (`hidden` holds them back to back)."""
+    sequences: tuple[SequenceRows, ...]
+    hidden: Activation
     next: tuple[str, ...] = ()
+
+    @property
+    def rows(self) -> int:
+        return sum(s.tokens for s in self.sequences)
+
+    @classmethod
+    def single(cls, sequence_id: str, position: int, hidden: Activation, rewind: int = 0,
+               keep: tuple[int, ...] = (), next: tuple[str, ...] = ()) -> "ForwardCall":
+        """A Forward of one sequence's rows (all of `hidden`)."""
+        rows = max(hidden.shape[0], 0) if hidden.shape else 0
+        return cls((SequenceRows(sequence_id, position, rows, rewind, tuple(keep)),), hidden, tuple(next))
 
 
 @dataclass(frozen=True)
 class ForwardResult:
-    """The last stage's hidden states and cache position."""
+    """The last stage's hidden states and each sequence's cache position after."""
     hidden: Activation
-    position: int
+    positions: tuple[int, ...]
     compute_us: tuple[int, ...] = field(default_factory=tuple)
+    batch_rows: tuple[int, ...] = field(default_factory=tuple)
+
+    @property
+    def position(self) -> int:
+        """The first (or only) sequence's position."""
+        return self.positions[0]
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,219 @@
+"""The worker's one MLX thread. Forwards that wait in its queue together run as one batch.
+
+gRPC threads hand work here and block on the answer. A Forward whose sequence still waits
+for an earlier chunk (chunks of one sequence may arrive out of order from the previous
+stage) is held back until that chunk has run. Other work (loading, rewinds, releases,
+state sizes) runs alone, in order.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable
+
+from mtpdist.errors import RequestError
+from mtpdist.wire.types import Activation, ForwardCall
+
+log = logging.getLogger("mtpdist.worker")
+
+
+@dataclass(frozen=True)
+class StageEmulation:
+    """Benchmarking aid: a forward of T rows (all sequences in it) takes at least A + B*(T-1) ms.
+    The worker computes for real, then sleeps the rest, like a Mac-speed stage."""
+    a_ms: float
+    b_ms: float
+
+    def seconds(self, rows: int) -> float:
+        return (self.a_ms + self.b_ms * max(rows - 1, 0)) / 1e3
+
+    @staticmethod
+    def parse(text: str) -> "StageEmulation":
+        """`A,B` in milliseconds."""
+        try:
+            a, b = (float(x) for x in text.split(","))
+        except ValueError:
+            raise ValueError(f"--emulate-ms takes A,B in milliseconds (e.g. 40,4), not {text!r}") from None
+        if a < 0 or b < 0:
+            raise ValueError("--emulate-ms values must be >= 0")
+        return StageEmulation(a, b)
+
+
+@dataclass(frozen=True)
+class StageRun:
+    """What one Forward got from this stage."""
+    hidden: Activation
+    positions: tuple[int, ...]
+    compute_us: int
+    batch_rows: int
+
+
+class _Task:
+    def __init__(self, fn: Callable | None = None, args: tuple = (), stage=None, call: ForwardCall | None = None):
+        self.fn, self.args, self.stage, self.call = fn, args, stage, call
+        self.done = threading.Event()
+        self.result = None
+        self.error: BaseException | None = None
+
+    def finish(self, result=None, error: BaseException | None = None) -> None:
+        self.result, self.error = result, error
+        self.done.set()
+
+    def wait(self):
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+class ComputeLoop:
+    """Runs every MLX operation of a worker on one thread, batching queued Forwards."""
+
+    def __init__(self, max_batch_rows: int = 4096, emulate: StageEmulation | None = None):
+        self.max_batch_rows, self.emulate = max_batch_rows, emulate
+        self.tasks: deque[_Task] = deque()
+        self.queued_end: dict[str, int] = {}  # where queued Forwards will leave each sequence
+        self.cond = threading.Condition()
+        self.batches = 0           # merged forwards run
+        self.merged = 0            # Forwards that ran in a batch with others
+        self.thread = threading.Thread(target=self._run, name="mlx", daemon=True)
+        self.thread.start()
+
+    def call(self, fn: Callable, *args):
+        """Run fn(*args) on the MLX thread and return its result (or raise its error)."""
+        return self._submit(_Task(fn, args))
+
+    def forward(self, stage, call: ForwardCall) -> StageRun:
+        """Run a Forward's rows on `stage`, possibly merged with other queued Forwards."""
+        return self._submit(_Task(stage=stage, call=call))
+
+    def forward_in_order(self, stage, call: ForwardCall, wait: float) -> StageRun:
+        """Like `forward`, but first hold the call (up to `wait` seconds) until the earlier chunks
+        of its sequences have run or been queued here; after that it runs and, if still out of
+        step, fails with the position it found."""
+        end = time.monotonic() + wait
+        task = _Task(stage=stage, call=call)
+        with self.cond:
+            while not all(self._ready(stage, s) for s in call.sequences):
+                left = end - time.monotonic()
+                if left <= 0:
+                    break
+                self.cond.wait(left)
+            self._enqueue(task)
+        return task.wait()
+
+    def _ready(self, stage, rows) -> bool:
+        queued = self.queued_end.get(rows.sequence_id)
+        return stage.ready(rows) or (queued is not None and queued - rows.rewind >= rows.position)
+
+    def _enqueue(self, task: _Task) -> None:
+        if task.call is not None:
+            for s in task.call.sequences:
+                self.queued_end[s.sequence_id] = s.position + s.tokens
+        self.tasks.append(task)
+        self.cond.notify_all()
+
+    def _submit(self, task: _Task):
+        with self.cond:
+            self._enqueue(task)
+        return task.wait()
+
+    def _take(self) -> list[_Task]:
+        with self.cond:
+            while not self.tasks:
+                self.cond.wait()
+            batch = [self.tasks.popleft()]
+            if batch[0].call is None:
+                return batch
+            ids = {s.sequence_id for s in batch[0].call.sequences}
+            rows = batch[0].call.rows
+            while self.tasks and self.tasks[0].call is not None and self.tasks[0].stage is batch[0].stage:
+                nxt = self.tasks[0].call
+                names = {s.sequence_id for s in nxt.sequences}
+                if names & ids or rows + nxt.rows > self.max_batch_rows:
+                    break
+                batch.append(self.tasks.popleft())
+                ids |= names
+                rows += nxt.rows
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            try:
+                if batch[0].call is None:
+                    t = batch[0]
+                    try:
+                        t.finish(t.fn(*t.args))
+                    except BaseException as e:  # handed to the caller's thread
+                        t.finish(error=e)
+                else:
+                    try:
+                        self._forward(batch)
+                    except BaseException as e:  # a compute error: every waiting caller hears of it
+                        log.exception("forward failed")
+                        for t in batch:
+                            if not t.done.is_set():
+                                t.finish(error=t.error or e)
+            finally:
+                with self.cond:
+                    for t in batch:
+                        for s in (t.call.sequences if t.call is not None else ()):
+                            if self.queued_end.get(s.sequence_id) == s.position + s.tokens:
+                                del self.queued_end[s.sequence_id]
+                    self.cond.notify_all()  # wakes Forwards waiting for this work
+
+    def _forward(self, batch: list[_Task]) -> None:
+        from mtpdist.engine.activations import from_activation
+        stage = batch[0].stage
+        start = time.perf_counter()
+        inputs = []
+        for t in batch:
+            try:
+                x = from_activation(t.call.hidden, stage.hidden_size)
+                stage.check(t.call.sequences, x.shape[0])
+                inputs.append((t, x))
+            except (RequestError, ValueError) as e:
+                t.finish(error=e)
+        rows = sum(t.call.rows for t, _ in inputs)
+        if len(inputs) > 1:
+            try:
+                self._run_together(stage, inputs, rows)
+                self.merged += len(inputs)
+            except (RequestError, ValueError):
+                # One of them is bad (nothing changed: the stage checks first); run each alone.
+                for t, x in inputs:
+                    self._run_together(stage, [(t, x)], t.call.rows)
+        elif inputs:
+            self._run_together(stage, inputs, rows)
+        self.batches += 1
+        if self.emulate is not None and inputs:
+            left = self.emulate.seconds(rows) - (time.perf_counter() - start)
+            if left > 0:
+                time.sleep(left)
+        for t, _ in inputs:
+            t.done.set()
+
+    def _run_together(self, stage, inputs, rows: int) -> None:
+        import mlx.core as mx
+        from mtpdist.engine.activations import to_activation
+        seqs = [s for t, _ in inputs for s in t.call.sequences]
+        x = inputs[0][1] if len(inputs) == 1 else mx.concatenate([x for _, x in inputs], axis=0)
+        try:
+            out = stage.forward(seqs, x)
+        except (RequestError, ValueError) as e:
+            if len(inputs) > 1:
+                raise
+            inputs[0][0].error = e
+            return
+        r = i = 0
+        for t, _ in inputs:
+            n = len(t.call.sequences)
+            t.result = StageRun(to_activation(out.hidden[r:r + t.call.rows]), tuple(out.positions[i:i + n]),
+                                out.compute_us, rows)
+            r += t.call.rows
+            i += n
