@@ -8,6 +8,8 @@ from pathlib import Path
 
 from mtpdist.errors import MtpdistError
 
+from mtpdist.engine.scheduler import SchedulerSettings
+
 from .engine_thread import EngineThread
 from .metrics import Metrics
 from .server import ServerState, create_app
@@ -20,6 +22,11 @@ def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
     p.add_argument("--mtp-hidden", choices=["post-norm", "pre-norm"], default="post-norm")
+    p.add_argument("--mtp-depth", type=_depth, default=1, metavar="K|auto",
+                   help="drafts per round with --mtp: 1-8, or 'auto' to choose from measured acceptance and "
+                        "verify cost (default 1)")
+    p.add_argument("--max-inflight", type=int, default=0,
+                   help="units of work in flight through the pipeline (default: one per worker)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or MTPDIST_API_KEY)")
@@ -27,6 +34,16 @@ def add_arguments(p) -> None:
     p.add_argument("--prefill-step", type=int, default=512)
     p.add_argument("--max-context", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=512)
+
+
+def _depth(text: str):
+    import argparse
+
+    from mtpdist.engine.depth import parse_depth
+    try:
+        return parse_depth(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def run_coordinator(args, on_ready=None) -> int:
@@ -43,7 +60,6 @@ def run_coordinator(args, on_ready=None) -> int:
     if args.local:
         from mtpdist.engine.local import LocalSession
         session = LocalSession(args.model, mtp=args.mtp, post_norm=post_norm, prefill_step=args.prefill_step)
-        prepare = lambda: None  # noqa: E731
         cluster_info = lambda: {"mode": "local", "workers": []}  # noqa: E731
     else:
         from .session import PipelineSession
@@ -52,7 +68,6 @@ def run_coordinator(args, on_ready=None) -> int:
         session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
                                   prefill_step=args.prefill_step, channel=channel_from(args),
                                   candidates=membership.current)
-        prepare = session.ensure_ready
 
         def cluster_info():
             rows = []
@@ -68,14 +83,15 @@ def run_coordinator(args, on_ready=None) -> int:
             return {"mode": "pipeline", "workers": rows}
     config = session.parts.config
     metrics = Metrics()
-    engine = EngineThread(session.generator, session.trunk, prepare,
-                          on_done=lambda job, result, trunk: metrics.record_generation(result, trunk))
+    settings = SchedulerSettings(max_inflight=args.max_inflight, prefill_budget=args.prefill_step)
+    engine = EngineThread(session.generator, session, settings,
+                          on_result=lambda result: metrics.record_generation(result, None))
     engine.start()
     max_ctx = args.max_context or int(config.text_config.get("max_position_embeddings", 32768))
     state = ServerState(engine=engine, tokenizer=session.generator.tokenizer, model_name=Path(args.model).name,
                         max_context=max_ctx, mtp=args.mtp, metrics=metrics, vocab_size=config.vocab_size,
                         api_key=args.api_key or os.environ.get("MTPDIST_API_KEY"), cluster_info=cluster_info,
-                        default_max_tokens=args.default_max_tokens)
+                        default_max_tokens=args.default_max_tokens, mtp_depth=args.mtp_depth)
     app = create_app(state)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

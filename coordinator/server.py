@@ -47,6 +47,7 @@ class ServerState:
     api_key: str | None = None
     cluster_info: Callable[[], dict] = dict
     default_max_tokens: int = 512
+    mtp_depth: int | str = 1
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -143,7 +144,7 @@ def _request(state: ServerState, body, ids: list[int], limit: int | None) -> Gen
                        "context_length_exceeded")
     sampling = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
                               top_p=body.top_p or 1.0, top_k=body.top_k or 0, min_p=body.min_p or 0.0, seed=body.seed)
-    return GenerationRequest(tuple(ids), limit, sampling, body.stops(), mtp=state.mtp)
+    return GenerationRequest(tuple(ids), limit, sampling, body.stops(), mtp=state.mtp, mtp_depth=state.mtp_depth)
 
 
 def _usage(r: GenerationResult) -> dict:
@@ -153,6 +154,7 @@ def _usage(r: GenerationResult) -> dict:
 
 def _mtp(r: GenerationResult, on: bool) -> dict:
     return {"enabled": on, "drafted": r.drafted, "accepted": r.accepted, "acceptance": round(r.acceptance, 4),
+            "verify_passes": r.verify_passes, "acceptance_by_depth": list(r.acceptance_by_depth),
             "generation_tps": round(r.generation_tps, 3)}
 
 

@@ -15,6 +15,7 @@ from mtpdist.engine.generate import Generator
 from mtpdist.engine.local import load_tokenizer_for
 from mtpdist.engine.remote import PipelineTrunk
 from mtpdist.engine.shards import ShardSource
+from mtpdist.engine.transport import WorkerTransport
 from mtpdist.errors import MtpdistError
 from mtpdist.model.config import read_config
 from mtpdist.model.hashing import model_hash
@@ -55,6 +56,7 @@ class PipelineSession:
         self.clients: list[WorkerClient] = []
         self.infos: list[WorkerInfo] = []
         self.placement: Placement | None = None
+        self._transport: WorkerTransport | None = None
         # Where workers may be found again after a failure (mDNS membership, or the list given).
         self.candidates = candidates or (lambda: list(workers))
         self.attach(workers)
@@ -95,6 +97,16 @@ class PipelineSession:
                       desc=f"layers {start}-{end - 1} -> {client.address}") as bar:
                 r = client.load_shard(spec, src.chunks(bar.update))
         log.info("worker %s holds layers %d-%d (%s)", client.address, start, end - 1, r.source)
+
+    def transport(self) -> WorkerTransport:
+        """The scheduler's way through the current workers (made anew after each re-plan)."""
+        if self._transport is None or self._transport.clients != self.clients:
+            self._transport = WorkerTransport(self.clients)
+        return self._transport
+
+    def prepare(self) -> None:
+        """The scheduler calls this between requests."""
+        self.ensure_ready()
 
     def raw_trunk(self) -> PipelineTrunk:
         """A plain pipeline trunk for one sequence (no recovery)."""

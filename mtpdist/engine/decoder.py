@@ -79,9 +79,10 @@ class SequenceDecoder:
         self.head, self.sampler, self.drafter = head, sampler, drafter
         self.depth = depth or FixedDepth(1)
         self.prompt = list(prompt)
-        body = len(self.prompt) - 1  # the last prompt token is the first decode input
-        self.chunks = [(s, min(s + chunk, body)) for s in range(0, body, chunk)]
-        self.sent = self.done = 0    # prefill chunks sent / processed
+        self.body = len(self.prompt) - 1  # the last prompt token is the first decode input
+        self.chunk = chunk
+        self.chunks: list[tuple[int, int]] = []  # prefill chunks sent, as prompt ranges
+        self.done = 0                # prefill chunks processed (in order)
         self.early: dict[int, mx.array] = {}  # prefill results that came back out of order
         self.position = 0            # cache position after everything sent so far
         self.rewind = 0              # tokens to undo before the next step (a rejected draft)
@@ -94,15 +95,29 @@ class SequenceDecoder:
         self._round_start = 0.0
 
     @property
-    def prefilling(self) -> bool:
-        return self.done < len(self.chunks)
+    def sent_prefill(self) -> int:
+        return self.chunks[-1][1] if self.chunks else 0
 
-    def next_step(self) -> Step | None:
-        """The next forward to send, or None while an earlier one must come back first."""
-        if self.sent < len(self.chunks):
-            s, e = self.chunks[self.sent]
-            step = Step("prefill", tuple(self.prompt[s:e]), (), self.position, index=self.sent)
-            self.sent += 1
+    @property
+    def prefilling(self) -> bool:
+        return self.done < len(self.chunks) or self.sent_prefill < self.body
+
+    def peek(self) -> tuple[str, int] | None:
+        """(kind, rows) of the step `next_step` would send now, without sending it."""
+        if self.sent_prefill < self.body:
+            return "prefill", min(self.chunk, self.body - self.sent_prefill)
+        if self.prefilling or self.waiting:
+            return None
+        return ("verify", 1 + len(self.drafts)) if self.drafts else ("decode", 1)
+
+    def next_step(self, max_rows: int | None = None) -> Step | None:
+        """The next forward to send, or None while an earlier one must come back first.
+        `max_rows` caps a prefill chunk (the scheduler's token budget)."""
+        if self.sent_prefill < self.body:
+            s = self.sent_prefill
+            e = min(s + min(self.chunk, max_rows or self.chunk), self.body)
+            step = Step("prefill", tuple(self.prompt[s:e]), (), self.position, index=len(self.chunks))
+            self.chunks.append((s, e))
             self.position += e - s
             return step
         if self.prefilling or self.waiting:

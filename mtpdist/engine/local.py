@@ -9,6 +9,8 @@ from mlx_lm.utils import load_tokenizer
 from ..errors import ModelLoadError
 from ..model.loader import ModelParts, load_parts
 from .generate import Generator
+from .stage import Stage
+from .transport import LocalTransport
 from .trunk import LocalTrunk
 
 
@@ -27,6 +29,19 @@ class LocalSession:
                  prefill_step: int = 512):
         self.parts: ModelParts = load_parts(model_dir, mtp=mtp)
         self.generator = Generator(self.parts, load_tokenizer_for(model_dir), post_norm, prefill_step)
+        self._transport: LocalTransport | None = None
 
     def trunk(self) -> LocalTrunk:
         return LocalTrunk(self.parts.stack)
+
+    def transport(self) -> LocalTransport:
+        """The scheduler's way through the layers: one stage, in this process."""
+        if self._transport is None:
+            self._transport = LocalTransport(Stage(self.parts.stack, self.parts.config.hidden_size))
+        return self._transport
+
+    def prepare(self) -> None:
+        pass
+
+    def recover(self) -> None:
+        raise ModelLoadError("a local session has no workers to recover")

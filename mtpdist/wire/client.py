@@ -139,6 +139,11 @@ class WorkerClient:
     def release(self, sequence_id: str) -> bool:
         return self._call(self.stub.Release, pb.ReleaseRequest(sequence_id=sequence_id)).released
 
+    def release_async(self, sequence_id: str, timeout: float = 2.0) -> None:
+        """Release without waiting (errors ignored: a worker that is gone holds nothing of use)."""
+        fut = self.stub.Release.future(pb.ReleaseRequest(sequence_id=sequence_id), timeout=timeout, metadata=self.md)
+        fut.add_done_callback(lambda f: f.exception())
+
     def health(self, timeout: float | None = None) -> str:
         return self._call(self.stub.Health, pb.HealthRequest(), timeout).status
 

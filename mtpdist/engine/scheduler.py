@@ -1,0 +1,363 @@
+"""Many sequences in flight through the pipeline, driven from the one MLX thread.
+
+`insert` (any thread) adds a request; `run` (the MLX thread) loops: pick the steps to send
+with `plan_units`, embed and send them as units, and turn each returning unit into tokens
+through every member's `SequenceDecoder`. A request ends when its output is done or its
+sink says it was cancelled; its state is then released on every worker.
+
+When a unit fails because a worker or its state is gone, sending stops, the units in flight
+drain, the backend re-plans over the workers still alive, and every live sequence replays
+its log of steps exactly (same chunks, same rewinds), then its failed steps. Other errors
+end only the sequences of that unit, with one clear message each.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import mlx.core as mx
+
+from ..errors import MtpdistError, WorkerCallError
+from ..wire.types import SequenceRows
+from .decoder import SequenceDecoder, Step
+from .depth import AutoDepth, FixedDepth
+from .generate import Delta, GenerationRequest, GenerationResult, Generator, Output
+from .plan import Candidate, PlanLimits, plan_units
+from .sampling import Sampler
+from .transport import Transport, UnitResult
+
+log = logging.getLogger("mtpdist.engine")
+LOST = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED"}          # the worker is gone or hung
+STATE_LOST = {"NOT_FOUND", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}     # its state for us is gone
+
+
+def is_recoverable(err: BaseException) -> bool:
+    """A lost worker or lost sequence state: re-plan and replay. Anything else is reported."""
+    return isinstance(err, WorkerCallError) and (err.code in LOST or err.code in STATE_LOST)
+
+
+class Sink(Protocol):
+    """Where a request's output goes: Deltas, then an exception or None at the end."""
+    def emit(self, item: Delta | Exception | None) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+class Backend(Protocol):
+    """The layers' side: the current transport, membership changes, recovery."""
+    def transport(self) -> Transport: ...
+    def prepare(self) -> None: ...
+    def recover(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Limits of the scheduler."""
+    max_inflight: int = 0            # units in flight; 0 = one per stage
+    prefill_budget: int = 512        # prefill rows per unit
+    max_unit_sequences: int = 64
+    max_recoveries: int = 3          # consecutive failed recoveries before giving up
+
+
+@dataclass
+class _Live:
+    key: str
+    req: GenerationRequest
+    decoder: SequenceDecoder
+    output: Output
+    sink: Sink
+    order: int
+    log: list[Step] = field(default_factory=list)  # completed steps, for exact replay
+    inflight: int = 0
+    ended: bool = False
+
+
+class Scheduler:
+    """insert / run / (cancel through the sink): many sequences over one Backend."""
+
+    def __init__(self, generator: Generator, backend: Backend, settings: SchedulerSettings = SchedulerSettings(),
+                 on_result: Callable[[GenerationResult], None] = lambda r: None):
+        self.generator, self.backend, self.settings, self.on_result = generator, backend, settings, on_result
+        self.head = generator.parts.head
+        self.events: queue.Queue = queue.Queue()
+        self.live: dict[str, _Live] = {}
+        self.units: dict[int, list[tuple[str, Step]]] = {}
+        self.failed: list[tuple[list[tuple[str, Step]], BaseException]] = []
+        self.auto_depth = AutoDepth()
+        self.order = itertools.count()
+        self.unit_ids = itertools.count()
+        self.recoveries = 0
+        self.waiting = 0            # inserted, not yet admitted
+        self.transport = backend.transport()
+
+    # -- any thread ----------------------------------------------------------------------
+    def insert(self, req: GenerationRequest, sink: Sink) -> None:
+        """Queue a request; its output goes to `sink`."""
+        self.waiting += 1
+        self.events.put(("insert", req, sink))
+
+    @property
+    def depth(self) -> int:
+        """Requests queued or running."""
+        return self.waiting + sum(1 for s in self.live.values() if not s.ended)
+
+    def wake(self) -> None:
+        self.events.put(("wake",))
+
+    # -- the MLX thread -------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Serve until `stop` is set."""
+        while not stop.is_set():
+            self.run_once(0.05)
+
+    def run_once(self, timeout: float) -> None:
+        """Send what can go, then handle events for up to `timeout` seconds."""
+        self._drop_cancelled()
+        if self.failed and not self.units:
+            self._recover()
+        if not self.failed:
+            self._send_ready()
+        try:
+            event = self.events.get(timeout=timeout)
+        except queue.Empty:
+            return
+        while True:
+            self._handle(event)
+            try:
+                event = self.events.get_nowait()
+            except queue.Empty:
+                return
+
+    def _handle(self, event) -> None:
+        if event[0] == "insert":
+            self.waiting -= 1
+            self._admit(event[1], event[2])
+        elif event[0] == "done":
+            self._done(event[1], event[2])
+
+    def _admit(self, req: GenerationRequest, sink: Sink) -> None:
+        if sink.cancelled():
+            sink.emit(None)
+            return
+        try:
+            self.generator.check(req)
+            if not any(not s.ended for s in self.live.values()) and not self.units:
+                self.backend.prepare()          # membership changes are picked up between requests
+                self.transport = self.backend.transport()
+            depth = (self.auto_depth if req.mtp_depth == "auto" else FixedDepth(int(req.mtp_depth))) \
+                if req.mtp else None
+            dec = SequenceDecoder(self.head, Sampler(req.sampling), req.prompt_ids, self.generator.drafter(req),
+                                  depth, self.generator.prefill_step)
+        except (MtpdistError, ValueError) as e:
+            sink.emit(e if isinstance(e, MtpdistError) else MtpdistError(str(e)))
+            sink.emit(None)
+            return
+        key = uuid.uuid4().hex
+        self.live[key] = _Live(key, req, dec, Output(self.generator, req), sink, next(self.order))
+
+    def _send_ready(self) -> None:
+        limits = PlanLimits(self.transport.stages, self.settings.max_inflight or self.transport.stages,
+                            self.settings.prefill_budget, self.settings.max_unit_sequences)
+        while True:
+            cands, active = [], 0
+            for s in self.live.values():
+                if s.ended:
+                    continue
+                active += 1
+                peek = s.decoder.peek()
+                if peek is not None:
+                    cands.append(Candidate(s.key, peek[0], peek[1], s.order,
+                                           s.decoder.body - s.decoder.sent_prefill))
+            units = plan_units(cands, len(self.units), active, limits)
+            if not units:
+                return
+            for unit in units:
+                self._send([(key, self.live[key].decoder.next_step(rows)) for key, rows in unit])
+
+    def _rows(self, members: list[tuple[str, Step]]) -> tuple[list[SequenceRows], mx.array]:
+        rows = [SequenceRows(k, st.position, len(st.tokens), st.rewind, st.keep) for k, st in members]
+        tokens = [t for _, st in members for t in st.tokens]
+        return rows, self.head.embed(mx.array(tokens))
+
+    def _send(self, members: list[tuple[str, Step]]) -> None:
+        uid = next(self.unit_ids)
+        self.units[uid] = members
+        for key, _ in members:
+            self.live[key].inflight += 1
+        rows, hidden = self._rows(members)
+        self.transport.send(rows, hidden, lambda r, uid=uid: self.events.put(("done", uid, r)))
+
+    def _done(self, uid: int, result) -> None:
+        members = self.units.pop(uid)
+        for key, _ in members:
+            if key in self.live:
+                self.live[key].inflight -= 1
+        if isinstance(result, BaseException):
+            self._unit_failed(members, result)
+        else:
+            self.recoveries = 0
+            self._deliver(members, result)
+        for key, _ in members:
+            self._maybe_release(key)
+
+    def _deliver(self, members: list[tuple[str, Step]], result: UnitResult) -> None:
+        hidden = result.array()
+        r = 0
+        for key, step in members:
+            n = len(step.tokens)
+            rows, r = hidden[r:r + n][None], r + n
+            s = self.live.get(key)
+            if s is None or s.ended:
+                continue
+            s.log.append(step)
+            try:
+                tokens = s.decoder.on_result(step, rows)
+                delta = s.output.add(tokens) if tokens else None
+            except Exception as e:  # never let one sequence take the others down
+                log.exception("decoding failed")
+                self._end(s, MtpdistError(f"internal error: {e}"))
+                continue
+            if delta is not None:
+                s.sink.emit(delta)
+            if s.output.done:
+                self._finish(s)
+
+    def _finish(self, s: _Live) -> None:
+        last = s.output.finish(s.decoder.stats)
+        s.sink.emit(last)
+        self.on_result(last.result)
+        self._end(s, None)
+
+    def _end(self, s: _Live, error: Exception | None) -> None:
+        if error is not None:
+            s.sink.emit(error)
+        s.sink.emit(None)
+        s.ended = True
+        self._maybe_release(s.key)
+
+    def _maybe_release(self, key: str) -> None:
+        s = self.live.get(key)
+        if s is not None and s.ended and s.inflight == 0:
+            del self.live[key]
+            if s.log or s.decoder.chunks:
+                self.transport.release([key])
+
+    def _drop_cancelled(self) -> None:
+        for s in list(self.live.values()):
+            if not s.ended and s.sink.cancelled():
+                log.info("client went away; stopping its generation")
+                self._end(s, None)
+
+    # -- failures ---------------------------------------------------------------------------
+    def _unit_failed(self, members, err: BaseException) -> None:
+        if is_recoverable(err):
+            log.warning("lost a worker or its state (%s); pausing to re-plan", err)
+            self.failed.append((members, err))
+            return
+        log.error("a forward failed: %s", err)
+        for key, _ in members:
+            s = self.live.get(key)
+            if s is not None and not s.ended:
+                self._end(s, MtpdistError(f"generation failed: {err}"))
+
+    def _recover(self) -> None:
+        """Every unit is back: re-plan, then replay each live sequence exactly."""
+        failed, self.failed = self.failed, []
+        retry: dict[str, list[Step]] = {}
+        for members, _ in failed:
+            for key, step in members:
+                retry.setdefault(key, []).append(step)
+        while True:
+            self.recoveries += 1
+            if self.recoveries > self.settings.max_recoveries:
+                err = MtpdistError(f"gave up after {self.settings.max_recoveries} recoveries; last failure: "
+                                   f"{failed[-1][1]}")
+                for s in list(self.live.values()):
+                    if not s.ended:
+                        self._end(s, err)
+                return
+            if self.recoveries > 1:  # let restarting workers and reconnecting channels settle
+                time.sleep(min(0.25 * 2 ** (self.recoveries - 2), 2.0))
+            try:
+                self.backend.recover()
+                self.transport = self.backend.transport()
+                for s in list(self.live.values()):
+                    if not s.ended:
+                        self._replay(s, sorted(retry.get(s.key, []), key=lambda st: st.position))
+                return
+            except MtpdistError as e:
+                if isinstance(e, WorkerCallError) and not is_recoverable(e):
+                    raise
+                failed.append(([], e))
+                log.warning("recovery failed (%s); trying again", e)
+
+    def _replay(self, s: _Live, retry: list[Step]) -> None:
+        log.info("replaying %d steps of a sequence", len(s.log))
+        for step in s.log:
+            rows, hidden = self._rows([(s.key, step)])
+            self.transport.forward(rows, hidden)
+        for step in retry:
+            rows, hidden = self._rows([(s.key, step)])
+            result = self.transport.forward(rows, hidden)
+            self._deliver([(s.key, step)], result)
+
+
+class CollectingSink:
+    """A Sink that keeps everything (benchmarks, tests, the CLI): `wait()` returns the result."""
+
+    def __init__(self) -> None:
+        self.deltas: list[Delta] = []
+        self.error: Exception | None = None
+        self.result: GenerationResult | None = None
+        self.first_token_at: float | None = None
+        self.created = time.perf_counter()
+        self.ended = threading.Event()
+        self.cancel = threading.Event()
+
+    def emit(self, item) -> None:
+        if item is None:
+            self.ended.set()
+        elif isinstance(item, Exception):
+            self.error = item
+        else:
+            if self.first_token_at is None and item.token_ids:
+                self.first_token_at = time.perf_counter()
+            self.deltas.append(item)
+            if item.result is not None:
+                self.result = item.result
+
+    def cancelled(self) -> bool:
+        return self.cancel.is_set()
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        if not self.ended.wait(timeout):
+            raise MtpdistError("generation did not finish in time")
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def run_all(scheduler: Scheduler, requests: list[GenerationRequest], timeout: float = 300.0,
+            stagger: float = 0.0) -> list[CollectingSink]:
+    """Insert every request (optionally `stagger` seconds apart) and drive the scheduler on this
+    thread until all have ended. The caller's thread must be the one that owns MLX."""
+    sinks: list[CollectingSink] = []
+    end = time.monotonic() + timeout
+    next_at = time.monotonic()
+    while len(sinks) < len(requests) or not all(s.ended.is_set() for s in sinks):
+        if len(sinks) < len(requests) and time.monotonic() >= next_at:
+            sink = CollectingSink()
+            scheduler.insert(requests[len(sinks)], sink)
+            sinks.append(sink)
+            next_at = time.monotonic() + stagger
+            continue
+        if time.monotonic() > end:
+            raise MtpdistError(f"requests did not finish within {timeout:.0f}s")
+        scheduler.run_once(0.002 if stagger else 0.02)
+    return sinks

@@ -1,0 +1,83 @@
+"""The scheduler: many sequences in flight, each one's output identical to running it alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from mtpdist.engine.generate import GenerationRequest, Generator
+from mtpdist.engine.local import LocalSession
+from mtpdist.engine.plan import Candidate, PlanLimits, plan_units
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings, run_all
+from mtpdist.engine.trunk import LocalTrunk
+
+PROMPTS = [
+    [5, 17, 99, 3, 42, 8, 200, 11, 7, 300, 12, 13, 14],
+    [7],
+    list(range(30, 75)),
+    [401, 402, 9, 9, 9, 1, 2],
+]
+
+
+# -- the planning function ----------------------------------------------------------------
+
+def test_plan_sends_decode_first_and_spreads_sequences_over_stages():
+    cands = [Candidate(f"d{i}", "decode", 1, i) for i in range(6)] + [Candidate("p", "prefill", 256, 0, 900)]
+    units = plan_units(cands, inflight=0, active=7, limits=PlanLimits(stages=2, max_inflight=2, prefill_budget=256))
+    assert len(units) == 2
+    assert [k for k, _ in units[0]] == ["d0", "d1", "d2", "d3"]          # ceil(7/2) sequences per unit
+    assert [k for k, _ in units[1]] == ["d4", "d5", "p"]
+    assert units[1][-1] == ("p", 256)
+
+
+def test_plan_respects_inflight_and_budget_and_prefers_short_prompts():
+    lim = PlanLimits(stages=1, max_inflight=2, prefill_budget=100)
+    assert plan_units([Candidate("a", "decode", 1, 0)], inflight=2, active=1, limits=lim) == []
+    cands = [Candidate("long", "prefill", 100, 0, 2000), Candidate("short", "prefill", 30, 1, 30)]
+    units = plan_units(cands, inflight=0, active=2, limits=lim)
+    assert units == [[("short", 30), ("long", 70)]]                       # short first; long fills the rest
+    two = plan_units(cands, inflight=0, active=2, limits=PlanLimits(stages=2, max_inflight=2, prefill_budget=100))
+    assert two == [[("short", 30)], [("long", 100)]]                      # two stages: one unit each
+    assert plan_units([], 0, 0, lim) == []
+
+
+def test_plan_one_sequence_per_unit_when_alone():
+    lim = PlanLimits(stages=3, max_inflight=3, prefill_budget=64)
+    units = plan_units([Candidate("a", "verify", 4, 0)], inflight=1, active=1, limits=lim)
+    assert units == [[("a", 4)]]
+
+
+# -- the scheduler over one in-process stage -----------------------------------------------
+
+@pytest.fixture(scope="module")
+def local(tiny_dense):
+    return LocalSession(tiny_dense[0], mtp=True, prefill_step=8)
+
+
+def solo(session: LocalSession, req: GenerationRequest) -> tuple[int, ...]:
+    return session.generator.generate(req, LocalTrunk(session.parts.stack)).token_ids
+
+
+def test_concurrent_requests_equal_solo_runs_local(local):
+    reqs = [GenerationRequest(tuple(p), 20, mtp=i % 2 == 1, mtp_depth=1 + i % 3) for i, p in enumerate(PROMPTS)]
+    reqs += [GenerationRequest(tuple(PROMPTS[0]), 20, mtp=True, mtp_depth=3)]
+    want = [solo(local, GenerationRequest(r.prompt_ids, r.max_tokens)) for r in reqs]   # plain greedy
+    sched = Scheduler(local.generator, local, SchedulerSettings(prefill_budget=8))
+    sinks = run_all(sched, reqs, timeout=120)
+    assert [s.wait().token_ids for s in sinks] == want
+    assert sched.live == {} and local.transport().stage.seqs == {}       # everything released
+
+
+def test_joining_and_leaving_mid_generation(local):
+    reqs = [GenerationRequest(tuple(p), n, mtp=True, mtp_depth=2) for p, n in zip(PROMPTS, (30, 5, 12, 25))]
+    want = [solo(local, GenerationRequest(r.prompt_ids, r.max_tokens)) for r in reqs]
+    sched = Scheduler(local.generator, local, SchedulerSettings(prefill_budget=8))
+    sinks = run_all(sched, reqs, timeout=120, stagger=0.05)               # arrive while others decode
+    assert [s.wait().token_ids for s in sinks] == want
+
+
+def test_bad_request_fails_alone(local):
+    sched = Scheduler(local.generator, local)
+    sinks = run_all(sched, [GenerationRequest((), 5), GenerationRequest((3, 4), 5)], timeout=60)
+    with pytest.raises(Exception, match="empty"):
+        sinks[0].wait()
+    assert len(sinks[1].wait().token_ids) == 5
