@@ -94,6 +94,7 @@ class Scheduler:
         self.unit_ids = itertools.count()
         self.recoveries = 0
         self.waiting = 0            # inserted, not yet admitted
+        self.stats = {"units": 0, "unit_sequences": 0, "max_unit_sequences": 0, "max_stage_rows": 0}
         self.transport = backend.transport()
 
     # -- any thread ----------------------------------------------------------------------
@@ -191,6 +192,10 @@ class Scheduler:
         for key, _ in members:
             self.live[key].inflight += 1
         rows, hidden = self._rows(members)
+        st = self.stats
+        st["units"] += 1
+        st["unit_sequences"] += len(members)
+        st["max_unit_sequences"] = max(st["max_unit_sequences"], len(members))
         self.transport.send(rows, hidden, lambda r, uid=uid: self.events.put(("done", uid, r)))
 
     def _done(self, uid: int, result) -> None:
@@ -202,6 +207,7 @@ class Scheduler:
             self._unit_failed(members, result)
         else:
             self.recoveries = 0
+            self.stats["max_stage_rows"] = max(self.stats["max_stage_rows"], *result.batch_rows, 0)
             self._deliver(members, result)
         for key, _ in members:
             self._maybe_release(key)
