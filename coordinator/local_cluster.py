@@ -14,7 +14,7 @@ class LocalWorker:
     """One worker subprocess on 127.0.0.1 with a free port."""
 
     def __init__(self, cache: Path | None = None, *extra: str, host: str = "127.0.0.1", start_timeout: float = 60,
-                 token: str | None = None, advertise: bool = False):
+                 token: str | None = None, advertise: bool = False, cpus: tuple[int, ...] = ()):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         if cache is not None:
             env["MTPDIST_CACHE"] = str(cache)
@@ -23,7 +23,9 @@ class LocalWorker:
         extra = (*extra, *((f"--token={token}",) if token else ("--insecure",)),  # "=": tokens may start with "-"
                  *(("--mdns-interface", host) if advertise else ("--no-advertise",)))
         self.proc = subprocess.Popen([sys.executable, "-m", "mtpdist.cli", "worker", "--host", host, "--port", "0",
-                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                                      *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                     preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+        self.cpus = cpus
         self.address = None
         self.log: list[str] = []
         deadline = time.time() + start_timeout
@@ -55,12 +57,12 @@ class LocalCluster:
     """N local workers, stopped together (a context manager)."""
 
     def __init__(self, n: int, cache: Path | None = None, *extra: str, token: str | None = None,
-                 advertise: bool = False):
+                 advertise: bool = False, cpus: list[tuple[int, ...]] | None = None):
         self.workers: list[LocalWorker] = []
         try:
             for i in range(n):
                 self.workers.append(LocalWorker(cache / f"w{i}" if cache else None, *extra, token=token,
-                                                advertise=advertise))
+                                                advertise=advertise, cpus=cpus[i] if cpus else ()))
         except Exception:
             self.stop()
             raise

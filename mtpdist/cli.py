@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import sys
 
 from . import __version__
@@ -109,6 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=0, help="also run through N local worker processes")
     b.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="also run through these (already running) workers")
+    b.add_argument("--scenario", choices=["single", "streams", "depths", "prefill", "hop"], default="single",
+                   help="single: plain vs MTP vs mlx-lm (default); streams: aggregate tok/s of concurrent "
+                        "streams; depths: plain, MTP depth 1..K and auto; prefill: time to first token of a long "
+                        "prompt, chunks pipelined vs one after another; hop: overhead per stage")
+    b.add_argument("--emulate-ms", default=None, metavar="A,B",
+                   help="local workers emulate Mac-speed stages (A + B*(rows-1) ms per forward); figures say so")
+    b.add_argument("--pin", action="store_true", help="pin the coordinator and each local worker to their own cores")
+    b.add_argument("--streams", default="1,4", help="stream counts for --scenario streams (e.g. 1,4,8,16)")
+    b.add_argument("--mtp-depth", default="1", help="MTP depth for --scenario streams (1-8 or auto)")
+    b.add_argument("--max-depth", type=int, default=3, help="deepest depth for --scenario depths")
+    b.add_argument("--prompt-tokens", type=int, default=1500, help="prompt length for --scenario prefill")
+    b.add_argument("--prefill-step", type=int, default=256, help="prefill chunk (and per-unit prefill budget)")
     return ap
 
 
@@ -150,6 +163,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synth":
             from .model.synthetic import make_synthetic
             print(make_synthetic(args.out, args.size, moe=args.moe, seed=args.seed))
+            return 0
+        if args.command == "bench" and args.scenario != "single":
+            from .coordinator.bench_streams import run_scenario
+            result = run_scenario(args)
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=2))
+            print(json.dumps(result, indent=2))
             return 0
         if args.command == "bench":
             from .bench import run_bench

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtpdist.engine.generate import GenerationRequest, Generator
+from mtpdist.engine.generate import GenerationRequest
 from mtpdist.engine.local import LocalSession
 from mtpdist.engine.plan import Candidate, PlanLimits, plan_units
 from mtpdist.engine.scheduler import Scheduler, SchedulerSettings, run_all

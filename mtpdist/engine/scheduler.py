@@ -94,7 +94,9 @@ class Scheduler:
         self.unit_ids = itertools.count()
         self.recoveries = 0
         self.waiting = 0            # inserted, not yet admitted
-        self.stats = {"units": 0, "unit_sequences": 0, "max_unit_sequences": 0, "max_stage_rows": 0}
+        self.stats = {"units": 0, "unit_sequences": 0, "max_unit_sequences": 0, "max_stage_rows": 0,
+                      "unit_wall_s": 0.0, "unit_compute_s": 0.0, "units_done": 0}
+        self.sent_at: dict[int, float] = {}
         self.transport = backend.transport()
 
     # -- any thread ----------------------------------------------------------------------
@@ -140,7 +142,7 @@ class Scheduler:
             self.waiting -= 1
             self._admit(event[1], event[2])
         elif event[0] == "done":
-            self._done(event[1], event[2])
+            self._done(event[1], event[2], event[3])
 
     def _admit(self, req: GenerationRequest, sink: Sink) -> None:
         if sink.cancelled():
@@ -196,10 +198,12 @@ class Scheduler:
         st["units"] += 1
         st["unit_sequences"] += len(members)
         st["max_unit_sequences"] = max(st["max_unit_sequences"], len(members))
-        self.transport.send(rows, hidden, lambda r, uid=uid: self.events.put(("done", uid, r)))
+        self.sent_at[uid] = time.perf_counter()
+        self.transport.send(rows, hidden, lambda r, uid=uid: self.events.put(("done", uid, r, time.perf_counter())))
 
-    def _done(self, uid: int, result) -> None:
+    def _done(self, uid: int, result, at: float) -> None:
         members = self.units.pop(uid)
+        sent = self.sent_at.pop(uid)
         for key, _ in members:
             if key in self.live:
                 self.live[key].inflight -= 1
@@ -207,7 +211,11 @@ class Scheduler:
             self._unit_failed(members, result)
         else:
             self.recoveries = 0
-            self.stats["max_stage_rows"] = max(self.stats["max_stage_rows"], *result.batch_rows, 0)
+            st = self.stats
+            st["max_stage_rows"] = max(st["max_stage_rows"], *result.batch_rows, 0)
+            st["unit_wall_s"] += at - sent
+            st["unit_compute_s"] += sum(result.compute_us) / 1e6
+            st["units_done"] += 1
             self._deliver(members, result)
         for key, _ in members:
             self._maybe_release(key)

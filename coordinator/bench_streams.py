@@ -1,0 +1,179 @@
+"""`mtpdist bench --scenario ...`: the scheduler through local workers, as JSON.
+
+Scenarios (each run side by side in one process, repeated and interleaved, medians kept):
+- `streams`: aggregate tok/s of 1..N concurrent streams, MTP off and on.
+- `depths`: one stream at plain, depth 1..K and auto, with acceptance by depth.
+- `prefill`: time to first token of a long prompt, chunks pipelined vs one after another.
+- `hop`: time per forward outside worker compute, per stage (no emulation).
+Workers may emulate Mac-speed stages (`--emulate-ms A,B`, figures then say "emulated") and
+may be pinned to their own CPU cores (`--pin`).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from mtpdist import __version__
+from mtpdist.engine.generate import GenerationRequest
+from mtpdist.engine.local import LocalSession
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings, run_all
+
+from .local_cluster import LocalCluster
+from .session import PipelineSession
+
+PROMPTS = [
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "import os\n\n\ndef list_files(path):\n",
+    "class Stack:\n    def __init__(self):\n",
+    "def read_json(path):\n    with open(path) as f:\n",
+    "# Sort a list of numbers\ndef sort_numbers(xs):\n",
+    "def is_prime(n):\n",
+    "def merge(a, b):\n    \"\"\"Merge two sorted lists.\"\"\"\n",
+    "for i in range(10):\n",
+]
+
+
+def core_sets(n_workers: int) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """This process's cores and each worker's, split evenly (the coordinator gets the first share)."""
+    cores = sorted(os.sched_getaffinity(0))
+    share = max(1, len(cores) // (n_workers + 1))
+    if len(cores) < n_workers + 1:
+        raise ValueError(f"--pin needs at least {n_workers + 1} cores; this machine has {len(cores)}")
+    sets = [tuple(cores[i * share:(i + 1) * share]) for i in range(n_workers + 1)]
+    return sets[0], sets[1:]
+
+
+class Bench:
+    """A session over local workers (or in-process layers with 0 workers) and its settings."""
+
+    def __init__(self, args, tmp: Path):
+        self.args = args
+        extra = ("--emulate-ms", args.emulate_ms) if args.emulate_ms else ()
+        self.cluster = None
+        self.pinned = None
+        if args.pin:
+            mine, theirs = core_sets(args.workers)
+            os.sched_setaffinity(0, mine)
+            self.pinned = {"coordinator": list(mine), "workers": [list(c) for c in theirs]}
+        if args.workers:
+            self.cluster = LocalCluster(args.workers, tmp, *extra, cpus=theirs if args.pin else None)
+            self.session = PipelineSession(args.model, self.cluster.addresses, mtp=True, progress=False,
+                                           prefill_step=args.prefill_step)
+        else:
+            self.session = LocalSession(args.model, mtp=True, prefill_step=args.prefill_step)
+        self.prompts = [self.session.generator.encode(p) for p in PROMPTS]
+
+    def run(self, reqs, max_inflight: int = 0, stagger: float = 0.0) -> tuple[list, float, Scheduler]:
+        sched = Scheduler(self.session.generator, self.session,
+                          SchedulerSettings(max_inflight=max_inflight, prefill_budget=self.args.prefill_step))
+        t0 = time.perf_counter()
+        sinks = run_all(sched, reqs, timeout=1800, stagger=stagger)
+        wall = time.perf_counter() - t0
+        return [s.wait() for s in sinks], wall, sched
+
+    def close(self) -> None:
+        self.session.close() if hasattr(self.session, "close") else None
+        if self.cluster:
+            self.cluster.stop()
+
+
+def _req(b: Bench, i: int, mode: str) -> GenerationRequest:
+    mtp = mode != "plain"
+    return GenerationRequest(tuple(b.prompts[i % len(b.prompts)]), b.args.max_tokens, mtp=mtp,
+                             mtp_depth=(mode if mode == "auto" else int(mode)) if mtp else 1)
+
+
+def scenario_streams(b: Bench) -> dict:
+    counts = [int(x) for x in b.args.streams.split(",")]
+    modes = ["plain", str(b.args.mtp_depth)]
+    runs: dict[str, list[float]] = {}
+    acc: dict[str, list[float]] = {}
+    for rep in range(b.args.repeats + 1):       # the first round warms up and is dropped
+        for n in counts:
+            for mode in modes:
+                results, wall, _ = b.run([_req(b, i, mode) for i in range(n)])
+                if rep:
+                    key = f"{mode}:{n}"
+                    runs.setdefault(key, []).append(sum(r.generation_tokens for r in results) / wall)
+                    if mode != "plain":
+                        acc.setdefault(key, []).append(statistics.mean(r.acceptance for r in results))
+    med = {k: round(statistics.median(v), 3) for k, v in runs.items()}
+    out = {"aggregate_tps": med, "acceptance": {k: round(statistics.median(v), 4) for k, v in acc.items()}}
+    for mode in modes:
+        one = med[f"{mode}:{counts[0]}"]
+        out[f"{'mtp' if mode != 'plain' else 'plain'}_scaling_vs_{counts[0]}_stream"] = {
+            str(n): round(med[f"{mode}:{n}"] / one, 3) for n in counts}
+    out["mtp_over_plain"] = {str(n): round(med[f"{modes[1]}:{n}"] / med[f"plain:{n}"], 3) for n in counts}
+    return out
+
+
+def scenario_depths(b: Bench) -> dict:
+    modes = ["plain", *[str(k) for k in range(1, b.args.max_depth + 1)], "auto"]
+    runs: dict[str, list[float]] = {}
+    by_depth: dict[str, list] = {}
+    for rep in range(b.args.repeats + 1):
+        for mode in modes:
+            results, _, sched = b.run([_req(b, i, mode) for i in range(len(b.prompts))], max_inflight=1)
+            if not rep:
+                continue
+            # One stream at a time: each prompt runs alone (max_inflight=1 keeps one unit in flight).
+            runs.setdefault(mode, []).append(statistics.mean(r.generation_tps for r in results))
+            if mode != "plain":
+                tried = [sum(1 for r in results if len(r.acceptance_by_depth) > j) for j in range(8)]
+                by_depth.setdefault(mode, []).append([round(statistics.mean(
+                    r.acceptance_by_depth[j] for r in results if len(r.acceptance_by_depth) > j), 4)
+                    for j in range(8) if tried[j]])
+                if mode == "auto":
+                    by_depth.setdefault("auto_policy", []).append(sched.auto_depth.summary())
+    med = {k: round(statistics.median(v), 3) for k, v in runs.items()}
+    return {"tps": med, "over_plain": {k: round(v / med["plain"], 3) for k, v in med.items()},
+            "acceptance_by_depth_cumulative": {k: v[-1] for k, v in by_depth.items()}}
+
+
+def scenario_prefill(b: Bench) -> dict:
+    base = [t for p in b.prompts for t in p]
+    prompt = tuple((base * (b.args.prompt_tokens // len(base) + 1))[:b.args.prompt_tokens])
+    runs: dict[str, list[float]] = {"pipelined": [], "one_after_another": []}
+    for rep in range(b.args.repeats + 1):
+        for name, inflight in (("pipelined", 0), ("one_after_another", 1)):
+            results, _, _ = b.run([GenerationRequest(prompt, 2)], max_inflight=inflight)
+            if rep:
+                runs[name].append(results[0].time_to_first_token)
+    med = {k: round(statistics.median(v), 4) for k, v in runs.items()}
+    return {"prompt_tokens": len(prompt), "chunk": b.args.prefill_step, "ttft_s": med,
+            "pipelined_over_one_after_another": round(med["pipelined"] / med["one_after_another"], 4)}
+
+
+def scenario_hop(b: Bench) -> dict:
+    per_stage = []
+    for rep in range(b.args.repeats + 1):
+        _, _, sched = b.run([_req(b, 0, "plain")], max_inflight=1)
+        st = sched.stats
+        if rep and st["units_done"]:
+            per_stage.append((st["unit_wall_s"] - st["unit_compute_s"]) / st["units_done"] / max(b.args.workers, 1))
+    return {"overhead_per_stage_us": round(statistics.median(per_stage) * 1e6, 1),
+            "runs_us": [round(x * 1e6, 1) for x in per_stage]}
+
+
+SCENARIOS = {"streams": scenario_streams, "depths": scenario_depths, "prefill": scenario_prefill,
+             "hop": scenario_hop}
+
+
+def run_scenario(args) -> dict:
+    """Run `args.scenario` and return its JSON-ready figures with the settings behind them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        b = Bench(args, Path(tmp))
+        try:
+            figures = SCENARIOS[args.scenario](b)
+        finally:
+            b.close()
+    return {"scenario": args.scenario, "mtpdist_version": __version__, "machine": platform.platform(),
+            "model": str(Path(args.model).resolve()), "workers": args.workers,
+            "emulated": f"emulated, {args.emulate_ms}" if args.emulate_ms else "real compute",
+            "pinned": b.pinned, "max_tokens": args.max_tokens, "prefill_step": args.prefill_step,
+            "repeats": args.repeats, **figures}
