@@ -38,16 +38,25 @@ def layer_bytes(model_dir: Path, num_layers: int) -> list[int]:
     return sizes
 
 
+def _comparable_speeds(gbps: list[float]) -> list[float] | None:
+    """Speeds rounded to 10% of the fastest, so that measurement noise between like Macs does
+    not skew the plan; None unless every worker reported one."""
+    if not gbps or min(gbps) <= 0:
+        return None
+    top = max(gbps)
+    return [max(1, round(10 * g / top)) / 10 for g in gbps]
+
+
 class PipelineSession:
     """Generation through workers. `attach` (re)plans and loads shards for a worker list."""
 
     def __init__(self, model_dir: str | Path, workers: Sequence[str], mtp: bool = False, post_norm: bool = True,
                  prefill_step: int = 512, chain: bool = True, rewind: str = "carry", progress: bool = True,
                  channel: ChannelSettings = ChannelSettings(), headroom: float = 0.1,
-                 candidates: Callable[[], list[str]] | None = None):
+                 candidates: Callable[[], list[str]] | None = None, balance_speed: bool = True):
         self.model_dir = Path(model_dir)
         self.chain, self.rewind, self.progress = chain, rewind, progress
-        self.channel, self.headroom = channel, headroom
+        self.channel, self.headroom, self.balance_speed = channel, headroom, balance_speed
         self.config, self.raw_config = read_config(self.model_dir)
         self.layer_bytes = layer_bytes(self.model_dir, self.config.num_hidden_layers)
         self.model_hash = model_hash(self.model_dir, progress)
@@ -73,10 +82,14 @@ class PipelineSession:
             if info.protocol_version != PROTOCOL_VERSION:
                 raise MtpdistError(f"worker {c.address} speaks protocol {info.protocol_version}, "
                                    f"this coordinator {PROTOCOL_VERSION}; upgrade mtpdist on both")
+        speed = _comparable_speeds([i.read_gbps for i in infos]) if self.balance_speed else None
         try:
-            placement = plan_layers([i.usable_bytes for i in infos], self.layer_bytes, self.headroom)
+            placement = plan_layers([i.usable_bytes for i in infos], self.layer_bytes, self.headroom, speed)
         except PlacementError as e:
             raise MtpdistError(f"the model does not fit: {e}") from e
+        if speed:
+            log.info("placing by stage time (read speeds %s GB/s): layers %s", [round(i.read_gbps, 1) for i in infos],
+                     ", ".join(f"{s}-{e - 1}" for s, e in placement.ranges))
         for c, (start, end) in zip(clients, placement.ranges):
             self._load_shard(c, start, end)
         for old in self.clients:

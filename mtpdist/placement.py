@@ -16,10 +16,14 @@ class Placement:
     bytes_per_worker: tuple[int, ...]
 
 
-def plan_layers(usable: list[int], layer_bytes: list[int], headroom: float = 0.1) -> Placement:
-    """Split layers into contiguous ranges proportional to each worker's usable memory.
+def plan_layers(usable: list[int], layer_bytes: list[int], headroom: float = 0.1,
+                speed: list[float] | None = None) -> Placement:
+    """Split layers into contiguous ranges, one per worker, in pipeline order.
 
-    `headroom` is the fraction of each worker's memory kept free for KV and GDN state.
+    Without `speed`, ranges are proportional to each worker's usable memory. With `speed`
+    (bytes of weights each worker reads per second), the ranges minimise the slowest
+    stage's time, since once stages overlap the slowest one sets the pace, within each
+    worker's memory. `headroom` is the fraction of memory kept free for KV and GDN state.
     Every worker gets at least one layer. Refuses (with the arithmetic) if it cannot fit.
     """
     n, L = len(usable), len(layer_bytes)
@@ -31,11 +35,16 @@ def plan_layers(usable: list[int], layer_bytes: list[int], headroom: float = 0.1
     total = sum(layer_bytes)
     if total > sum(cap):
         raise PlacementError(_arith(total, usable, cap, headroom))
-    # Each boundary goes where the running byte total is nearest that worker's cumulative
-    # share, leaving at least one layer for every worker.
     cum = [0]
     for b in layer_bytes:
         cum.append(cum[-1] + b)
+    if speed is not None and len(speed) == n and all(s > 0 for s in speed):
+        ranges = _balanced(cap, cum, speed)
+        if ranges is None:
+            raise PlacementError(_arith(total, usable, cap, headroom))
+        return Placement(tuple(ranges), tuple(cum[e] - cum[s] for s, e in ranges))
+    # Each boundary goes where the running byte total is nearest that worker's cumulative
+    # share, leaving at least one layer for every worker.
     ranges, start, target = [], 0, 0.0
     for i in range(n - 1):
         target += cap[i] / sum(cap) * total
@@ -47,6 +56,35 @@ def plan_layers(usable: list[int], layer_bytes: list[int], headroom: float = 0.1
     if any(u > c for u, c in zip(used, cap)):
         raise PlacementError(_arith(total, usable, cap, headroom, used))
     return Placement(tuple(ranges), tuple(used))
+
+
+def _balanced(cap: list[int], cum: list[int], speed: list[float]) -> list[tuple[int, int]] | None:
+    """Contiguous ranges minimising max(bytes_i / speed_i) with bytes_i <= cap_i (dynamic programming)."""
+    n, L, inf = len(cap), len(cum) - 1, float("inf")
+    best = [[inf] * (L + 1) for _ in range(n + 1)]   # best[i][e]: workers < i hold layers < e
+    cut = [[0] * (L + 1) for _ in range(n + 1)]
+    best[0][0] = 0.0
+    for i in range(1, n + 1):
+        for e in range(i, L - (n - i) + 1):
+            for k in range(i - 1, e):
+                size = cum[e] - cum[k]
+                if best[i - 1][k] == inf or size > cap[i - 1]:
+                    continue
+                t = max(best[i - 1][k], size / speed[i - 1])
+                if t < best[i][e]:
+                    best[i][e], cut[i][e] = t, k
+    if best[n][L] == inf:
+        return None
+    ranges, e = [], L
+    for i in range(n, 0, -1):
+        ranges.append((cut[i][e], e))
+        e = cut[i][e]
+    return ranges[::-1]
+
+
+def stage_seconds(placement: Placement, speed: list[float]) -> list[float]:
+    """Estimated time of each stage's weight reads per forward."""
+    return [b / s for b, s in zip(placement.bytes_per_worker, speed)]
 
 
 def _arith(total, usable, cap, headroom, used=None) -> str:

@@ -111,3 +111,19 @@ def test_worker_id_is_stable_and_a_copied_folder_gets_a_new_one(tmp_path):
     (tmp_path / "worker.json").write_text(json.dumps(data))
     fresh = worker_id(tmp_path)
     assert fresh != first and worker_id(tmp_path) == fresh
+
+
+def test_placement_balances_stage_time_when_speeds_are_known():
+    from mtpdist.placement import plan_layers, stage_seconds
+    layers = [100] * 12
+    mem = [10_000, 10_000]
+    even = plan_layers(mem, layers)
+    assert even.ranges == ((0, 6), (6, 12))
+    fast_slow = plan_layers(mem, layers, speed=[3.0, 1.0])        # the first Mac reads 3x faster
+    assert fast_slow.ranges == ((0, 9), (9, 12))
+    t = stage_seconds(fast_slow, [3.0, 1.0])
+    assert max(t) == 300 and max(t) < max(stage_seconds(even, [3.0, 1.0]))
+    capped = plan_layers([10_000, 560], layers, headroom=0.0, speed=[1.0, 100.0])  # fast but small
+    assert capped.ranges == ((0, 7), (7, 12)) and capped.bytes_per_worker[1] <= 560
+    with pytest.raises(PlacementError):
+        plan_layers([300, 300], layers, headroom=0.0, speed=[1.0, 1.0])

@@ -114,3 +114,22 @@ def test_sigkill_with_several_sequences_in_flight(tmp_path, tiny_dense, referenc
         assert [s.wait().token_ids for s in sinks] == want
         assert len(session.addresses) == 2                    # re-planned over the two left
         session.close()
+
+
+def test_faster_worker_gets_more_layers(tmp_path, tiny_dense):
+    """Workers report their weight-read speed; a 3x faster Mac gets the larger share of layers."""
+    from mtpdist.coordinator.local_cluster import LocalWorker
+    fast = LocalWorker(tmp_path / "fast", "--read-gbps", "300")
+    slow = LocalWorker(tmp_path / "slow", "--read-gbps", "100")
+    try:
+        session = session_over(tiny_dense[0], [slow.address, fast.address])
+        assert [i.read_gbps for i in session.infos] == [100.0, 300.0]
+        (s0, e0), (s1, e1) = session.placement.ranges
+        assert e1 - s1 > e0 - s0
+        reqs = [GenerationRequest(tuple(PROMPTS[0]), 10, mtp=True)]
+        sched = Scheduler(session.generator, session)
+        assert len(run_all(sched, reqs)[0].wait().token_ids) == 10
+        session.close()
+    finally:
+        fast.stop()
+        slow.stop()

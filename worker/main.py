@@ -49,6 +49,8 @@ def add_arguments(p) -> None:
                    help="benchmarking aid: make a forward of T rows take at least A + B*(T-1) ms (compute, then "
                         "sleep), to play a Mac-speed stage on a small machine. Off by default; figures made "
                         "with it are emulated")
+    p.add_argument("--read-gbps", type=float, default=None,
+                   help="this Mac's weight-read speed in GB/s, for placement (default: measured at first contact)")
     p.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (needs --tls-key)")
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-ca", default=None, help="CA to trust when calling the next worker over TLS")
@@ -84,7 +86,7 @@ def run_worker(args) -> int:
         usable_bytes=int(args.usable_memory_gb * (1 << 30)) if args.usable_memory_gb else None,
         max_sequences=args.max_sequences, worker_id=worker_id(),
         channel=ChannelSettings(token=token, tls_ca=args.tls_ca, timeout=args.rpc_timeout),
-        emulate=args.emulate_ms)
+        emulate=args.emulate_ms, read_gbps=args.read_gbps)
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     server, port = serve(service, args.host, args.port, token=token, tls=tls)
     if args.emulate_ms:

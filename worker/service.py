@@ -36,7 +36,8 @@ class WorkerService:
 
     def __init__(self, cache_root: Path, model_dir: Path | None = None, usable_bytes: int | None = None,
                  max_sequences: int = 64, worker_id: str | None = None,
-                 channel: ChannelSettings = ChannelSettings(), emulate: StageEmulation | None = None):
+                 channel: ChannelSettings = ChannelSettings(), emulate: StageEmulation | None = None,
+                 read_gbps: float | None = None):
         self.store = ShardStore(cache_root)
         self.model_dir, self._model_dir_hash = model_dir, None
         self.memory = total_memory()
@@ -44,6 +45,7 @@ class WorkerService:
         self.max_sequences, self.channel = max_sequences, channel
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
         self.compute = ComputeLoop(emulate=emulate)  # the one MLX thread
+        self.read_gbps = read_gbps
         self.stage = None
         self.spec: ShardSpec | None = None
         self.weight_bytes = 0
@@ -88,7 +90,13 @@ class WorkerService:
             model_hash=self.spec.model_hash if self.spec else "",
             layer_start=self.spec.layer_start if self.spec else 0, layer_end=self.spec.layer_end if self.spec else 0,
             sequences=len(stage.seqs) if stage else 0, state_bytes=self._on_mlx(stage.state_bytes) if stage else 0,
-            mlx_version=mlx_version(), weight_bytes=self.weight_bytes)
+            mlx_version=mlx_version(), weight_bytes=self.weight_bytes, read_gbps=self._read_speed())
+
+    def _read_speed(self) -> float:
+        if self.read_gbps is None:  # measured once, on the MLX thread
+            from mtpdist.engine.devices import measure_read_gbps
+            self.read_gbps = self._on_mlx(measure_read_gbps)
+        return self.read_gbps
 
     def has_shard(self, spec: ShardSpec) -> tuple[bool, str]:
         if self.spec is not None and (spec.model_hash, spec.layer_start, spec.layer_end) == (

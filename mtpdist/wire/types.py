@@ -53,6 +53,7 @@ class WorkerInfo:
     state_bytes: int = 0
     mlx_version: str = ""
     weight_bytes: int = 0
+    read_gbps: float = 0.0
 
 
 @dataclass(frozen=True)
