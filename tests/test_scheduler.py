@@ -81,3 +81,36 @@ def test_bad_request_fails_alone(local):
     with pytest.raises(Exception, match="empty"):
         sinks[0].wait()
     assert len(sinks[1].wait().token_ids) == 5
+
+
+# -- a chat's state reused across turns ----------------------------------------------------
+
+@pytest.mark.parametrize("mtp", [False, True])
+def test_second_turn_continues_from_the_first_and_matches_a_fresh_prefill(local, mtp):
+    first = tuple(PROMPTS[2])
+    sched = Scheduler(local.generator, local, SchedulerSettings(prefill_budget=8))
+    r1 = run_all(sched, [GenerationRequest(first, 12, mtp=mtp, mtp_depth=2)])[0].wait()
+    second = first + r1.token_ids + (77, 78, 79)
+    r2 = run_all(sched, [GenerationRequest(second, 15, mtp=mtp, mtp_depth=2)])[0].wait()
+    assert r2.cached_tokens == len(first) + len(r1.token_ids) - 1     # everything but the last token fed
+    fresh = Scheduler(local.generator, local, SchedulerSettings(prefill_budget=8, reuse_prefixes=False))
+    assert r2.token_ids == run_all(fresh, [GenerationRequest(second, 15)])[0].wait().token_ids
+    assert r2.token_ids == solo(local, GenerationRequest(second, 15))
+    # A request that extends only the first prompt continues from the end-of-prompt state.
+    r3 = run_all(sched, [GenerationRequest(first + (5, 6), 6, mtp=mtp)])[0].wait()
+    assert r3.cached_tokens == len(first) - 1
+    assert r3.token_ids == solo(local, GenerationRequest(first + (5, 6), 6))
+
+
+def test_kept_prefixes_are_evicted_under_memory_pressure_without_harm(tiny_dense):
+    session = LocalSession(tiny_dense[0], prefill_step=8)
+    stage = session.transport().stage
+    sched = Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8))
+    a = run_all(sched, [GenerationRequest(tuple(PROMPTS[2]), 8)])[0].wait()
+    assert len(stage.prefixes) == 2                                      # end of prompt, end of turn
+    stage.state_budget = 1                                               # memory runs short
+    b = run_all(sched, [GenerationRequest(tuple(PROMPTS[0]) * 3, 8)])[0].wait()
+    assert len(stage.prefixes) <= 1 and not stage.seqs
+    again = run_all(sched, [GenerationRequest(tuple(PROMPTS[2]) + a.token_ids + (9,), 8)])[0].wait()
+    assert again.token_ids == solo(session, GenerationRequest(tuple(PROMPTS[2]) + a.token_ids + (9,), 8))
+    assert b.token_ids == solo(session, GenerationRequest(tuple(PROMPTS[0]) * 3, 8))

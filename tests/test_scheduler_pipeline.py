@@ -133,3 +133,26 @@ def test_faster_worker_gets_more_layers(tmp_path, tiny_dense):
     finally:
         fast.stop()
         slow.stop()
+
+
+def test_chat_turns_reuse_worker_state_and_survive_a_lost_worker(tmp_path, tiny_dense, reference):
+    first = tuple(PROMPTS[2])
+    with workers(3, tmp_path) as ws:
+        session = session_over(tiny_dense[0], [w.address for w in ws])
+        sched = Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8))
+        r1 = run_all(sched, [GenerationRequest(first, 10, mtp=True, mtp_depth=2)])[0].wait()
+        assert [i.prefixes for i in map(lambda a: WorkerClient(a).describe(), session.addresses)] == [2, 2, 2]
+        second = first + r1.token_ids + (77, 78)
+        want = reference(second, 40)
+        sink = CollectingSink()
+        sched.insert(GenerationRequest(second, 40, mtp=True, mtp_depth=2), sink)
+        killed = False
+        while not sink.ended.is_set():
+            sched.run_once(0.02)
+            if not killed and len(sink.deltas) >= 3:
+                os.kill(ws[0].proc.pid, signal.SIGKILL)      # replay must rebuild the kept prefix too
+                killed = True
+        r2 = sink.wait()
+        assert r2.cached_tokens == len(first) + len(r1.token_ids) - 1
+        assert r2.token_ids == want
+        session.close()

@@ -89,7 +89,7 @@ class WorkerService:
             chip=platform.processor() or platform.machine(),
             model_hash=self.spec.model_hash if self.spec else "",
             layer_start=self.spec.layer_start if self.spec else 0, layer_end=self.spec.layer_end if self.spec else 0,
-            sequences=len(stage.seqs) if stage else 0, state_bytes=self._on_mlx(stage.state_bytes) if stage else 0,
+            sequences=len(stage.seqs) if stage else 0, prefixes=len(stage.prefixes) if stage else 0, state_bytes=self._on_mlx(stage.state_bytes) if stage else 0,
             mlx_version=mlx_version(), weight_bytes=self.weight_bytes, read_gbps=self._read_speed())
 
     def _read_speed(self) -> float:
@@ -164,6 +164,12 @@ class WorkerService:
 
     def release(self, sequence_id: str) -> bool:
         return self._on_mlx(self._stage().release, sequence_id) if self.stage else False
+
+    def keep(self, sequence_id: str, rewind: int, name: str) -> int:
+        return self._on_mlx(self._stage().keep, sequence_id, rewind, name)
+
+    def fork(self, prefix: str, sequence_id: str) -> int:
+        return self._on_mlx(self._stage().fork, prefix, sequence_id)
 
     def health(self) -> str:
         return "serving" if self.stage else "idle"

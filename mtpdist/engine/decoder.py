@@ -73,18 +73,20 @@ class SequenceDecoder:
     every other step waits for the one before it."""
 
     def __init__(self, head: Head, sampler: Sampler, prompt: Sequence[int], drafter: Drafter | None = None,
-                 depth: DepthPolicy | None = None, chunk: int = 512):
+                 depth: DepthPolicy | None = None, chunk: int = 512, start: int = 0):
+        """`start`: the caches (and the drafter's) already hold prompt[:start] (a kept prefix)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         self.head, self.sampler, self.drafter = head, sampler, drafter
         self.depth = depth or FixedDepth(1)
         self.prompt = list(prompt)
         self.body = len(self.prompt) - 1  # the last prompt token is the first decode input
-        self.chunk = chunk
+        self.chunk, self.start = chunk, start
         self.chunks: list[tuple[int, int]] = []  # prefill chunks sent, as prompt ranges
         self.done = 0                # prefill chunks processed (in order)
         self.early: dict[int, mx.array] = {}  # prefill results that came back out of order
-        self.position = 0            # cache position after everything sent so far
+        self.position = start        # cache position after everything sent so far
+        self.confirmed: list[int] = []  # every token confirmed (may run past what the caller keeps)
         self.rewind = 0              # tokens to undo before the next step (a rejected draft)
         self.waiting = False         # a non-prefill step is in flight
         self.pending = self.prompt[-1]
@@ -96,7 +98,7 @@ class SequenceDecoder:
 
     @property
     def sent_prefill(self) -> int:
-        return self.chunks[-1][1] if self.chunks else 0
+        return self.chunks[-1][1] if self.chunks else self.start
 
     @property
     def prefilling(self) -> bool:
@@ -145,12 +147,21 @@ class SequenceDecoder:
         self.waiting = False
         normed = self.head.norm(hidden)
         if step.kind == "verify":
-            return self._verified(step, hidden, normed)
-        tok = self.sampler.sample(self.head.logits(normed[0, -1]))
-        self.pending = tok
-        if self.drafter is not None:
-            self._draft(self.drafter.extend(hidden, normed, [tok]))
-        return [tok]
+            out = self._verified(step, hidden, normed)
+        else:
+            out = [self.sampler.sample(self.head.logits(normed[0, -1]))]
+            self.pending = out[0]
+            if self.drafter is not None:
+                self._draft(self.drafter.extend(hidden, normed, out))
+        self.confirmed.extend(out)
+        return out
+
+    def settle_drafter(self) -> None:
+        """Drop the drafter's speculative entries, so its cache ends where the backbone's does."""
+        if self.drafter is not None and self.speculative:
+            self.drafter.rewind(self.speculative)
+            self.speculative = 0
+            self.drafts, self.qs = [], []
 
     def _prefilled(self, i: int, hidden: mx.array) -> None:
         out = [hidden]

@@ -41,6 +41,7 @@ class GenerationResult:
     verify_passes: int = 0
     acceptance_by_depth: tuple[float, ...] = ()  # cumulative, see SpecStats
     time_to_first_token: float = 0.0
+    cached_tokens: int = 0      # prompt tokens continued from a kept state instead of prefilled
 
     @property
     def acceptance(self) -> float:
@@ -53,7 +54,8 @@ class GenerationResult:
                 "accepted": self.accepted, "acceptance": round(self.acceptance, 4),
                 "verify_passes": self.verify_passes, "acceptance_by_depth": list(self.acceptance_by_depth),
                 "acceptance_by_depth_kind": "cumulative",
-                "time_to_first_token": round(self.time_to_first_token, 4), "finish_reason": self.finish_reason}
+                "time_to_first_token": round(self.time_to_first_token, 4), "cached_tokens": self.cached_tokens,
+                "finish_reason": self.finish_reason}
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Output:
         self.t0 = time.perf_counter()
         self.t_first: float | None = None
         self.finish_reason = "length"
+        self.cached_tokens = 0
 
     @property
     def done(self) -> bool:
@@ -167,7 +170,7 @@ class Output:
             generation_tps=n_gen / gen_time if gen_time > 0 else 0.0,
             drafted=stats.drafted, accepted=stats.accepted, finish_reason=self.finish_reason,
             verify_passes=stats.verify_passes, acceptance_by_depth=tuple(stats.acceptance_by_depth()),
-            time_to_first_token=ttft)
+            time_to_first_token=ttft, cached_tokens=self.cached_tokens)
         return Delta(tail, [], result)
 
 

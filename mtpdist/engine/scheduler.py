@@ -19,17 +19,19 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Protocol
 
 import mlx.core as mx
 
 from ..errors import MtpdistError, WorkerCallError
+from ..model.cache import copy_caches
 from ..wire.types import SequenceRows
 from .decoder import SequenceDecoder, Step
 from .depth import AutoDepth, FixedDepth
 from .generate import Delta, GenerationRequest, GenerationResult, Generator, Output
 from .plan import Candidate, PlanLimits, plan_units
+from .prefix import PrefixEntry, PrefixIndex
 from .sampling import Sampler
 from .transport import Transport, UnitResult
 
@@ -63,6 +65,9 @@ class SchedulerSettings:
     prefill_budget: int = 512        # prefill rows per unit
     max_unit_sequences: int = 64
     max_recoveries: int = 3          # consecutive failed recoveries before giving up
+    reuse_prefixes: bool = True      # keep finished turns and prompts; continue later requests from them
+    prefix_min_tokens: int = 16      # shorter prompts are not worth keeping
+    prefix_capacity: int = 64
 
 
 @dataclass
@@ -73,9 +78,12 @@ class _Live:
     output: Output
     sink: Sink
     order: int
-    log: list[Step] = field(default_factory=list)  # completed steps, for exact replay
+    log: list[Step] = field(default_factory=list)  # completed steps (from position 0), for exact replay
     inflight: int = 0
     ended: bool = False
+    carry: int = 0                   # a kept prefix's final rewind, folded into the first own step
+    save_prompt: str = ""            # the name the end-of-prompt state is kept under, until it is
+    kept: bool = False               # its state was kept for reuse instead of released
 
 
 class Scheduler:
@@ -90,6 +98,7 @@ class Scheduler:
         self.units: dict[int, list[tuple[str, Step]]] = {}
         self.failed: list[tuple[list[tuple[str, Step]], BaseException]] = []
         self.auto_depth = AutoDepth()
+        self.prefixes = PrefixIndex(settings.prefix_capacity)
         self.order = itertools.count()
         self.unit_ids = itertools.count()
         self.recoveries = 0
@@ -152,17 +161,42 @@ class Scheduler:
             self.generator.check(req)
             if not any(not s.ended for s in self.live.values()) and not self.units:
                 self.backend.prepare()          # membership changes are picked up between requests
-                self.transport = self.backend.transport()
+                self._use(self.backend.transport())
             depth = (self.auto_depth if req.mtp_depth == "auto" else FixedDepth(int(req.mtp_depth))) \
                 if req.mtp else None
-            dec = SequenceDecoder(self.head, Sampler(req.sampling), req.prompt_ids, self.generator.drafter(req),
-                                  depth, self.generator.prefill_step)
+            key = uuid.uuid4().hex
+            drafter = self.generator.drafter(req)
+            base = self._fork(key, req) if self.settings.reuse_prefixes else None
+            if base is not None and drafter is not None:
+                drafter.caches = copy_caches(base.mtp_caches)
+            dec = SequenceDecoder(self.head, Sampler(req.sampling), req.prompt_ids, drafter, depth,
+                                  self.generator.prefill_step, start=len(base.tokens) if base else 0)
         except (MtpdistError, ValueError) as e:
             sink.emit(e if isinstance(e, MtpdistError) else MtpdistError(str(e)))
             sink.emit(None)
             return
-        key = uuid.uuid4().hex
-        self.live[key] = _Live(key, req, dec, Output(self.generator, req), sink, next(self.order))
+        out = Output(self.generator, req)
+        out.cached_tokens = dec.start
+        s = self.live[key] = _Live(key, req, dec, out, sink, next(self.order))
+        if base is not None:
+            s.log, s.carry = list(base.log), base.rewind
+        elif self.settings.reuse_prefixes and dec.body >= self.settings.prefix_min_tokens:
+            s.save_prompt = f"{key}:prompt"
+
+    def _use(self, transport: Transport) -> None:
+        if transport is not self.transport:
+            self.prefixes.clear()         # a new plan: the workers kept nothing for us
+        self.transport = transport
+
+    def _fork(self, key: str, req: GenerationRequest):
+        """Start `key` from the longest kept prefix of its prompt, if the workers still hold it."""
+        entry = self.prefixes.match(req.prompt_ids, need_mtp=req.mtp)
+        if entry is None:
+            return None
+        if self.transport.fork(entry.name, key) != len(entry.tokens):
+            self.prefixes.drop(entry.name)
+            return None
+        return entry
 
     def _send_ready(self) -> None:
         limits = PlanLimits(self.transport.stages, self.settings.max_inflight or self.transport.stages,
@@ -183,8 +217,9 @@ class Scheduler:
             for unit in units:
                 self._send([(key, self.live[key].decoder.next_step(rows)) for key, rows in unit])
 
-    def _rows(self, members: list[tuple[str, Step]]) -> tuple[list[SequenceRows], mx.array]:
-        rows = [SequenceRows(k, st.position, len(st.tokens), st.rewind, st.keep) for k, st in members]
+    def _rows(self, members: list[tuple[str, Step]], save: bool = False) -> tuple[list[SequenceRows], mx.array]:
+        rows = [SequenceRows(k, st.position, len(st.tokens), st.rewind, st.keep,
+                             self._save_name(k, st) if save else "") for k, st in members]
         tokens = [t for _, st in members for t in st.tokens]
         return rows, self.head.embed(mx.array(tokens))
 
@@ -193,13 +228,18 @@ class Scheduler:
         self.units[uid] = members
         for key, _ in members:
             self.live[key].inflight += 1
-        rows, hidden = self._rows(members)
+        rows, hidden = self._rows(members, save=True)
         st = self.stats
         st["units"] += 1
         st["unit_sequences"] += len(members)
         st["max_unit_sequences"] = max(st["max_unit_sequences"], len(members))
         self.sent_at[uid] = time.perf_counter()
         self.transport.send(rows, hidden, lambda r, uid=uid: self.events.put(("done", uid, r, time.perf_counter())))
+
+    def _save_name(self, key: str, step: Step) -> str:
+        s = self.live[key]
+        last = step.kind == "prefill" and step.position + len(step.tokens) == s.decoder.body
+        return s.save_prompt if last else ""
 
     def _done(self, uid: int, result, at: float) -> None:
         members = self.units.pop(uid)
@@ -229,9 +269,13 @@ class Scheduler:
             s = self.live.get(key)
             if s is None or s.ended:
                 continue
+            if s.carry:
+                step, s.carry = replace(step, rewind=step.rewind + s.carry), 0
             s.log.append(step)
             try:
                 tokens = s.decoder.on_result(step, rows)
+                if s.save_prompt and not s.decoder.prefilling:
+                    self._kept_prompt(s)
                 delta = s.output.add(tokens) if tokens else None
             except Exception as e:  # never let one sequence take the others down
                 log.exception("decoding failed")
@@ -242,8 +286,35 @@ class Scheduler:
             if s.output.done:
                 self._finish(s)
 
+    def _kept_prompt(self, s: _Live) -> None:
+        d = s.decoder
+        self.prefixes.add(PrefixEntry(s.save_prompt, tuple(s.req.prompt_ids[:d.body]), tuple(s.log), 0,
+                                      self._mtp_copy(d)))
+        s.save_prompt = ""
+
+    @staticmethod
+    def _mtp_copy(d: SequenceDecoder):
+        caches = getattr(d.drafter, "caches", None)
+        return copy_caches(caches) if caches is not None else None
+
+    def _keep_turn(self, s: _Live) -> None:
+        """Keep a finished sequence's state, so that the next turn of a chat continues from it."""
+        d = s.decoder
+        length = d.position - d.rewind
+        if length < self.settings.prefix_min_tokens or d.waiting or d.prefilling:
+            return
+        d.settle_drafter()
+        name = f"{s.key}:turn"
+        if self.transport.keep(s.key, d.rewind, name) != length:
+            return
+        tokens = (*s.req.prompt_ids, *d.confirmed[:-1])
+        self.prefixes.add(PrefixEntry(name, tokens, tuple(s.log), d.rewind, self._mtp_copy(d)))
+        s.kept = True
+
     def _finish(self, s: _Live) -> None:
         last = s.output.finish(s.decoder.stats)
+        if self.settings.reuse_prefixes:
+            self._keep_turn(s)
         s.sink.emit(last)
         self.on_result(last.result)
         self._end(s, None)
@@ -259,7 +330,7 @@ class Scheduler:
         s = self.live.get(key)
         if s is not None and s.ended and s.inflight == 0:
             del self.live[key]
-            if s.log or s.decoder.chunks:
+            if not s.kept and (s.log or s.decoder.chunks):
                 self.transport.release([key])
 
     def _drop_cancelled(self) -> None:
@@ -300,6 +371,7 @@ class Scheduler:
                 time.sleep(min(0.25 * 2 ** (self.recoveries - 2), 2.0))
             try:
                 self.backend.recover()
+                self.prefixes.clear()
                 self.transport = self.backend.transport()
                 for s in list(self.live.values()):
                     if not s.ended:

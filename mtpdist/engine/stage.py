@@ -14,7 +14,7 @@ from typing import Sequence
 import mlx.core as mx
 
 from ..errors import RequestError
-from ..model.cache import GDNCache, cache_arrays
+from ..model.cache import GDNCache, cache_arrays, copy_caches
 from ..model.qwen35 import LayerStack
 from ..wire.types import SequenceRows
 from .trunk import LocalTrunk
@@ -39,6 +39,9 @@ class Stage:
         self.max_sequences, self.state_budget = max_sequences, state_budget_bytes
         self.seqs: OrderedDict[str, LocalTrunk] = OrderedDict()
         self.evicted: OrderedDict[str, str] = OrderedDict()
+        # Kept states that new sequences can start from (a finished turn, a prompt), LRU.
+        self.prefixes: OrderedDict[str, list] = OrderedDict()
+        self.max_prefixes = 256
 
     def _existing(self, seq_id: str, position: int) -> LocalTrunk | None:
         """The sequence's state; None for a valid new sequence; raises otherwise. Changes nothing."""
@@ -62,6 +65,9 @@ class Stage:
         return trunk.offset - rows.rewind >= rows.position
 
     def _evict(self, keep: set[str]) -> None:
+        # Kept prefixes go first: losing one costs a prefill later, never a request.
+        while self.prefixes and (len(self.prefixes) > self.max_prefixes or self.state_bytes() > self.state_budget):
+            self.prefixes.popitem(last=False)
         while len(self.seqs) > len(keep) and (len(self.seqs) > self.max_sequences
                                               or self.state_bytes() > self.state_budget):
             victim = next(s for s in self.seqs if s not in keep)
@@ -72,7 +78,46 @@ class Stage:
                 self.evicted.popitem(last=False)
 
     def state_bytes(self) -> int:
-        return sum(c.nbytes() for t in self.seqs.values() for c in t.caches)
+        """Bytes of every live sequence's state (snapshots included) and of kept prefixes."""
+        live = sum(c.nbytes() for t in self.seqs.values() for c in t.caches)
+        return live + sum(c.nbytes() for caches in self.prefixes.values() for c in caches)
+
+    def _name_ok(self, name: str) -> None:
+        if not name or len(name) > 160:
+            raise RequestError("INVALID_ARGUMENT", "a prefix name must be 1-160 characters")
+
+    def save(self, seq_id: str, name: str) -> None:
+        """Keep a copy of a sequence's current state under `name`."""
+        self._name_ok(name)
+        trunk = self._lookup_existing(seq_id)
+        self.prefixes[name] = copy_caches(trunk.caches)
+        self.prefixes.move_to_end(name)
+        self._evict(keep={seq_id})
+
+    def keep(self, seq_id: str, rewind: int, name: str) -> int:
+        """End a sequence but keep its state (after undoing `rewind`) under `name`; its length."""
+        self._name_ok(name)
+        trunk = self._lookup_existing(seq_id)
+        self._check_rewind(seq_id, trunk, rewind)
+        trunk.rewind(rewind)
+        del self.seqs[seq_id]
+        self.prefixes[name] = copy_caches(trunk.caches)
+        self._evict(keep=set())
+        return trunk.offset
+
+    def fork(self, name: str, seq_id: str) -> int:
+        """Start sequence `seq_id` from the kept state `name`; returns where it stands."""
+        if name not in self.prefixes:
+            raise RequestError("NOT_FOUND", f"no kept prefix {name!r} (evicted or never kept)")
+        if seq_id in self.seqs:
+            raise RequestError("ALREADY_EXISTS", f"sequence {seq_id!r} exists")
+        self._existing(seq_id, 0)  # checks the id
+        trunk = LocalTrunk(self.stack)
+        trunk.caches = copy_caches(self.prefixes[name])
+        self.prefixes.move_to_end(name)
+        self.seqs[seq_id] = trunk
+        self._evict(keep={seq_id})
+        return trunk.offset
 
     def check(self, sequences: Sequence[SequenceRows], rows: int) -> None:
         """Refuse a malformed Forward before anything runs."""
@@ -84,6 +129,8 @@ class Stage:
             raise RequestError("INVALID_ARGUMENT", f"the sequences' token counts must add up to the {rows} "
                                                    "rows of hidden, each at least 1")
         for s in sequences:
+            if s.save_as:
+                self._name_ok(s.save_as)
             if len(s.keep) > MAX_KEEP or any(k < 1 or k >= s.tokens for k in s.keep):
                 raise RequestError("INVALID_ARGUMENT",
                                    f"keep positions {list(s.keep)} must lie in [1, {s.tokens - 1}]")
@@ -115,6 +162,9 @@ class Stage:
         out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.keep) for t, s in zip(trunks, sequences)])[0]
         mx.eval(out, *(a for t in trunks for a in cache_arrays(t.caches)))
         us = int((time.perf_counter() - t0) * 1e6)
+        for s in sequences:
+            if s.save_as:
+                self.save(s.sequence_id, s.save_as)
         self._evict(keep={s.sequence_id for s in sequences})
         return StageOutput(out, [t.offset for t in trunks], us)
 

@@ -37,6 +37,8 @@ class Transport(Protocol):
     def send(self, rows: Sequence[SequenceRows], hidden: mx.array, done: Callable[[object], None]) -> None: ...
     def forward(self, rows: Sequence[SequenceRows], hidden: mx.array) -> UnitResult: ...
     def release(self, sequence_ids: Sequence[str]) -> None: ...
+    def keep(self, sequence_id: str, rewind: int, name: str) -> int | None: ...
+    def fork(self, prefix: str, sequence_id: str) -> int | None: ...
 
 
 class LocalTransport:
@@ -61,6 +63,18 @@ class LocalTransport:
     def release(self, sequence_ids) -> None:
         for s in sequence_ids:
             self.stage.release(s)
+
+    def keep(self, sequence_id, rewind, name) -> int | None:
+        try:
+            return self.stage.keep(sequence_id, rewind, name)
+        except RequestError:
+            return None
+
+    def fork(self, prefix, sequence_id) -> int | None:
+        try:
+            return self.stage.fork(prefix, sequence_id)
+        except RequestError:
+            return None
 
 
 class WorkerTransport:
@@ -92,4 +106,27 @@ class WorkerTransport:
         for c in self.clients:
             for s in sequence_ids:
                 c.release_async(s)
+
+    def keep(self, sequence_id, rewind, name) -> int | None:
+        """Every worker keeps the sequence's state under `name`; None if any could not."""
+        lengths = set()
+        for c in self.clients:
+            try:
+                lengths.add(c.keep(sequence_id, rewind, name))
+            except WorkerCallError:
+                c.release_async(sequence_id)
+                return None
+        return lengths.pop() if len(lengths) == 1 else None
+
+    def fork(self, prefix, sequence_id) -> int | None:
+        """Start `sequence_id` from `prefix` on every worker; None (and nothing left behind) if any lacks it."""
+        lengths = set()
+        for i, c in enumerate(self.clients):
+            try:
+                lengths.add(c.fork(prefix, sequence_id))
+            except WorkerCallError:
+                for done in self.clients[:i]:
+                    done.release_async(sequence_id)
+                return None
+        return lengths.pop() if len(lengths) == 1 else None
 

@@ -23,6 +23,15 @@ class AttentionCache(KVCache):
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
+    def copy(self) -> "AttentionCache":
+        """An independent cache holding the same entries (later writes to either stay apart)."""
+        c = AttentionCache()
+        if self.keys is not None:
+            c.keys = mx.contiguous(self.keys[..., :self.offset, :])
+            c.values = mx.contiguous(self.values[..., :self.offset, :])
+            c.offset = self.offset
+        return c
+
 
 class GDNCache:
     """Conv and SSM state of one GatedDeltaNet layer, plus snapshots of the last pass.
@@ -60,7 +69,16 @@ class GDNCache:
         self.snapshots = {k: v for k, v in self.snapshots.items() if k < keep}
 
     def nbytes(self) -> int:
-        return 0 if self.ssm is None else self.ssm.nbytes + self.conv.nbytes
+        """State plus the snapshots of the last pass (they hold memory until the next pass)."""
+        if self.ssm is None:
+            return 0
+        return self.ssm.nbytes + self.conv.nbytes + sum(c.nbytes + s.nbytes for c, s in self.snapshots.values())
+
+    def copy(self) -> "GDNCache":
+        """The same state without snapshots (arrays are immutable: nothing is copied)."""
+        c = GDNCache()
+        c.conv, c.ssm, c.offset = self.conv, self.ssm, self.offset
+        return c
 
     @property
     def state(self) -> list:
@@ -71,6 +89,11 @@ def rewind_all(caches, n: int) -> None:
     """Undo the last `n` tokens of the last pass on every layer cache."""
     for c in caches:
         c.rewind(n)
+
+
+def copy_caches(caches) -> list:
+    """Independent copies of a sequence's layer caches (a prefix others can start from)."""
+    return [c.copy() for c in caches]
 
 
 def cache_arrays(caches) -> list[mx.array]:

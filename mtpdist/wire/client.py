@@ -139,6 +139,15 @@ class WorkerClient:
     def release(self, sequence_id: str) -> bool:
         return self._call(self.stub.Release, pb.ReleaseRequest(sequence_id=sequence_id)).released
 
+    def keep(self, sequence_id: str, rewind: int, name: str, timeout: float = 5.0) -> int:
+        """End a sequence but keep its state under `name`; returns the kept length."""
+        req = pb.ReleaseRequest(sequence_id=sequence_id, rewind=rewind, keep_as=name)
+        return self._call(self.stub.Release, req, timeout).position
+
+    def fork(self, prefix: str, sequence_id: str, timeout: float = 5.0) -> int:
+        """Start `sequence_id` from the kept state `prefix`; returns its position."""
+        return self._call(self.stub.Fork, pb.ForkRequest(prefix=prefix, sequence_id=sequence_id), timeout).position
+
     def release_async(self, sequence_id: str, timeout: float = 2.0) -> None:
         """Release without waiting (errors ignored: a worker that is gone holds nothing of use)."""
         fut = self.stub.Release.future(pb.ReleaseRequest(sequence_id=sequence_id), timeout=timeout, metadata=self.md)

@@ -27,6 +27,8 @@ class WorkerHandler(Protocol):
     def forward(self, call: ForwardCall, deadline: float | None = None) -> ForwardResult: ...
     def rewind(self, sequence_id: str, n: int, position: int) -> int: ...
     def release(self, sequence_id: str) -> bool: ...
+    def keep(self, sequence_id: str, rewind: int, name: str) -> int: ...
+    def fork(self, prefix: str, sequence_id: str) -> int: ...
     def health(self) -> str: ...
 
 
@@ -76,7 +78,14 @@ class _Servicer(pbg.WorkerServicer):
 
     @_guard
     def Release(self, request, context):
+        if request.keep_as:
+            return pb.ReleaseReply(released=True,
+                                   position=self.h.keep(request.sequence_id, request.rewind, request.keep_as))
         return pb.ReleaseReply(released=self.h.release(request.sequence_id))
+
+    @_guard
+    def Fork(self, request, context):
+        return pb.ForkReply(position=self.h.fork(request.prefix, request.sequence_id))
 
     @_guard
     def Health(self, request, context):

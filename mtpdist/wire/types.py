@@ -54,6 +54,7 @@ class WorkerInfo:
     mlx_version: str = ""
     weight_bytes: int = 0
     read_gbps: float = 0.0
+    prefixes: int = 0
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class SequenceRows:
     tokens: int
     rewind: int = 0
     keep: tuple[int, ...] = ()
+    save_as: str = ""
 
 
 @dataclass(frozen=True)

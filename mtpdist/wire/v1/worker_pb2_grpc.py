@@ -64,6 +64,11 @@ class WorkerStub:
                 request_serializer=mtpdist_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=mtpdist_dot_v1_dot_worker__pb2.ReleaseReply.FromString,
                 _registered_method=True)
+        self.Fork = channel.unary_unary(
+                '/mtpdist.v1.Worker/Fork',
+                request_serializer=mtpdist_dot_v1_dot_worker__pb2.ForkRequest.SerializeToString,
+                response_deserializer=mtpdist_dot_v1_dot_worker__pb2.ForkReply.FromString,
+                _registered_method=True)
         self.Health = channel.unary_unary(
                 '/mtpdist.v1.Worker/Health',
                 request_serializer=mtpdist_dot_v1_dot_worker__pb2.HealthRequest.SerializeToString,
@@ -110,6 +115,12 @@ class WorkerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Fork(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Health(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -148,6 +159,11 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=mtpdist_dot_v1_dot_worker__pb2.ReleaseRequest.FromString,
                     response_serializer=mtpdist_dot_v1_dot_worker__pb2.ReleaseReply.SerializeToString,
+            ),
+            'Fork': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fork,
+                    request_deserializer=mtpdist_dot_v1_dot_worker__pb2.ForkRequest.FromString,
+                    response_serializer=mtpdist_dot_v1_dot_worker__pb2.ForkReply.SerializeToString,
             ),
             'Health': grpc.unary_unary_rpc_method_handler(
                     servicer.Health,
@@ -317,6 +333,33 @@ class Worker:
             '/mtpdist.v1.Worker/Release',
             mtpdist_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
             mtpdist_dot_v1_dot_worker__pb2.ReleaseReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/mtpdist.v1.Worker/Fork',
+            mtpdist_dot_v1_dot_worker__pb2.ForkRequest.SerializeToString,
+            mtpdist_dot_v1_dot_worker__pb2.ForkReply.FromString,
             options,
             channel_credentials,
             insecure,
