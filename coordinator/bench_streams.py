@@ -5,6 +5,7 @@ Scenarios (each run side by side in one process, repeated and interleaved, media
 - `depths`: one stream at plain, depth 1..K and auto, with acceptance by depth.
 - `prefill`: time to first token of a long prompt, chunks pipelined vs one after another.
 - `hop`: time per forward outside worker compute, per stage (no emulation).
+- `chat`: a two-turn chat with a long history, the second turn from the kept state or afresh.
 Workers may emulate Mac-speed stages (`--emulate-ms A,B`, figures then say "emulated") and
 may be pinned to their own CPU cores (`--pin`).
 """
@@ -68,9 +69,11 @@ class Bench:
             self.session = LocalSession(args.model, mtp=True, prefill_step=args.prefill_step)
         self.prompts = [self.session.generator.encode(p) for p in PROMPTS]
 
-    def run(self, reqs, max_inflight: int = 0, stagger: float = 0.0) -> tuple[list, float, Scheduler]:
+    def run(self, reqs, max_inflight: int = 0, stagger: float = 0.0, reuse: bool = True):
+        """Run requests on a fresh scheduler: (results, wall seconds, the scheduler)."""
         sched = Scheduler(self.session.generator, self.session,
-                          SchedulerSettings(max_inflight=max_inflight, prefill_budget=self.args.prefill_step))
+                          SchedulerSettings(max_inflight=max_inflight, prefill_budget=self.args.prefill_step,
+                                            reuse_prefixes=reuse))
         t0 = time.perf_counter()
         sinks = run_all(sched, reqs, timeout=1800, stagger=stagger)
         wall = time.perf_counter() - t0
@@ -149,6 +152,30 @@ def scenario_prefill(b: Bench) -> dict:
             "pipelined_over_one_after_another": round(med["pipelined"] / med["one_after_another"], 4)}
 
 
+def scenario_chat(b: Bench) -> dict:
+    """Two turns of a chat with a long history: the second turn's time to first token when it
+    continues from the first turn's kept state, and when it is prefilled afresh."""
+    base = [t for p in b.prompts for t in p]
+    history = tuple((base * (b.args.prompt_tokens // len(base) + 1))[:b.args.prompt_tokens])
+    follow = tuple(b.prompts[1])
+    runs: dict[str, list[float]] = {"first_turn": [], "second_turn_reused": [], "second_turn_fresh": []}
+    for rep in range(b.args.repeats + 1):
+        history = (rep + 1,) + history[1:]                         # a new chat each round
+        results, _, sched = b.run([GenerationRequest(history, b.args.max_tokens)])
+        second = GenerationRequest(history + results[0].token_ids + follow, 4)
+        reused = run_all(sched, [second], timeout=1800)[0].wait()
+        fresh, _, _ = b.run([second], reuse=False)
+        if rep:
+            runs["first_turn"].append(results[0].time_to_first_token)
+            runs["second_turn_reused"].append(reused.time_to_first_token)
+            runs["second_turn_fresh"].append(fresh[0].time_to_first_token)
+        assert reused.token_ids == fresh[0].token_ids, "reuse changed the output"
+    med = {k: round(statistics.median(v), 4) for k, v in runs.items()}
+    return {"history_tokens": len(history), "ttft_s": med,
+            "second_over_first": round(med["second_turn_reused"] / med["first_turn"], 4),
+            "cached_tokens": reused.cached_tokens}
+
+
 def scenario_hop(b: Bench) -> dict:
     per_stage = []
     for rep in range(b.args.repeats + 1):
@@ -161,7 +188,7 @@ def scenario_hop(b: Bench) -> dict:
 
 
 SCENARIOS = {"streams": scenario_streams, "depths": scenario_depths, "prefill": scenario_prefill,
-             "hop": scenario_hop}
+             "hop": scenario_hop, "chat": scenario_chat}
 
 
 def run_scenario(args) -> dict:

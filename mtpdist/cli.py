@@ -110,10 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=0, help="also run through N local worker processes")
     b.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="also run through these (already running) workers")
-    b.add_argument("--scenario", choices=["single", "streams", "depths", "prefill", "hop"], default="single",
+    b.add_argument("--scenario", choices=["single", "streams", "depths", "prefill", "hop", "chat"], default="single",
                    help="single: plain vs MTP vs mlx-lm (default); streams: aggregate tok/s of concurrent "
                         "streams; depths: plain, MTP depth 1..K and auto; prefill: time to first token of a long "
-                        "prompt, chunks pipelined vs one after another; hop: overhead per stage")
+                        "prompt, chunks pipelined vs one after another; hop: overhead per stage; chat: second turn of a "
+                        "long chat from the kept state vs afresh")
     b.add_argument("--emulate-ms", default=None, metavar="A,B",
                    help="local workers emulate Mac-speed stages (A + B*(rows-1) ms per forward); figures say so")
     b.add_argument("--pin", action="store_true", help="pin the coordinator and each local worker to their own cores")
