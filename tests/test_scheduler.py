@@ -114,3 +114,12 @@ def test_kept_prefixes_are_evicted_under_memory_pressure_without_harm(tiny_dense
     again = run_all(sched, [GenerationRequest(tuple(PROMPTS[2]) + a.token_ids + (9,), 8)])[0].wait()
     assert again.token_ids == solo(session, GenerationRequest(tuple(PROMPTS[2]) + a.token_ids + (9,), 8))
     assert b.token_ids == solo(session, GenerationRequest(tuple(PROMPTS[0]) * 3, 8))
+
+
+def test_auto_depth_in_a_batch_stays_identical(local):
+    reqs = [GenerationRequest(tuple(p), 30, mtp=True, mtp_depth="auto") for p in PROMPTS]
+    want = [solo(local, GenerationRequest(r.prompt_ids, r.max_tokens)) for r in reqs]
+    sched = Scheduler(local.generator, local, SchedulerSettings(prefill_budget=8, reuse_prefixes=False))
+    sinks = run_all(sched, reqs, timeout=120)
+    assert [s.wait().token_ids for s in sinks] == want
+    assert sched.auto_depth.policies                                          # it measured something

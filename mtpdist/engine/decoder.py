@@ -129,6 +129,7 @@ class SequenceDecoder:
             self._round_start = time.perf_counter()
         else:
             tokens, kind = (self.pending,), "decode"
+            self._round_start = time.perf_counter()
         step = Step(kind, tokens, tuple(range(1, len(tokens))), self.position - self.rewind, self.rewind,
                     drafts=tuple(self.drafts))
         self.position = step.position + len(tokens)
@@ -152,6 +153,8 @@ class SequenceDecoder:
             out = [self.sampler.sample(self.head.logits(normed[0, -1]))]
             self.pending = out[0]
             if self.drafter is not None:
+                if self.stats.verify_passes or self.confirmed:  # a round without drafts (depth 0 chosen)
+                    self.depth.observe(0, 0, time.perf_counter() - self._round_start)
                 self._draft(self.drafter.extend(hidden, normed, out))
         self.confirmed.extend(out)
         return out

@@ -39,10 +39,12 @@ class FixedDepth:
 class AutoDepth:
     """Depth from measured acceptance by position and measured round time by depth."""
 
-    def __init__(self, max_depth: int = 4, warmup: int = 3, revisit_every: int = 32, ema: float = 0.2):
+    def __init__(self, max_depth: int = 4, warmup: int = 3, revisit_every: int = 32, ema: float = 0.2,
+                 allow_plain: bool = False):
         if not 1 <= max_depth <= 8:
             raise ValueError("MTP depth must be between 1 and 8")
         self.max_depth, self.warmup, self.revisit_every, self.ema = max_depth, warmup, revisit_every, ema
+        self.min_depth = 0 if allow_plain else 1   # 0: no draft this round (plain decode)
         self.tried = [0] * max_depth        # position j reached (all before it held)
         self.held = [0] * max_depth
         self.time: dict[int, float] = {}    # depth -> EMA of round seconds
@@ -63,13 +65,14 @@ class AutoDepth:
         return total
 
     def choose(self) -> int:
-        for k in range(self.max_depth, 0, -1):  # warm-up: every depth a few rounds
+        for k in range(self.max_depth, self.min_depth - 1, -1):  # warm-up: every depth a few rounds
             if self.rounds.get(k, 0) < self.warmup:
                 self.current = k
                 return k
         best = max(self.time, key=lambda k: self.expected_tokens(k) / self.time[k])
         if self.total % self.revisit_every == 0:  # look again at the neighbours now and then
-            best = min(self.max_depth, best + 1) if (self.total // self.revisit_every) % 2 else max(1, best - 1)
+            up = (self.total // self.revisit_every) % 2
+            best = min(self.max_depth, best + 1) if up else max(self.min_depth, best - 1)
         self.current = best
         return best
 
@@ -86,6 +89,36 @@ class AutoDepth:
         return {"mode": "auto", "depth": self.current,
                 "conditional_acceptance": [round(r, 4) for r in self.conditional()],
                 "round_ms": {k: round(v * 1e3, 3) for k, v in sorted(self.time.items())}}
+
+
+class BatchDepth:
+    """Auto depth per batch size. In a batch every sequence pays for all the others' verify
+    rows, so what pays at 1 stream may not at 16: acceptance and round time are learned per
+    bucket of active sequences, and depth 0 (no draft) is a choice."""
+    BUCKETS = (1, 2, 4, 8, 16, 32)
+
+    def __init__(self, max_depth: int = 4):
+        self.max_depth = max_depth
+        self.policies: dict[int, AutoDepth] = {}
+        self.active = 1
+
+    def bucket(self, active: int) -> int:
+        return max(b for b in self.BUCKETS if b <= max(active, 1))
+
+    def current(self) -> AutoDepth:
+        b = self.bucket(self.active)
+        if b not in self.policies:
+            self.policies[b] = AutoDepth(self.max_depth, allow_plain=b > 1)
+        return self.policies[b]
+
+    def choose(self) -> int:
+        return self.current().choose()
+
+    def observe(self, depth: int, accepted: int, seconds: float) -> None:
+        self.current().observe(depth, accepted, seconds)
+
+    def summary(self) -> dict:
+        return {"mode": "auto", "by_active_sequences": {b: p.summary() for b, p in sorted(self.policies.items())}}
 
 
 def make_policy(depth: int | str) -> DepthPolicy:

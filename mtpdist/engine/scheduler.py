@@ -28,7 +28,7 @@ from ..errors import MtpdistError, WorkerCallError
 from ..model.cache import copy_caches
 from ..wire.types import SequenceRows
 from .decoder import SequenceDecoder, Step
-from .depth import AutoDepth, FixedDepth
+from .depth import BatchDepth, FixedDepth
 from .generate import Delta, GenerationRequest, GenerationResult, Generator, Output
 from .plan import Candidate, PlanLimits, plan_units
 from .prefix import PrefixEntry, PrefixIndex
@@ -97,7 +97,7 @@ class Scheduler:
         self.live: dict[str, _Live] = {}
         self.units: dict[int, list[tuple[str, Step]]] = {}
         self.failed: list[tuple[list[tuple[str, Step]], BaseException]] = []
-        self.auto_depth = AutoDepth()
+        self.auto_depth = BatchDepth()
         self.prefixes = PrefixIndex(settings.prefix_capacity)
         self.order = itertools.count()
         self.unit_ids = itertools.count()
@@ -211,6 +211,7 @@ class Scheduler:
                 if peek is not None:
                     cands.append(Candidate(s.key, peek[0], peek[1], s.order,
                                            s.decoder.body - s.decoder.sent_prefill))
+            self.auto_depth.active = active
             units = plan_units(cands, len(self.units), active, limits)
             if not units:
                 return
