@@ -23,6 +23,7 @@ from mtpdist import __version__
 from mtpdist.engine.generate import GenerationRequest
 from mtpdist.engine.local import LocalSession
 from mtpdist.engine.scheduler import Scheduler, SchedulerSettings, run_all
+from mtpdist.errors import MtpdistError
 
 from .local_cluster import LocalCluster
 from .session import PipelineSession
@@ -39,13 +40,13 @@ PROMPTS = [
 ]
 
 
-def core_sets(n_workers: int) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
-    """This process's cores and each worker's, split evenly (the coordinator gets the first share)."""
+def core_sets(n_workers: int, per: int) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """`per` cores for this process and for each worker, none shared (like separate Macs)."""
     cores = sorted(os.sched_getaffinity(0))
-    share = max(1, len(cores) // (n_workers + 1))
-    if len(cores) < n_workers + 1:
-        raise ValueError(f"--pin needs at least {n_workers + 1} cores; this machine has {len(cores)}")
-    sets = [tuple(cores[i * share:(i + 1) * share]) for i in range(n_workers + 1)]
+    if len(cores) < per * (n_workers + 1):
+        raise MtpdistError(f"--pin-cores {per} with {n_workers} workers needs {per * (n_workers + 1)} cores; "
+                           f"this machine has {len(cores)}")
+    sets = [tuple(cores[i * per:(i + 1) * per]) for i in range(n_workers + 1)]
     return sets[0], sets[1:]
 
 
@@ -54,15 +55,18 @@ class Bench:
 
     def __init__(self, args, tmp: Path):
         self.args = args
-        extra = ("--emulate-ms", args.emulate_ms) if args.emulate_ms else ()
+        # Local workers read the same folder (no streaming); emulation makes them Mac-speed stages.
+        extra = ("--model-dir", str(Path(args.model).resolve()),
+                 *(("--emulate-ms", args.emulate_ms) if args.emulate_ms else ()))
         self.cluster = None
         self.pinned = None
-        if args.pin:
-            mine, theirs = core_sets(args.workers)
+        theirs = None
+        if args.pin_cores:
+            mine, theirs = core_sets(args.workers, args.pin_cores)
             os.sched_setaffinity(0, mine)
             self.pinned = {"coordinator": list(mine), "workers": [list(c) for c in theirs]}
         if args.workers:
-            self.cluster = LocalCluster(args.workers, tmp, *extra, cpus=theirs if args.pin else None)
+            self.cluster = LocalCluster(args.workers, tmp, *extra, cpus=theirs)
             self.session = PipelineSession(args.model, self.cluster.addresses, mtp=True, progress=False,
                                            prefill_step=args.prefill_step)
         else:
@@ -93,7 +97,7 @@ def _req(b: Bench, i: int, mode: str) -> GenerationRequest:
 
 def scenario_streams(b: Bench) -> dict:
     counts = [int(x) for x in b.args.streams.split(",")]
-    modes = ["plain", str(b.args.mtp_depth)]
+    modes = ["plain"] + ([] if b.args.mtp_depth == "none" else [str(b.args.mtp_depth)])
     runs: dict[str, list[float]] = {}
     acc: dict[str, list[float]] = {}
     for rep in range(b.args.repeats + 1):       # the first round warms up and is dropped
@@ -111,7 +115,8 @@ def scenario_streams(b: Bench) -> dict:
         one = med[f"{mode}:{counts[0]}"]
         out[f"{'mtp' if mode != 'plain' else 'plain'}_scaling_vs_{counts[0]}_stream"] = {
             str(n): round(med[f"{mode}:{n}"] / one, 3) for n in counts}
-    out["mtp_over_plain"] = {str(n): round(med[f"{modes[1]}:{n}"] / med[f"plain:{n}"], 3) for n in counts}
+    if len(modes) > 1:
+        out["mtp_over_plain"] = {str(n): round(med[f"{modes[1]}:{n}"] / med[f"plain:{n}"], 3) for n in counts}
     return out
 
 
@@ -121,10 +126,12 @@ def scenario_depths(b: Bench) -> dict:
     by_depth: dict[str, list] = {}
     for rep in range(b.args.repeats + 1):
         for mode in modes:
-            results, _, sched = b.run([_req(b, i, mode) for i in range(len(b.prompts))], max_inflight=1)
+            # One stream: each prompt alone, one after another, on one scheduler (auto keeps learning).
+            sched = Scheduler(b.session.generator, b.session,
+                              SchedulerSettings(prefill_budget=b.args.prefill_step, reuse_prefixes=False))
+            results = [run_all(sched, [_req(b, i, mode)], timeout=1800)[0].wait() for i in range(len(b.prompts))]
             if not rep:
                 continue
-            # One stream at a time: each prompt runs alone (max_inflight=1 keeps one unit in flight).
             runs.setdefault(mode, []).append(statistics.mean(r.generation_tps for r in results))
             if mode != "plain":
                 tried = [sum(1 for r in results if len(r.acceptance_by_depth) > j) for j in range(8)]

@@ -117,9 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "long chat from the kept state vs afresh")
     b.add_argument("--emulate-ms", default=None, metavar="A,B",
                    help="local workers emulate Mac-speed stages (A + B*(rows-1) ms per forward); figures say so")
-    b.add_argument("--pin", action="store_true", help="pin the coordinator and each local worker to their own cores")
+    b.add_argument("--pin-cores", type=int, default=0, metavar="K",
+                   help="pin this process and each local worker to K cores of their own (like separate Macs)")
     b.add_argument("--streams", default="1,4", help="stream counts for --scenario streams (e.g. 1,4,8,16)")
-    b.add_argument("--mtp-depth", default="1", help="MTP depth for --scenario streams (1-8 or auto)")
+    b.add_argument("--mtp-depth", default="1", help="MTP depth for --scenario streams (1-8, auto, or none)")
     b.add_argument("--max-depth", type=int, default=3, help="deepest depth for --scenario depths")
     b.add_argument("--prompt-tokens", type=int, default=1500, help="prompt length for --scenario prefill")
     b.add_argument("--prefill-step", type=int, default=256, help="prefill chunk (and per-unit prefill budget)")
