@@ -24,6 +24,7 @@ from mtpdist.engine.generate import GenerationRequest
 from mtpdist.engine.local import LocalSession
 from mtpdist.engine.scheduler import Scheduler, SchedulerSettings, run_all
 from mtpdist.errors import MtpdistError
+from mtpdist.wire.client import ChannelSettings
 
 from .local_cluster import LocalCluster
 from .session import PipelineSession
@@ -67,8 +68,9 @@ class Bench:
             self.pinned = {"coordinator": list(mine), "workers": [list(c) for c in theirs]}
         if args.workers:
             self.cluster = LocalCluster(args.workers, tmp, *extra, cpus=theirs)
+            # Real compute on a CPU can be slow: generous step deadlines.
             self.session = PipelineSession(args.model, self.cluster.addresses, mtp=True, progress=False,
-                                           prefill_step=args.prefill_step)
+                                           prefill_step=args.prefill_step, channel=ChannelSettings(step_timeout=120))
         else:
             self.session = LocalSession(args.model, mtp=True, prefill_step=args.prefill_step)
         self.prompts = [self.session.generator.encode(p) for p in PROMPTS]
@@ -200,6 +202,8 @@ SCENARIOS = {"streams": scenario_streams, "depths": scenario_depths, "prefill": 
 
 def run_scenario(args) -> dict:
     """Run `args.scenario` and return its JSON-ready figures with the settings behind them."""
+    if args.repeats < 1:
+        raise MtpdistError("--repeats must be at least 1 (a warm-up round runs first and is dropped)")
     with tempfile.TemporaryDirectory() as tmp:
         b = Bench(args, Path(tmp))
         try:

@@ -10,9 +10,6 @@ from mtpdist.errors import MtpdistError
 
 from mtpdist.engine.scheduler import SchedulerSettings
 
-from .engine_thread import EngineThread
-from .metrics import Metrics
-from .server import ServerState, create_app
 
 log = logging.getLogger("mtpdist.coordinator")
 
@@ -53,6 +50,10 @@ def run_coordinator(args, on_ready=None) -> int:
     import uvicorn
 
     from mtpdist.commands import channel_from, membership_from
+
+    from .engine_thread import EngineThread
+    from .metrics import Metrics
+    from .server import ServerState, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     post_norm = args.mtp_hidden == "post-norm"

@@ -156,3 +156,26 @@ def test_chat_turns_reuse_worker_state_and_survive_a_lost_worker(tmp_path, tiny_
         assert r2.cached_tokens == len(first) + len(r1.token_ids) - 1
         assert r2.token_ids == want
         session.close()
+
+
+def test_stalled_worker_mid_flight_gives_identical_output(tmp_path, tiny_dense, reference):
+    """A deadline passes while a worker is stopped: the scheduler re-plans over the workers that
+    answer (the survivor still holds the old state: replays use fresh ids) with the same output."""
+    reqs = [GenerationRequest(tuple(p), 30, mtp=True) for p in PROMPTS[:2]]
+    want = [reference(r.prompt_ids, r.max_tokens) for r in reqs]
+    with workers(2, tmp_path) as ws:
+        session = PipelineSession(tiny_dense[0], [w.address for w in ws], mtp=True, prefill_step=8, progress=False,
+                                  channel=ChannelSettings(step_timeout=1.0))
+        sched = Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8))
+        sinks = [CollectingSink() for _ in reqs]
+        for r, s in zip(reqs, sinks):
+            sched.insert(r, s)
+        stopped = False
+        while not all(s.ended.is_set() for s in sinks):
+            sched.run_once(0.02)
+            if not stopped and sum(len(s.deltas) for s in sinks) >= 6:
+                os.kill(ws[1].proc.pid, signal.SIGSTOP)
+                threading.Timer(1.3, os.kill, (ws[1].proc.pid, signal.SIGCONT)).start()
+                stopped = True
+        assert [s.wait().token_ids for s in sinks] == want
+        session.close()

@@ -84,6 +84,10 @@ class _Live:
     carry: int = 0                   # a kept prefix's final rewind, folded into the first own step
     save_prompt: str = ""            # the name the end-of-prompt state is kept under, until it is
     kept: bool = False               # its state was kept for reuse instead of released
+    wire: str = ""                   # the sequence's id on the workers (new after each recovery)
+
+    def __post_init__(self):
+        self.wire = self.wire or self.key
 
 
 class Scheduler:
@@ -219,7 +223,7 @@ class Scheduler:
                 self._send([(key, self.live[key].decoder.next_step(rows)) for key, rows in unit])
 
     def _rows(self, members: list[tuple[str, Step]], save: bool = False) -> tuple[list[SequenceRows], mx.array]:
-        rows = [SequenceRows(k, st.position, len(st.tokens), st.rewind, st.keep,
+        rows = [SequenceRows(self.live[k].wire, st.position, len(st.tokens), st.rewind, st.keep,
                              self._save_name(k, st) if save else "") for k, st in members]
         tokens = [t for _, st in members for t in st.tokens]
         return rows, self.head.embed(mx.array(tokens))
@@ -306,7 +310,7 @@ class Scheduler:
             return
         d.settle_drafter()
         name = f"{s.key}:turn"
-        if self.transport.keep(s.key, d.rewind, name) != length:
+        if self.transport.keep(s.wire, d.rewind, name) != length:
             return
         tokens = (*s.req.prompt_ids, *d.confirmed[:-1])
         self.prefixes.add(PrefixEntry(name, tokens, tuple(s.log), d.rewind, self._mtp_copy(d)))
@@ -332,7 +336,7 @@ class Scheduler:
         if s is not None and s.ended and s.inflight == 0:
             del self.live[key]
             if not s.kept and (s.log or s.decoder.chunks):
-                self.transport.release([key])
+                self.transport.release([s.wire])
 
     def _drop_cancelled(self) -> None:
         for s in list(self.live.values()):
@@ -374,6 +378,11 @@ class Scheduler:
                 self.backend.recover()
                 self.prefixes.clear()
                 self.transport = self.backend.transport()
+                for s in list(self.live.values()):
+                    if not s.ended:
+                        # A fresh id: a worker that survived may still hold the old state.
+                        self.transport.release([s.wire])
+                        s.wire = uuid.uuid4().hex
                 for s in list(self.live.values()):
                     if not s.ended:
                         self._replay(s, sorted(retry.get(s.key, []), key=lambda st: st.position))
