@@ -11,6 +11,6 @@ ln -sfn ../worker mtpdist/worker; ln -sfn ../coordinator mtpdist/coordinator
 python3 -m mtpdist.cli synth --out /tmp/model-$size --size "$size" >/dev/null
 for w in 0 2 4; do
   python3 -m mtpdist.cli bench --model /tmp/model-$size --scenario streams --workers $w --pin-cores 3 \
-    --streams 1,2 --mtp-depth none --max-tokens "$n" --repeats 2 --out "$out/cpu-pinned-$size-w$w.json" \
+    --streams 1,2 --mtp-depth none --max-tokens "$n" --repeats 1 --out "$out/cpu-pinned-$size-w$w.json" \
     | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["workers"], d["aggregate_tps"])'
 done
