@@ -51,7 +51,7 @@ def run_coordinator(args, on_ready=None) -> int:
         addresses = membership.wait()
         session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
                                   prefill_step=args.prefill_step, channel=channel_from(args),
-                                  candidates=membership.current)
+                                  candidates=membership.current, label=membership.label)
         prepare = session.ensure_ready
 
         def cluster_info():

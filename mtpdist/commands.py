@@ -20,11 +20,13 @@ def sampling_from(args) -> SamplingParams:
 
 
 def channel_from(args):
-    """How to reach workers (token, TLS, deadlines) from CLI flags."""
-    from .security import resolve_token
+    """How to reach workers (this node's mutual-TLS identity, deadlines) from CLI flags."""
+    from .security import check_insecure_hosts, resolve_identity
     from .wire.client import ChannelSettings
-    return ChannelSettings(token=resolve_token(args.token, args.token_file, args.insecure), tls_ca=args.tls_ca,
-                           timeout=args.rpc_timeout, step_timeout=getattr(args, "step_timeout", 5.0))
+    identity = resolve_identity(args.token, args.token_file, args.insecure, role="coordinator")
+    if identity is None:
+        check_insecure_hosts(args.worker, getattr(args, "allow_insecure_network", False), "would reach workers at")
+    return ChannelSettings(identity=identity, timeout=args.rpc_timeout, step_timeout=getattr(args, "step_timeout", 5.0))
 
 
 def membership_from(args):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mtpdist/v1/worker.proto\x12\nmtpdist.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xa7\x02\n\rDescribeReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cusable_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0c\n\x04\x63hip\x18\x07 \x01(\t\x12\x12\n\nmodel_hash\x18\x08 \x01(\t\x12\x13\n\x0blayer_start\x18\t \x01(\x05\x12\x11\n\tlayer_end\x18\n \x01(\x05\x12\x11\n\tsequences\x18\x0b \x01(\r\x12\x13\n\x0bstate_bytes\x18\x0c \x01(\x04\x12\x13\n\x0bmlx_version\x18\r \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0e \x01(\x04\"H\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"\x85\x01\n\tShardSpec\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.mtpdist.v1.TensorInfo\"Q\n\x10LoadShardRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x15.mtpdist.v1.ShardSpecH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"`\n\x0eLoadShardReply\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\"2\n\rHasShardReply\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x0e\n\x06source\x18\x02 \x01(\t\"\x16\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x98\x01\n\x0e\x46orwardRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06rewind\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\"\n\x06hidden\x18\x04 \x01(\x0b\x32\x12.mtpdist.v1.Tensor\x12\x0c\n\x04keep\x18\x05 \x03(\r\x12\x1d\n\x04next\x18\x06 \x03(\x0b\x32\x0f.mtpdist.v1.Hop\"X\n\x0c\x46orwardReply\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.mtpdist.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x03(\x04\"A\n\rRewindRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\x04\"\x1f\n\x0bRewindReply\x12\x10\n\x08position\x18\x01 \x01(\x04\"%\n\x0eReleaseRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x1d\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t2\xd1\x03\n\x06Worker\x12\x42\n\x08\x44\x65scribe\x12\x1b.mtpdist.v1.DescribeRequest\x1a\x19.mtpdist.v1.DescribeReply\x12<\n\x08HasShard\x12\x15.mtpdist.v1.ShardSpec\x1a\x19.mtpdist.v1.HasShardReply\x12G\n\tLoadShard\x12\x1c.mtpdist.v1.LoadShardRequest\x1a\x1a.mtpdist.v1.LoadShardReply(\x01\x12?\n\x07\x46orward\x12\x1a.mtpdist.v1.ForwardRequest\x1a\x18.mtpdist.v1.ForwardReply\x12<\n\x06Rewind\x12\x19.mtpdist.v1.RewindRequest\x1a\x17.mtpdist.v1.RewindReply\x12?\n\x07Release\x12\x1a.mtpdist.v1.ReleaseRequest\x1a\x18.mtpdist.v1.ReleaseReply\x12<\n\x06Health\x12\x19.mtpdist.v1.HealthRequest\x1a\x17.mtpdist.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mtpdist/v1/worker.proto\x12\nmtpdist.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xbd\x02\n\rDescribeReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cusable_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0c\n\x04\x63hip\x18\x07 \x01(\t\x12\x12\n\nmodel_hash\x18\x08 \x01(\t\x12\x13\n\x0blayer_start\x18\t \x01(\x05\x12\x11\n\tlayer_end\x18\n \x01(\x05\x12\x11\n\tsequences\x18\x0b \x01(\r\x12\x13\n\x0bstate_bytes\x18\x0c \x01(\x04\x12\x13\n\x0bmlx_version\x18\r \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0e \x01(\x04\x12\x14\n\x0cshard_digest\x18\x0f \x01(\t\"X\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"\xb5\x01\n\tShardSpec\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.mtpdist.v1.TensorInfo\x12\x12\n\ndownstream\x18\x06 \x03(\t\x12\x1a\n\x12max_forward_tokens\x18\x07 \x01(\r\"Q\n\x10LoadShardRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x15.mtpdist.v1.ShardSpecH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"v\n\x0eLoadShardReply\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x14\n\x0cshard_digest\x18\x05 \x01(\t\"2\n\rHasShardReply\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x0e\n\x06source\x18\x02 \x01(\t\"\x16\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"\x98\x01\n\x0e\x46orwardRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0e\n\x06rewind\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\"\n\x06hidden\x18\x04 \x01(\x0b\x32\x12.mtpdist.v1.Tensor\x12\x0c\n\x04keep\x18\x05 \x03(\r\x12\x1d\n\x04next\x18\x06 \x03(\x0b\x32\x0f.mtpdist.v1.Hop\"X\n\x0c\x46orwardReply\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.mtpdist.v1.Tensor\x12\x10\n\x08position\x18\x02 \x01(\x04\x12\x12\n\ncompute_us\x18\x03 \x03(\x04\"A\n\rRewindRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\t\n\x01n\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\x04\"\x1f\n\x0bRewindReply\x12\x10\n\x08position\x18\x01 \x01(\x04\"%\n\x0eReleaseRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\" \n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\"\x0f\n\rHealthRequest\"\x1d\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t2\xd1\x03\n\x06Worker\x12\x42\n\x08\x44\x65scribe\x12\x1b.mtpdist.v1.DescribeRequest\x1a\x19.mtpdist.v1.DescribeReply\x12<\n\x08HasShard\x12\x15.mtpdist.v1.ShardSpec\x1a\x19.mtpdist.v1.HasShardReply\x12G\n\tLoadShard\x12\x1c.mtpdist.v1.LoadShardRequest\x1a\x1a.mtpdist.v1.LoadShardReply(\x01\x12?\n\x07\x46orward\x12\x1a.mtpdist.v1.ForwardRequest\x1a\x18.mtpdist.v1.ForwardReply\x12<\n\x06Rewind\x12\x19.mtpdist.v1.RewindRequest\x1a\x17.mtpdist.v1.RewindReply\x12?\n\x07Release\x12\x1a.mtpdist.v1.ReleaseRequest\x1a\x18.mtpdist.v1.ReleaseReply\x12<\n\x06Health\x12\x19.mtpdist.v1.HealthRequest\x1a\x17.mtpdist.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DESCRIBEREQUEST']._serialized_start=93
   _globals['_DESCRIBEREQUEST']._serialized_end=110
   _globals['_DESCRIBEREPLY']._serialized_start=113
-  _globals['_DESCRIBEREPLY']._serialized_end=408
-  _globals['_TENSORINFO']._serialized_start=410
-  _globals['_TENSORINFO']._serialized_end=482
-  _globals['_SHARDSPEC']._serialized_start=485
-  _globals['_SHARDSPEC']._serialized_end=618
-  _globals['_LOADSHARDREQUEST']._serialized_start=620
-  _globals['_LOADSHARDREQUEST']._serialized_end=701
-  _globals['_LOADSHARDREPLY']._serialized_start=703
-  _globals['_LOADSHARDREPLY']._serialized_end=799
-  _globals['_HASSHARDREPLY']._serialized_start=801
-  _globals['_HASSHARDREPLY']._serialized_end=851
-  _globals['_HOP']._serialized_start=853
-  _globals['_HOP']._serialized_end=875
-  _globals['_FORWARDREQUEST']._serialized_start=878
-  _globals['_FORWARDREQUEST']._serialized_end=1030
-  _globals['_FORWARDREPLY']._serialized_start=1032
-  _globals['_FORWARDREPLY']._serialized_end=1120
-  _globals['_REWINDREQUEST']._serialized_start=1122
-  _globals['_REWINDREQUEST']._serialized_end=1187
-  _globals['_REWINDREPLY']._serialized_start=1189
-  _globals['_REWINDREPLY']._serialized_end=1220
-  _globals['_RELEASEREQUEST']._serialized_start=1222
-  _globals['_RELEASEREQUEST']._serialized_end=1259
-  _globals['_RELEASEREPLY']._serialized_start=1261
-  _globals['_RELEASEREPLY']._serialized_end=1293
-  _globals['_HEALTHREQUEST']._serialized_start=1295
-  _globals['_HEALTHREQUEST']._serialized_end=1310
-  _globals['_HEALTHREPLY']._serialized_start=1312
-  _globals['_HEALTHREPLY']._serialized_end=1341
-  _globals['_WORKER']._serialized_start=1344
-  _globals['_WORKER']._serialized_end=1809
+  _globals['_DESCRIBEREPLY']._serialized_end=430
+  _globals['_TENSORINFO']._serialized_start=432
+  _globals['_TENSORINFO']._serialized_end=520
+  _globals['_SHARDSPEC']._serialized_start=523
+  _globals['_SHARDSPEC']._serialized_end=704
+  _globals['_LOADSHARDREQUEST']._serialized_start=706
+  _globals['_LOADSHARDREQUEST']._serialized_end=787
+  _globals['_LOADSHARDREPLY']._serialized_start=789
+  _globals['_LOADSHARDREPLY']._serialized_end=907
+  _globals['_HASSHARDREPLY']._serialized_start=909
+  _globals['_HASSHARDREPLY']._serialized_end=959
+  _globals['_HOP']._serialized_start=961
+  _globals['_HOP']._serialized_end=983
+  _globals['_FORWARDREQUEST']._serialized_start=986
+  _globals['_FORWARDREQUEST']._serialized_end=1138
+  _globals['_FORWARDREPLY']._serialized_start=1140
+  _globals['_FORWARDREPLY']._serialized_end=1228
+  _globals['_REWINDREQUEST']._serialized_start=1230
+  _globals['_REWINDREQUEST']._serialized_end=1295
+  _globals['_REWINDREPLY']._serialized_start=1297
+  _globals['_REWINDREPLY']._serialized_end=1328
+  _globals['_RELEASEREQUEST']._serialized_start=1330
+  _globals['_RELEASEREQUEST']._serialized_end=1367
+  _globals['_RELEASEREPLY']._serialized_start=1369
+  _globals['_RELEASEREPLY']._serialized_end=1401
+  _globals['_HEALTHREQUEST']._serialized_start=1403
+  _globals['_HEALTHREQUEST']._serialized_end=1418
+  _globals['_HEALTHREPLY']._serialized_start=1420
+  _globals['_HEALTHREPLY']._serialized_end=1449
+  _globals['_WORKER']._serialized_start=1452
+  _globals['_WORKER']._serialized_end=1917
 # @@protoc_insertion_point(module_scope)
