@@ -113,6 +113,10 @@ class PipelineSession:
         try:
             return client.describe()
         except WorkerCallError as e:
+            if self.channel.identity is None and "socket closed" in e.details.lower():
+                raise WorkerCallError(client.address, e.code, e.details + " (a worker that closes a plaintext "
+                                      "connection most likely requires mutual TLS: use the cluster secret, not "
+                                      "--insecure)") from None
             if not is_handshake_failure(e.code, e.details):
                 raise
             self._refuse(client.address)

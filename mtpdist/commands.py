@@ -24,9 +24,11 @@ def channel_from(args):
     from .security import check_insecure_hosts, resolve_identity
     from .wire.client import ChannelSettings
     identity = resolve_identity(args.token, args.token_file, args.insecure, role="coordinator")
-    if identity is None:
-        check_insecure_hosts(args.worker, getattr(args, "allow_insecure_network", False), "would reach workers at")
-    return ChannelSettings(identity=identity, timeout=args.rpc_timeout, step_timeout=getattr(args, "step_timeout", 5.0))
+    plaintext_network = getattr(args, "allow_insecure_network", False)
+    if identity is None:  # fail at once for the static workers; discovered ones are refused when dialed
+        check_insecure_hosts(args.worker, plaintext_network, "would reach workers at")
+    return ChannelSettings(identity=identity, plaintext_network=plaintext_network, timeout=args.rpc_timeout,
+                           step_timeout=getattr(args, "step_timeout", 5.0))
 
 
 def membership_from(args):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import json
 import os
 import socket
@@ -11,7 +10,7 @@ import uuid
 from pathlib import Path
 
 from .errors import MtpdistError
-from .wire.auth import TlsIdentity
+from .wire.auth import TlsIdentity, is_loopback
 
 TOKEN_HELP = ("set the cluster secret (--token, MTPDIST_TOKEN, --token-file, or ~/.config/mtpdist/token) "
               "or pass --insecure (loopback only)")
@@ -148,15 +147,3 @@ def node_identity(secret: str, role: str = "node") -> TlsIdentity:
         ca_pem=ca_cert.public_bytes(pem), cert_pem=cert.public_bytes(pem),
         key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         server_name=PEER_NAME)
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` (an address or host:port) names this machine's loopback interface only."""
-    h = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
-    h = h.strip("[]")
-    if h == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(h).is_loopback
-    except ValueError:
-        return False

@@ -326,6 +326,9 @@ def test_insecure_is_loopback_only_and_the_bind_line_tells_the_truth(tmp_path):
     assert p.returncode == 2 and "0.0.0.0" in p.stderr and "not loopback" in p.stderr
     p = _generate(Path("."), "--worker", "10.1.2.3:50551", "--insecure")
     assert p.returncode == 2 and "10.1.2.3:50551" in _error_line(p.stderr)
+    with pytest.raises(MtpdistError, match="not on loopback"):     # a discovered worker on a network, too
+        WorkerClient("10.1.2.3:50551", ChannelSettings())
+    WorkerClient("10.1.2.3:50551", ChannelSettings(plaintext_network=True)).close()   # the explicit override
     w = LocalWorker(tmp_path, "--allow-insecure-network", host="0.0.0.0")
     try:
         assert "listening on 0.0.0.0:" in w.log[-1] and "every interface" in w.log[-1] and "plaintext" in w.log[-1]
@@ -343,3 +346,5 @@ def test_no_worker_with_the_secret_is_a_clear_error(tmp_path, tiny_dense):
     with LocalCluster(1, tmp_path, token=SECRET) as ws:
         with pytest.raises(MtpdistError, match=r"none of 1 worker\(s\) proved it holds this cluster's secret"):
             PipelineSession(tiny_dense[0], ws.addresses, progress=False, channel=channel("wrong-secret-999"))
+        p = _generate(tiny_dense[0], "--worker", ws.addresses[0], "--insecure")   # plaintext to a TLS worker
+        assert p.returncode == 2 and ws.addresses[0] in _error_line(p.stderr) and "mutual TLS" in p.stderr

@@ -72,7 +72,8 @@ def run_worker(args) -> int:
         model_dir=Path(args.model_dir) if args.model_dir else None,
         usable_bytes=int(args.usable_memory_gb * (1 << 30)) if args.usable_memory_gb else None,
         max_sequences=args.max_sequences, worker_id=worker_id(),
-        channel=ChannelSettings(identity=identity, timeout=args.rpc_timeout),
+        channel=ChannelSettings(identity=identity, plaintext_network=args.allow_insecure_network,
+                                timeout=args.rpc_timeout),
         cache_max_bytes=int(args.cache_max_gb * 1e9) if args.cache_max_gb is not None else None)
     server, port = serve(service, args.host, args.port, identity=identity)
     if identity is None:

@@ -8,6 +8,7 @@ No secret or bearer token travels in any call.
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 import grpc
@@ -48,3 +49,15 @@ def is_handshake_failure(code: str, details: str) -> bool:
     """Whether a failed call means the peer could not prove cluster membership (or we could not)."""
     d = details.lower()
     return code == "UNAVAILABLE" and any(s in d for s in _HANDSHAKE_SIGNS)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, or host:port) names this machine's loopback interface."""
+    h = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    h = h.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False

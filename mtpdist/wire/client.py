@@ -8,9 +8,9 @@ from typing import Iterable, Iterator
 
 import grpc
 
-from ..errors import WorkerCallError
+from ..errors import MtpdistError, WorkerCallError
 from . import convert as cv
-from .auth import TlsIdentity, channel_credentials, channel_options
+from .auth import TlsIdentity, channel_credentials, channel_options, is_loopback
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
 from .v1 import worker_pb2_grpc as pbg
@@ -37,6 +37,7 @@ class ChannelSettings:
     """How to reach workers: this node's TLS identity (None: plaintext, loopback only) and deadlines."""
 
     identity: TlsIdentity | None = None
+    plaintext_network: bool = False  # without an identity, allow non-loopback workers (--allow-insecure-network)
     timeout: float = 30.0          # any call, prefill chunks included
     step_timeout: float = 5.0      # a decode/verify forward (few tokens): a hung worker shows fast
     load_timeout: float = 3600.0
@@ -54,8 +55,12 @@ class WorkerClient:
         if settings.identity is not None:
             self.channel = grpc.secure_channel(address, channel_credentials(settings.identity),
                                                options=CHANNEL_OPTIONS + channel_options(settings.identity))
-        else:
+        elif is_loopback(address) or settings.plaintext_network:
             self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            raise MtpdistError(f"worker {address} is not on loopback and there is no cluster secret (--insecure): "
+                               "weights and prompts would cross the network in plaintext. Use the cluster secret, "
+                               "or --allow-insecure-network on a network you fully trust")
         self.stub = pbg.WorkerStub(self.channel)
 
     def _call(self, method, request, timeout: float | None = None):
