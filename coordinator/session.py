@@ -87,9 +87,11 @@ class PipelineSession:
             clients.append(c)
             infos.append(info)
         if not clients:
+            ca = self.channel.identity.fingerprint if self.channel.identity else "none"
             raise MtpdistError(
                 f"none of {len(workers)} worker(s) proved it holds this cluster's secret ({', '.join(workers)}); "
-                "check this coordinator's --token/--token-file/MTPDIST_TOKEN" if workers else "no workers")
+                f"check the secret here (--token/--token-file/MTPDIST_TOKEN; cluster CA {ca}) and in the workers' "
+                "logs (their 'cluster CA' line)" if workers else "no workers")
         for c, info in zip(clients, infos):
             if info.protocol_version != PROTOCOL_VERSION:
                 raise MtpdistError(f"worker {c.address} speaks protocol {info.protocol_version}, "

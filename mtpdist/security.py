@@ -82,7 +82,7 @@ def worker_id(directory: Path | None = None) -> str:
 
 # -- Cluster identity: mutual TLS from the shared secret -------------------------------
 # Every Mac holds the same cluster secret. From it each process derives the same cluster CA
-# key (HKDF -> P-256 scalar), then mints a fresh key of its own and a certificate signed by
+# key (scrypt -> P-256 scalar), then mints a fresh key of its own and a certificate signed by
 # that CA. Peers accept only certificates chained to the CA, so holding the secret is what
 # lets a process take part, and the secret itself is never sent anywhere.
 PEER_NAME = "mtpdist-peer"          # the SAN every node certificate carries (IPs do not matter)
@@ -91,20 +91,19 @@ _CA_SALT = b"mtpdist cluster CA v1"
 
 
 def _ca_key(secret: str):
-    from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-    # The P-256 group order; a 48-byte HKDF output reduced mod (n - 1) is uniform enough.
-    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
-    okm = HKDF(algorithm=hashes.SHA256(), length=48, salt=_CA_SALT, info=b"ca-key").derive(secret.encode())
+    from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+    # scrypt, not a fast KDF: a recorded handshake lets anyone test guesses of the secret
+    # offline (does this CA key verify that certificate?), so each guess should cost ~0.1 s.
+    n = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551  # the P-256 group order
+    okm = Scrypt(salt=_CA_SALT, length=48, n=2**15, r=8, p=1).derive(secret.encode())
     return ec.derive_private_key(int.from_bytes(okm, "big") % (n - 1) + 1, ec.SECP256R1())
 
 
-def ca_fingerprint(secret: str) -> str:
-    """A short, non-secret name of the cluster CA (same on every Mac holding the same secret)."""
+def _fingerprint_of(ca_key) -> str:
+    """A short, non-secret name of the cluster CA (the same on every Mac holding the same secret)."""
     from cryptography.hazmat.primitives import serialization
-    pub = _ca_key(secret).public_key().public_bytes(serialization.Encoding.DER,
-                                                    serialization.PublicFormat.SubjectPublicKeyInfo)
+    pub = ca_key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(pub).hexdigest()[:16]
 
 
@@ -146,4 +145,4 @@ def node_identity(secret: str, role: str = "node") -> TlsIdentity:
     return TlsIdentity(
         ca_pem=ca_cert.public_bytes(pem), cert_pem=cert.public_bytes(pem),
         key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
-        server_name=PEER_NAME)
+        server_name=PEER_NAME, fingerprint=_fingerprint_of(ca_key))

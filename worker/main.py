@@ -78,6 +78,8 @@ def run_worker(args) -> int:
     server, port = serve(service, args.host, args.port, identity=identity)
     if identity is None:
         log.warning("running without a cluster secret (--insecure): plaintext, no authentication")
+    else:
+        log.info("mutual TLS; cluster CA %s (the same on every Mac with this secret)", identity.fingerprint)
     advertiser = None
     if not args.no_advertise:
         ifaces = mdns_interfaces(args.host, args.mdns_interface)

@@ -26,6 +26,7 @@ class TlsIdentity:
     cert_pem: bytes
     key_pem: bytes
     server_name: str
+    fingerprint: str = ""   # names the cluster CA (not secret): equal on every node holding the same secret
 
 
 def server_credentials(identity: TlsIdentity) -> grpc.ServerCredentials:
