@@ -113,7 +113,9 @@ class PipelineSession:
     def _describe_member(self, client: WorkerClient) -> WorkerInfo | None:
         """Describe over mutual TLS; None (logged once, by name) for a peer without the cluster secret."""
         try:
-            return client.describe()
+            info = client.describe()
+            self.refused.discard(client.address)  # log again if it is refused again later
+            return info
         except WorkerCallError as e:
             if self.channel.identity is None and "socket closed" in e.details.lower():
                 raise WorkerCallError(client.address, e.code, e.details + " (a worker that closes a plaintext "
