@@ -26,9 +26,10 @@ from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import PROTOCOL_VERSION, ShardSpec, WorkerInfo
 
 log = logging.getLogger("mtpdist.coordinator")
-# Tokens a worker accepts per Forward, beyond the prefill chunk: room for a chunk plus a
-# verify pass and drafts, never the tens of thousands an abusive caller could send.
-FORWARD_TOKEN_MARGIN = 256
+# Tokens a worker accepts per Forward beyond the prefill chunk: decode/verify rows that may
+# ride along (64 sequences x (1 + up to 8 drafts)) plus slack; never the tens of thousands an
+# abusive caller could send (8,192 held a worker's compute thread for 51 s).
+FORWARD_TOKEN_MARGIN = 64 * 9 + 64
 
 
 def layer_bytes(model_dir: Path, num_layers: int) -> list[int]:
@@ -140,9 +141,13 @@ class PipelineSession:
         finally:
             src.ckpt.close()
         spec = ShardSpec(self.model_hash, start, end, json.dumps(self.raw_config), manifest,
-                         downstream=downstream, max_forward_tokens=self.prefill_step + FORWARD_TOKEN_MARGIN)
+                         downstream=downstream, max_forward_tokens=self.forward_token_limit())
         self.digests[(start, end)] = spec.digest()
         return spec
+
+    def forward_token_limit(self) -> int:
+        """The most rows one Forward may carry, told to every worker with its shard."""
+        return self.prefill_step + FORWARD_TOKEN_MARGIN
 
     def _load_shard(self, client: WorkerClient, start: int, end: int, downstream: tuple[str, ...] = ()) -> None:
         spec = self._spec(start, end, downstream)

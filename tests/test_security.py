@@ -32,6 +32,12 @@ ROGUE = Path(__file__).with_name("rogue.py")
 PROMPT = [5, 17, 99, 3, 42, 8]
 
 
+def fwd(seq: str, h, next: tuple[str, ...] = ()) -> ForwardCall:
+    """One sequence's first Forward (through ForwardCall.single where the batched protocol has it)."""
+    single = getattr(ForwardCall, "single", None)
+    return single(seq, 0, h, next=next) if single else ForwardCall(seq, 0, h, next=next)
+
+
 def channel(secret: str = SECRET, **kw) -> ChannelSettings:
     return ChannelSettings(identity=node_identity(secret), **kw)
 
@@ -192,19 +198,19 @@ def test_unplanned_next_hop_is_refused_and_nothing_is_dialed(tmp_path, tiny_dens
         s = PipelineSession(tiny_dense[0], ws.addresses, progress=False, channel=channel())
         first = WorkerClient(ws.addresses[0], channel())
         h = to_activation(mx.zeros((2, 64)))
-        assert first.forward(ForwardCall("ok", 0, h, next=(ws.addresses[1],))).position == 2   # the planned route
+        assert first.forward(fwd("ok", h, next=(ws.addresses[1],))).hidden.shape == h.shape   # the planned route
         for hops in ((trap.getsockname()[0] + f":{trap.getsockname()[1]}",), (ws.addresses[1], "10.9.9.9:1")):
             with pytest.raises(WorkerCallError) as e:
-                first.forward(ForwardCall("bad", 0, h, next=hops))
+                first.forward(fwd("bad", h, next=hops))
             assert e.value.code == "PERMISSION_DENIED" and "not a planned worker" in e.value.details
         with pytest.raises(socket.timeout):
             trap.accept()                                 # nothing was dialed
         with pytest.raises(WorkerCallError) as e:         # the last stage has no planned next hop at all
-            WorkerClient(ws.addresses[1], channel()).forward(ForwardCall("x", 0, h, next=(ws.addresses[0],)))
+            WorkerClient(ws.addresses[1], channel()).forward(fwd("x", h, next=(ws.addresses[0],)))
         assert e.value.code == "PERMISSION_DENIED"
         s.attach(ws.addresses[:1])                        # re-planned onto one worker: its route is now empty
         with pytest.raises(WorkerCallError) as e:
-            first.forward(ForwardCall("again", 0, h, next=(ws.addresses[1],)))
+            first.forward(fwd("again", h, next=(ws.addresses[1],)))
         assert e.value.code == "PERMISSION_DENIED"
         s.close()
     trap.close()
@@ -214,12 +220,13 @@ def test_tokens_per_forward_are_bounded_before_any_compute(tmp_path, tiny_dense)
     with LocalCluster(1, tmp_path, token=SECRET) as ws:
         s = PipelineSession(tiny_dense[0], ws.addresses, progress=False, channel=channel(), prefill_step=8)
         c = WorkerClient(ws.addresses[0], channel())
-        limit = 8 + FORWARD_TOKEN_MARGIN
+        limit = s.forward_token_limit()
+        assert limit == 8 + FORWARD_TOKEN_MARGIN
         with pytest.raises(WorkerCallError) as e:
-            c.forward(ForwardCall("big", 0, to_activation(mx.zeros((limit + 1, 64)))))
+            c.forward(fwd("big", to_activation(mx.zeros((limit + 1, 64)))))
         assert e.value.code == "INVALID_ARGUMENT" and f"at most {limit} tokens" in e.value.details
         assert c.describe().sequences == 0                # refused before any state was made
-        assert c.forward(ForwardCall("fits", 0, to_activation(mx.zeros((limit, 64))))).position == limit
+        assert c.forward(fwd("fits", to_activation(mx.zeros((limit, 64))))).hidden.shape == (limit, 64)
         s.close()
 
 
@@ -291,7 +298,7 @@ def test_stream_with_wrong_bytes_is_refused_and_the_old_shard_kept(tmp_path, tin
         assert not (store / "2-5").exists()                             # the shard that cannot load is not cached
         after = c.describe()                                             # and the live shard is still there
         assert (after.layer_start, after.layer_end, after.shard_digest) == (0, 8, held.shard_digest)
-        assert c.forward(ForwardCall("still", 0, to_activation(mx.zeros((2, 64))))).position == 2
+        assert c.forward(fwd("still", to_activation(mx.zeros((2, 64))))).hidden.shape == (2, 64)
         s.close()
 
 

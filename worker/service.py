@@ -21,9 +21,9 @@ from mtpdist.wire.types import (PROTOCOL_VERSION, ForwardCall, ForwardResult, Lo
 from .shard_store import ShardStore, check_manifest
 
 log = logging.getLogger("mtpdist.worker")
-# Tokens one Forward may carry when the coordinator set no limit: its largest prefill chunk
-# with a margin. A bigger request would hold the one compute thread (and memory) far longer.
-DEFAULT_MAX_FORWARD_TOKENS = 2048 + 256
+# Tokens one Forward may carry when the coordinator set no limit: a large prefill chunk with
+# the coordinator's margin. A bigger request would hold the one compute thread (and memory) far longer.
+DEFAULT_MAX_FORWARD_TOKENS = 2048 + 640
 
 
 def total_memory() -> int:
