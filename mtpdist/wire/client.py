@@ -52,6 +52,7 @@ class WorkerClient:
     def __init__(self, address: str, settings: ChannelSettings = ChannelSettings()):
         self.address, self.settings = address, settings
         self.timeout, self.load_timeout = settings.timeout, settings.load_timeout
+        self.md: tuple = ()  # no per-call credentials: mutual TLS proves both ends on the channel
         if settings.identity is not None:
             self.channel = grpc.secure_channel(address, channel_credentials(settings.identity),
                                                options=CHANNEL_OPTIONS + channel_options(settings.identity))
