@@ -61,7 +61,9 @@ def run_status(args) -> int:
                            layers=f"{i.layer_start}-{i.layer_end - 1}" if i.layer_end else "none",
                            sequences=i.sequences, state_mib=round(i.state_bytes / 2**20, 1))
             except MtpdistError as e:
-                row["error"] = str(e)
+                from .wire.auth import is_handshake_failure
+                refused = is_handshake_failure(getattr(e, "code", ""), getattr(e, "details", ""))
+                row["error"] = "did not prove it holds the cluster secret (mutual TLS refused)" if refused else str(e)
             rows.append(row)
     finally:
         m.close()
