@@ -186,6 +186,11 @@ def test_wrong_secret_on_either_side_is_one_line_naming_the_peer(tmp_path, tiny_
         p = _generate(tiny_dense[0], "--worker", odd.address, "--worker", good.address, "--token", SECRET)
         assert p.returncode == 0, p.stderr                       # the odd one is refused, the good one serves
         assert f"refusing worker at {odd.address}" in p.stderr
+        st = subprocess.run([sys.executable, "-m", "mtpdist.cli", "status", "--worker", odd.address, "--worker",
+                             good.address, "--token", SECRET, "--json"], capture_output=True, text=True, timeout=60)
+        rows = {r["address"]: r for r in json.loads(st.stdout)["workers"]}
+        assert st.returncode == 1 and "did not prove it holds the cluster secret" in rows[odd.address]["error"]
+        assert "error" not in rows[good.address]
     finally:
         good.stop()
         odd.stop()
