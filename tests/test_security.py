@@ -257,8 +257,12 @@ def test_tampered_cached_shard_is_refused_deleted_and_sent_again(tmp_path, tiny_
         b = f.read(1)
         f.seek(off + 3)
         f.write(bytes([b[0] ^ 0x80]))
+    stale = shard.parent.parent / "3-4.partial"           # as if a worker had been killed mid-stream
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
     w = LocalWorker(tmp_path, token=SECRET)               # restarted: it would load from its cache
     try:
+        assert not stale.exists()                         # a restart cleans partial shards
         with caplog.at_level(logging.WARNING, logger="mtpdist.coordinator"):
             s = PipelineSession(model, [w.address], progress=False, channel=channel())
         resend = [r.getMessage() for r in caplog.records if "sending them again" in r.getMessage()]
