@@ -53,6 +53,11 @@ class Membership:
                 out.append(a)
         return out
 
+    def label(self, address: str) -> str:
+        """How to name a worker in the log: its mDNS advert and address, or the address given."""
+        name = self.browser.name_of(address) if self.browser else None
+        return f"worker {name} at {address}" if name else f"worker at {address}"
+
     def wait(self) -> list[str]:
         """Wait (up to the timeout) for the requested number of workers; refuse with who was found."""
         if self.browser and self.opts.workers == 0:  # "whoever is there": the first, then a short settle

@@ -46,7 +46,7 @@ def run_demo(args) -> int:
         if not args.json:
             print(f"started {args.workers} workers: {', '.join(workers.addresses)} (cluster {cluster})", flush=True)
         common = dict(worker=[], workers=args.workers, cluster=cluster, mdns_interface=["127.0.0.1"],
-                      discover_timeout=30.0, tls_ca=None, rpc_timeout=30.0, token=token, token_file=None,
+                      discover_timeout=30.0, rpc_timeout=30.0, token=token, token_file=None,
                       insecure=False, model=str(model), mtp=not args.no_mtp, mtp_hidden="post-norm",
                       prefill_step=512)
         if args.once:

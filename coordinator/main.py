@@ -68,7 +68,7 @@ def run_coordinator(args, on_ready=None) -> int:
         addresses = membership.wait()
         session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
                                   prefill_step=args.prefill_step, channel=channel_from(args),
-                                  candidates=membership.current)
+                                  candidates=membership.current, label=membership.label)
 
         def cluster_info():
             rows = []

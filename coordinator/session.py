@@ -16,16 +16,21 @@ from mtpdist.engine.local import load_tokenizer_for
 from mtpdist.engine.remote import PipelineTrunk
 from mtpdist.engine.shards import ShardSource
 from mtpdist.engine.transport import WorkerTransport
-from mtpdist.errors import MtpdistError
+from mtpdist.errors import MtpdistError, WorkerCallError
 from mtpdist.model.config import read_config
 from mtpdist.model.hashing import model_hash
 from mtpdist.model.loader import load_parts
 from mtpdist.model.weights import Checkpoint, layer_of
 from mtpdist.placement import Placement, PlacementError, plan_layers
+from mtpdist.wire.auth import is_handshake_failure
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import PROTOCOL_VERSION, ShardSpec, WorkerInfo
 
 log = logging.getLogger("mtpdist.coordinator")
+# Tokens a worker accepts per Forward beyond the prefill chunk: decode/verify rows that may
+# ride along (64 sequences x (1 + up to 8 drafts)) plus slack; never the tens of thousands an
+# abusive caller could send (8,192 held a worker's compute thread for 51 s).
+FORWARD_TOKEN_MARGIN = 64 * 9 + 64
 
 
 def layer_bytes(model_dir: Path, num_layers: int) -> list[int]:
@@ -53,8 +58,13 @@ class PipelineSession:
     def __init__(self, model_dir: str | Path, workers: Sequence[str], mtp: bool = False, post_norm: bool = True,
                  prefill_step: int = 512, chain: bool = True, rewind: str = "carry", progress: bool = True,
                  channel: ChannelSettings = ChannelSettings(), headroom: float = 0.1,
-                 candidates: Callable[[], list[str]] | None = None, balance_speed: bool = True):
+                 candidates: Callable[[], list[str]] | None = None, label: Callable[[str], str] | None = None,
+                 balance_speed: bool = True):
         self.model_dir = Path(model_dir)
+        self.prefill_step = prefill_step
+        self.label = label or (lambda address: f"worker at {address}")  # e.g. the mDNS advert's name
+        self.refused: set[str] = set()
+        self.digests: dict[tuple[int, int], str] = {}   # planned shard digest by layer range
         self.chain, self.rewind, self.progress = chain, rewind, progress
         self.channel, self.headroom, self.balance_speed = channel, headroom, balance_speed
         self.config, self.raw_config = read_config(self.model_dir)
@@ -75,9 +85,26 @@ class PipelineSession:
         return [c.address for c in self.clients]
 
     def attach(self, workers: Sequence[str]) -> None:
-        """Plan layers over `workers` (refusing before loading anything if they don't fit), load shards."""
-        clients = [WorkerClient(a, self.channel) for a in workers]
-        infos = [c.describe() for c in clients]
+        """Plan layers over `workers` (refusing before loading anything if they don't fit), load shards.
+
+        A worker that cannot prove it holds the cluster secret is dropped here, before it is
+        sent anything: it is logged by name and address and the others are used.
+        """
+        clients, infos = [], []
+        for a in workers:
+            c = WorkerClient(a, self.channel)
+            info = self._describe_member(c)
+            if info is None:
+                c.close()
+                continue
+            clients.append(c)
+            infos.append(info)
+        if not clients:
+            ca = self.channel.identity.fingerprint if self.channel.identity else "none"
+            raise MtpdistError(
+                f"none of {len(workers)} worker(s) proved it holds this cluster's secret ({', '.join(workers)}); "
+                f"check the secret here (--token/--token-file/MTPDIST_TOKEN; cluster CA {ca}) and in the workers' "
+                "logs (their 'cluster CA' line)" if workers else "no workers")
         for c, info in zip(clients, infos):
             if info.protocol_version != PROTOCOL_VERSION:
                 raise MtpdistError(f"worker {c.address} speaks protocol {info.protocol_version}, "
@@ -90,26 +117,86 @@ class PipelineSession:
         if speed:
             log.info("placing by stage time (read speeds %s GB/s): layers %s", [round(i.read_gbps, 1) for i in infos],
                      ", ".join(f"{s}-{e - 1}" for s, e in placement.ranges))
-        for c, (start, end) in zip(clients, placement.ranges):
-            self._load_shard(c, start, end)
+        addresses = [c.address for c in clients]
+        for i, (c, (start, end)) in enumerate(zip(clients, placement.ranges)):
+            self._load_shard(c, start, end, tuple(addresses[i + 1:]))
         for old in self.clients:
             old.close()
         self.clients, self.placement = clients, placement
         self.infos = [c.describe() for c in clients]
+        for c, info, (start, end) in zip(clients, self.infos, placement.ranges):
+            self._check_holds(c.address, info, start, end)
 
-    def _load_shard(self, client: WorkerClient, start: int, end: int) -> None:
-        config_json = json.dumps(self.raw_config)
-        spec = ShardSpec(self.model_hash, start, end, config_json)
-        ok, _ = client.has_shard(spec)
-        if ok:
-            r = client.load_shard(spec)
-        else:
-            src = ShardSource(self.model_dir, start, end)
-            spec = ShardSpec(self.model_hash, start, end, config_json, src.manifest())
-            with tqdm(total=src.nbytes, unit="B", unit_scale=True, disable=not self.progress,
-                      desc=f"layers {start}-{end - 1} -> {client.address}") as bar:
-                r = client.load_shard(spec, src.chunks(bar.update))
-        log.info("worker %s holds layers %d-%d (%s)", client.address, start, end - 1, r.source)
+    def _describe_member(self, client: WorkerClient) -> WorkerInfo | None:
+        """Describe over mutual TLS; None (logged once, by name) for a peer without the cluster secret."""
+        try:
+            info = client.describe()
+            self.refused.discard(client.address)  # log again if it is refused again later
+            return info
+        except WorkerCallError as e:
+            if self.channel.identity is None and "socket closed" in e.details.lower():
+                raise WorkerCallError(client.address, e.code, e.details + " (a worker that closes a plaintext "
+                                      "connection most likely requires mutual TLS: use the cluster secret, not "
+                                      "--insecure)") from None
+            if not is_handshake_failure(e.code, e.details):
+                raise
+            self._refuse(client.address)
+            return None
+
+    def _refuse(self, address: str) -> None:
+        if address not in self.refused:
+            self.refused.add(address)
+            log.warning("refusing %s: it did not prove it holds the cluster secret (mutual TLS handshake failed; "
+                        "either it or this coordinator has a different secret); it is sent nothing",
+                        self.label(address))
+
+    def _spec(self, start: int, end: int, downstream: tuple[str, ...]) -> ShardSpec:
+        src = ShardSource(self.model_dir, start, end)
+        try:
+            manifest = src.manifest(self.model_hash)
+        finally:
+            src.ckpt.close()
+        spec = ShardSpec(self.model_hash, start, end, json.dumps(self.raw_config), manifest,
+                         downstream=downstream, max_forward_tokens=self.forward_token_limit())
+        self.digests[(start, end)] = spec.digest()
+        return spec
+
+    def forward_token_limit(self) -> int:
+        """The most rows one Forward may carry, told to every worker with its shard."""
+        return self.prefill_step + FORWARD_TOKEN_MARGIN
+
+    def _load_shard(self, client: WorkerClient, start: int, end: int, downstream: tuple[str, ...] = ()) -> None:
+        spec = self._spec(start, end, downstream)
+        for attempt in range(2):
+            ok, _ = client.has_shard(spec)
+            try:
+                if ok:
+                    r = client.load_shard(spec)
+                else:
+                    src = ShardSource(self.model_dir, start, end)
+                    with tqdm(total=src.nbytes, unit="B", unit_scale=True, disable=not self.progress,
+                              desc=f"layers {start}-{end - 1} -> {client.address}") as bar:
+                        r = client.load_shard(spec, src.chunks(bar.update))
+            except WorkerCallError as e:
+                if e.code != "DATA_LOSS" or attempt:
+                    raise
+                log.warning("worker %s refused layers %d-%d: %s; sending them again", client.address, start, end - 1,
+                            e.details)
+                continue
+            if r.shard_digest != spec.digest():
+                raise MtpdistError(f"worker {client.address} reports shard {r.shard_digest or 'none'} after loading "
+                                   f"layers {start}-{end - 1}, planned {spec.digest()}")
+            log.info("worker %s holds layers %d-%d (%s)", client.address, start, end - 1, r.source)
+            return
+
+    def _check_holds(self, address: str, info: WorkerInfo, start: int, end: int) -> None:
+        """The worker must hold exactly the planned shard: model, layer range and manifest digest."""
+        want = self.digests[(start, end)]
+        got = (info.model_hash, info.layer_start, info.layer_end, info.shard_digest)
+        if got != (self.model_hash, start, end, want):
+            raise MtpdistError(f"worker {address} holds {got[0][:12] or 'nothing'} layers {got[1]}-{got[2] - 1} "
+                               f"(shard {got[3] or 'none'}), planned {self.model_hash[:12]} layers {start}-{end - 1} "
+                               f"(shard {want})")
 
     def transport(self) -> WorkerTransport:
         """The scheduler's way through the current workers (made anew after each re-plan)."""
@@ -135,7 +222,7 @@ class PipelineSession:
         def probe(a):
             c = WorkerClient(a, replace(self.channel, timeout=timeout))
             try:
-                return c.describe()
+                return self._describe_member(c)
             except MtpdistError:
                 return None
             finally:
@@ -157,7 +244,8 @@ class PipelineSession:
         infos = self.alive(self.candidates())
         expected = {c.address: r for c, r in zip(self.clients, self.placement.ranges)}
         same = list(infos) == self.addresses and all(
-            (i.model_hash, i.layer_start, i.layer_end) == (self.model_hash, *expected[a]) for a, i in infos.items())
+            (i.model_hash, i.layer_start, i.layer_end, i.shard_digest)
+            == (self.model_hash, *expected[a], self.digests.get(expected[a])) for a, i in infos.items())
         if not same:
             if not infos:
                 raise MtpdistError("no worker answers")

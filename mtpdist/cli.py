@@ -31,7 +31,6 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mdns-interface", action="append", default=[], metavar="IP",
                    help="browse mDNS on this interface address only (repeatable)")
     p.add_argument("--discover-timeout", type=float, default=15.0, help="seconds to wait for --workers")
-    p.add_argument("--tls-ca", default=None, help="CA certificate to trust for workers serving TLS")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline (s) of each call to a worker")
     p.add_argument("--step-timeout", type=float, default=5.0,
                    help="deadline (s) of one decode step through all workers: a hung worker is noticed this fast")

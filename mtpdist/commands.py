@@ -20,11 +20,15 @@ def sampling_from(args) -> SamplingParams:
 
 
 def channel_from(args):
-    """How to reach workers (token, TLS, deadlines) from CLI flags."""
-    from .security import resolve_token
+    """How to reach workers (this node's mutual-TLS identity, deadlines) from CLI flags."""
+    from .security import check_insecure_hosts, resolve_identity
     from .wire.client import ChannelSettings
-    return ChannelSettings(token=resolve_token(args.token, args.token_file, args.insecure), tls_ca=args.tls_ca,
-                           timeout=args.rpc_timeout, step_timeout=getattr(args, "step_timeout", 5.0))
+    identity = resolve_identity(args.token, args.token_file, args.insecure, role="coordinator")
+    plaintext_network = getattr(args, "allow_insecure_network", False)
+    if identity is None:  # fail at once for the static workers; discovered ones are refused when dialed
+        check_insecure_hosts(args.worker, plaintext_network, "would reach workers at")
+    return ChannelSettings(identity=identity, plaintext_network=plaintext_network, timeout=args.rpc_timeout,
+                           step_timeout=getattr(args, "step_timeout", 5.0))
 
 
 def membership_from(args):
@@ -57,7 +61,9 @@ def run_status(args) -> int:
                            layers=f"{i.layer_start}-{i.layer_end - 1}" if i.layer_end else "none",
                            sequences=i.sequences, state_mib=round(i.state_bytes / 2**20, 1))
             except MtpdistError as e:
-                row["error"] = str(e)
+                from .wire.auth import is_handshake_failure
+                refused = is_handshake_failure(getattr(e, "code", ""), getattr(e, "details", ""))
+                row["error"] = "did not prove it holds the cluster secret (mutual TLS refused)" if refused else str(e)
             rows.append(row)
     finally:
         m.close()

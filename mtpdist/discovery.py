@@ -178,6 +178,11 @@ class Browser:
                 self.found[name] = ad
             self.changed.notify_all()
 
+    def name_of(self, address: str) -> str | None:
+        """The mDNS service name advertising `address`, if any."""
+        with self.changed:
+            return next((name for name, ad in self.found.items() if ad.address == address), None)
+
     def workers(self) -> list[Advert]:
         with self.changed:
             return sorted(self.found.values(), key=lambda a: a.worker_id)

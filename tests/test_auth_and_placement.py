@@ -1,75 +1,10 @@
-"""Cluster tokens on every RPC, TLS, and placement as a pure function."""
+"""Placement as a pure function, and the stable worker id (authentication: test_security.py)."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-
 import pytest
 
-from mtpdist.coordinator.local_cluster import LocalWorker
-from mtpdist.errors import WorkerCallError
 from mtpdist.placement import PlacementError, plan_layers
-from mtpdist.wire.client import ChannelSettings, WorkerClient
-
-
-def test_token_required_on_every_call(tmp_path):
-    w = LocalWorker(tmp_path, token="right-token-123")
-    try:
-        for settings in (ChannelSettings(), ChannelSettings(token="wrong-token-123")):
-            c = WorkerClient(w.address, settings)
-            for call in (c.health, c.describe, lambda: c.release("x")):
-                with pytest.raises(WorkerCallError) as e:
-                    call()
-                assert e.value.code == "UNAUTHENTICATED"
-        assert WorkerClient(w.address, ChannelSettings(token="right-token-123")).health() == "idle"
-    finally:
-        w.stop()
-
-
-def test_a_token_that_starts_with_a_dash_works(tmp_path):
-    w = LocalWorker(tmp_path, token="-starts-with-dash")   # secrets.token_urlsafe can produce these
-    try:
-        assert WorkerClient(w.address, ChannelSettings(token="-starts-with-dash")).health() == "idle"
-    finally:
-        w.stop()
-
-
-def test_refusals_are_logged_by_the_worker(tmp_path):
-    w = LocalWorker(tmp_path, token="right-token-123")
-    try:
-        with pytest.raises(WorkerCallError):
-            WorkerClient(w.address, ChannelSettings(token="bad-token-000")).health()
-    finally:
-        w.proc.terminate()
-        out = w.proc.stdout.read()
-        w.stop()
-    assert "refused /mtpdist.v1.Worker/Health: wrong token" in out
-
-
-def test_worker_without_token_needs_insecure(tmp_path):
-    env = {"MTPDIST_CACHE": str(tmp_path), "MTPDIST_CONFIG": str(tmp_path / "cfg"), "PATH": "/usr/bin:/bin"}
-    p = subprocess.run([sys.executable, "-m", "mtpdist.cli", "worker", "--port", "0", "--no-advertise"],
-                       capture_output=True, text=True, timeout=60, env=env)
-    assert p.returncode == 2 and "--insecure" in p.stderr and "MTPDIST_TOKEN" in p.stderr
-
-
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl not installed")
-def test_tls_channel(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-                   check=True, capture_output=True)
-    w = LocalWorker(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key), token="tls-token-1234")
-    try:
-        ok = WorkerClient(w.address, ChannelSettings(token="tls-token-1234", tls_ca=str(cert)))
-        assert ok.health() == "idle"
-        with pytest.raises(WorkerCallError) as e:
-            WorkerClient(w.address, ChannelSettings(token="tls-token-1234", timeout=3)).health()
-        assert e.value.code in ("UNAVAILABLE", "DEADLINE_EXCEEDED")
-    finally:
-        w.stop()
 
 
 @pytest.mark.parametrize("n", range(1, 9))

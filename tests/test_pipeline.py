@@ -104,17 +104,16 @@ def test_worker_holds_only_its_shard_and_restarts_from_cache(tmp_path, tiny_dens
         s = PipelineSession(path, [w.address], progress=False)  # one worker: layers 0-7
         s.close()
         c = WorkerClient(w.address)
-        spec = ShardSpec(s.model_hash, 2, 5, json.dumps({}))
         src = ShardSource(path, 2, 5)
-        r = c.load_shard(ShardSpec(s.model_hash, 2, 5, (path / "config.json").read_text(), src.manifest()),
-                         src.chunks())
+        spec = ShardSpec(s.model_hash, 2, 5, (path / "config.json").read_text(), src.manifest(s.model_hash))
+        r = c.load_shard(spec, src.chunks())
         assert r.source == "stream"                      # layers 2-4 alone were never sent before
         info = c.describe()
         assert (info.layer_start, info.layer_end) == (2, 5)
         assert info.weight_bytes == src.nbytes           # nothing outside layers 2-4 is held
         stored = mx.load(str(tmp_path / "cache" / "shards" / s.model_hash / "2-5" / "model.safetensors"))
         assert {int(k.split(".")[2]) for k in stored} == {2, 3, 4}
-        outside = ShardSpec(s.model_hash, 6, 7, "{}", (TensorInfo("model.layers.0.x", "F32", (1,), 4),))
+        outside = ShardSpec(s.model_hash, 6, 7, spec.config_json, (TensorInfo("model.layers.0.x", "F32", (1,), 4),))
         with pytest.raises(WorkerCallError) as e:
             c.load_shard(outside, [b"\0" * 4])
         assert e.value.code == "INVALID_ARGUMENT"

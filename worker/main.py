@@ -10,9 +10,8 @@ from pathlib import Path
 
 from mtpdist import __version__
 from mtpdist.discovery import Advert, Advertiser, links_for, local_links
-from mtpdist.errors import MtpdistError
 from mtpdist.model.hashing import cache_dir
-from mtpdist.security import resolve_token, worker_id
+from mtpdist.security import check_insecure_hosts, resolve_identity, worker_id
 from mtpdist.wire.client import ChannelSettings
 from mtpdist.wire.server import serve
 from mtpdist.wire.types import PROTOCOL_VERSION
@@ -24,18 +23,24 @@ log = logging.getLogger("mtpdist.worker")
 
 
 def add_security_arguments(p) -> None:
-    """Token flags shared by the worker and the coordinator."""
-    p.add_argument("--token", default=None, help="cluster token (or MTPDIST_TOKEN, or --token-file)")
-    p.add_argument("--token-file", default=None, help="file holding the cluster token")
-    p.add_argument("--insecure", action="store_true", help="run without a token (trusted networks only)")
+    """Cluster-secret flags shared by the worker and the coordinator."""
+    p.add_argument("--token", default=None,
+                   help="cluster secret (or MTPDIST_TOKEN, --token-file, ~/.config/mtpdist/token); peers prove they "
+                        "hold it with mutual TLS, it is never sent")
+    p.add_argument("--token-file", default=None, help="file holding the cluster secret")
+    p.add_argument("--insecure", action="store_true", help="no secret, no TLS: loopback only")
+    p.add_argument("--allow-insecure-network", action="store_true",
+                   help="let --insecure use a non-loopback address (only on a network you fully trust)")
 
 
 def add_arguments(p) -> None:
     """Flags of `mtpdist worker`."""
-    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all; a token is required)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default all; needs the cluster secret)")
     p.add_argument("--port", type=int, default=50551, help="gRPC port (0 picks a free one)")
     p.add_argument("--model-dir", default=None, help="a local copy of the model; used when its content hash matches")
     p.add_argument("--cache-dir", default=None, help=f"where streamed shards are kept (default {cache_dir()})")
+    p.add_argument("--cache-max-gb", type=float, default=None,
+                   help="cap on cached shards; least recently used go first (default: twice the usable memory)")
     p.add_argument("--usable-memory-gb", type=float, default=None,
                    help="memory offered for weights and state (default 75%% of RAM)")
     p.add_argument("--max-sequences", type=int, default=64, help="live sequences before the oldest is evicted")
@@ -51,9 +56,6 @@ def add_arguments(p) -> None:
                         "with it are emulated")
     p.add_argument("--read-gbps", type=float, default=None,
                    help="this Mac's weight-read speed in GB/s, for placement (default: measured at first contact)")
-    p.add_argument("--tls-cert", default=None, help="serve TLS with this certificate (needs --tls-key)")
-    p.add_argument("--tls-key", default=None)
-    p.add_argument("--tls-ca", default=None, help="CA to trust when calling the next worker over TLS")
     add_security_arguments(p)
 
 
@@ -77,23 +79,26 @@ def mdns_interfaces(host: str, chosen: list[str]) -> list[str]:
 def run_worker(args) -> int:
     """Serve until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    token = resolve_token(args.token, args.token_file, args.insecure)
-    if bool(args.tls_cert) != bool(args.tls_key):
-        raise MtpdistError("--tls-cert and --tls-key go together")
+    identity = resolve_identity(args.token, args.token_file, args.insecure, role="worker")
+    if identity is None:
+        check_insecure_hosts([args.host], args.allow_insecure_network, "would listen on")
     service = WorkerService(
         cache_root=Path(args.cache_dir) if args.cache_dir else cache_dir(),
         model_dir=Path(args.model_dir) if args.model_dir else None,
         usable_bytes=int(args.usable_memory_gb * (1 << 30)) if args.usable_memory_gb else None,
         max_sequences=args.max_sequences, worker_id=worker_id(),
-        channel=ChannelSettings(token=token, tls_ca=args.tls_ca, timeout=args.rpc_timeout),
+        channel=ChannelSettings(identity=identity, plaintext_network=args.allow_insecure_network,
+                                timeout=args.rpc_timeout),
+        cache_max_bytes=int(args.cache_max_gb * 1e9) if args.cache_max_gb is not None else None,
         emulate=args.emulate_ms, read_gbps=args.read_gbps)
-    tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
-    server, port = serve(service, args.host, args.port, token=token, tls=tls)
+    server, port = serve(service, args.host, args.port, identity=identity)
     if args.emulate_ms:
         log.warning("emulating a stage of %g + %g ms per extra row (benchmarking aid)",
                     args.emulate_ms.a_ms, args.emulate_ms.b_ms)
-    if token is None:
-        log.warning("running without a cluster token (--insecure): anyone who can reach this port can use it")
+    if identity is None:
+        log.warning("running without a cluster secret (--insecure): plaintext, no authentication")
+    else:
+        log.info("mutual TLS; cluster CA %s (the same on every Mac with this secret)", identity.fingerprint)
     advertiser = None
     if not args.no_advertise:
         ifaces = mdns_interfaces(args.host, args.mdns_interface)
@@ -104,8 +109,9 @@ def run_worker(args) -> int:
             usable_bytes=service.usable, backend=backend_name(), chip=platform.processor() or platform.machine(),
             cluster=args.cluster, version=__version__), ifaces)
         log.info("advertising on mDNS (%s) in cluster %r", ", ".join(ifaces), args.cluster)
-    print(f"mtpdist worker {service.worker_id} listening on {args.host if args.host != '0.0.0.0' else '127.0.0.1'}:{port}",
-          flush=True)
+    print(f"mtpdist worker {service.worker_id} listening on {args.host}:{port}"
+          + (" (every interface)" if args.host in ("0.0.0.0", "::") else "")
+          + (" with mutual TLS" if identity else " in plaintext (--insecure)"), flush=True)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())

@@ -18,9 +18,12 @@ from mtpdist.wire.types import (PROTOCOL_VERSION, ForwardCall, ForwardResult, Lo
                                 WorkerInfo)
 
 from .compute import ComputeLoop, StageEmulation
-from .shard_store import ShardStore
+from .shard_store import ShardStore, check_manifest
 
 log = logging.getLogger("mtpdist.worker")
+# Tokens one Forward may carry when the coordinator set no limit: a large prefill chunk with
+# the coordinator's margin. A bigger request would hold the one compute thread (and memory) far longer.
+DEFAULT_MAX_FORWARD_TOKENS = 2048 + 640
 
 
 def total_memory() -> int:
@@ -36,12 +39,13 @@ class WorkerService:
 
     def __init__(self, cache_root: Path, model_dir: Path | None = None, usable_bytes: int | None = None,
                  max_sequences: int = 64, worker_id: str | None = None,
-                 channel: ChannelSettings = ChannelSettings(), emulate: StageEmulation | None = None,
-                 read_gbps: float | None = None):
-        self.store = ShardStore(cache_root)
+                 channel: ChannelSettings = ChannelSettings(), cache_max_bytes: int | None = None,
+                 emulate: StageEmulation | None = None, read_gbps: float | None = None):
         self.model_dir, self._model_dir_hash = model_dir, None
         self.memory = total_memory()
         self.usable = usable_bytes or int(self.memory * 0.75)
+        # Room for the shard held and one more (a re-plan) unless told otherwise.
+        self.store = ShardStore(cache_root, cache_max_bytes if cache_max_bytes is not None else 2 * self.usable)
         self.max_sequences, self.channel = max_sequences, channel
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
         self.compute = ComputeLoop(emulate=emulate)  # the one MLX thread
@@ -51,6 +55,9 @@ class WorkerService:
         self.weight_bytes = 0
         self._next: dict[str, WorkerClient] = {}
         self._lock = threading.Lock()
+        # Set by every LoadShard from the coordinator's plan: where Forward may pass output on.
+        self.downstream: frozenset[str] = frozenset()
+        self.max_forward_tokens = DEFAULT_MAX_FORWARD_TOKENS
 
     # -- helpers ---------------------------------------------------------------------
     def _on_mlx(self, fn, *args):
@@ -74,6 +81,19 @@ class WorkerService:
         if client is not None:
             client.close()
 
+    def _check_route(self, hops) -> None:
+        """Refuse a Forward whose `next` hops are not the planned workers after this stage."""
+        bad = [h for h in hops if h not in self.downstream]
+        if bad:
+            log.warning("refused a Forward to %s: not a planned worker after this stage", bad[0])
+            raise RequestError("PERMISSION_DENIED", f"next hop {bad[0]} is not a planned worker after this stage")
+
+    def _check_tokens(self, tokens: int) -> None:
+        """Refuse a Forward larger than the coordinator's prefill chunk (with a margin), before any compute."""
+        if tokens > self.max_forward_tokens:
+            raise RequestError("INVALID_ARGUMENT", f"a Forward carries at most {self.max_forward_tokens} tokens "
+                                                   f"on this worker, got {tokens}")
+
     def _stage(self):
         if self.stage is None:
             raise RequestError("FAILED_PRECONDITION", "no shard loaded; the coordinator must call LoadShard first")
@@ -89,8 +109,10 @@ class WorkerService:
             chip=platform.processor() or platform.machine(),
             model_hash=self.spec.model_hash if self.spec else "",
             layer_start=self.spec.layer_start if self.spec else 0, layer_end=self.spec.layer_end if self.spec else 0,
-            sequences=len(stage.seqs) if stage else 0, prefixes=len(stage.prefixes) if stage else 0, state_bytes=self._on_mlx(stage.state_bytes) if stage else 0,
-            mlx_version=mlx_version(), weight_bytes=self.weight_bytes, read_gbps=self._read_speed())
+            sequences=len(stage.seqs) if stage else 0, prefixes=len(stage.prefixes) if stage else 0,
+            state_bytes=self._on_mlx(stage.state_bytes) if stage else 0,
+            mlx_version=mlx_version(), weight_bytes=self.weight_bytes, read_gbps=self._read_speed(),
+            shard_digest=self.spec.digest() if self.spec else "")
 
     def _read_speed(self) -> float:
         if self.read_gbps is None:  # measured once, on the MLX thread
@@ -99,8 +121,7 @@ class WorkerService:
         return self.read_gbps
 
     def has_shard(self, spec: ShardSpec) -> tuple[bool, str]:
-        if self.spec is not None and (spec.model_hash, spec.layer_start, spec.layer_end) == (
-                self.spec.model_hash, self.spec.layer_start, self.spec.layer_end):
+        if self.spec is not None and spec.digest() == self.spec.digest():
             return True, "loaded"
         if self._local_hash() == spec.model_hash:
             return True, "model-dir"
@@ -109,10 +130,15 @@ class WorkerService:
         return False, ""
 
     def load_shard(self, spec: ShardSpec, chunks: Iterator[bytes]) -> LoadResult:
+        """Hold `spec`'s layers (already held, own copy, verified cache, or the stream); a failure keeps the old shard."""
         if not 0 <= spec.layer_start < spec.layer_end:
             raise RequestError("INVALID_ARGUMENT", f"bad layer range [{spec.layer_start}, {spec.layer_end})")
+        _check_config(spec)
+        check_manifest(spec)
         ok, source = self.has_shard(spec)
         received = 0
+        if source == "cache":
+            self.store.verify(spec)  # DATA_LOSS (and the copy deleted) if it was changed on disk
         if not ok:
             log.info("receiving layers %d-%d (%.1f MB)", spec.layer_start, spec.layer_end - 1,
                      sum(t.nbytes for t in spec.tensors) / 1e6)
@@ -120,26 +146,44 @@ class WorkerService:
             source = "stream"
         if source != "loaded":
             path = self.model_dir if source == "model-dir" else self.store.path(spec)
-            self._on_mlx(self._load, path, spec)
+            try:
+                self._on_mlx(self._load, path, spec)
+            except RequestError:
+                if source in ("cache", "stream"):
+                    self.store.remove(spec)  # never leave a shard that cannot load marked complete
+                raise
+            if source in ("cache", "stream"):
+                self.store.touch(spec)
+        self.downstream = frozenset(spec.downstream)
+        self.max_forward_tokens = spec.max_forward_tokens or DEFAULT_MAX_FORWARD_TOKENS
         log.info("holding layers %d-%d of model %s (from %s)", spec.layer_start, spec.layer_end - 1,
                  spec.model_hash[:12], source)
-        return LoadResult(source, received, spec.layer_start, spec.layer_end)
+        return LoadResult(source, received, spec.layer_start, spec.layer_end, spec.digest())
 
     def _load(self, path: Path, spec: ShardSpec) -> None:
+        from mlx.utils import tree_flatten
+
         from mtpdist.engine.stage import Stage
         from mtpdist.model.loader import load_parts
-        self.stage, self.spec = None, None  # drop the old shard (and its sequences) first
+        incoming = sum(t.nbytes for t in spec.tensors)
+        if self.stage is not None and self.weight_bytes + incoming > self.usable:
+            # Both shards do not fit: drop the old one first (the new one's config and bytes are already checked).
+            log.info("dropping layers %d-%d before loading: both shards do not fit in memory",
+                     self.spec.layer_start, self.spec.layer_end - 1)
+            self.stage, self.spec, self.weight_bytes = None, None, 0
         try:
             parts = load_parts(path, layers=(spec.layer_start, spec.layer_end), head=False)
-        except ModelLoadError as e:
+        except (ModelLoadError, ValueError, KeyError, TypeError) as e:
             raise RequestError("FAILED_PRECONDITION", f"cannot load shard: {e}") from e
-        from mlx.utils import tree_flatten
-        self.weight_bytes = sum(v.nbytes for _, v in tree_flatten(parts.stack.parameters()))
-        budget = max(self.usable - self.weight_bytes, 64 << 20)
+        weight_bytes = sum(v.nbytes for _, v in tree_flatten(parts.stack.parameters()))
+        budget = max(self.usable - weight_bytes, 64 << 20)
+        # Swap only now: until the new shard is built, the old one (and its sequences) stays.
         self.stage = Stage(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
-        self.spec = spec
+        self.spec, self.weight_bytes = spec, weight_bytes
 
     def forward(self, call: ForwardCall, deadline: float | None = None) -> ForwardResult:
+        self._check_route(call.next)
+        self._check_tokens(call.hidden.shape[0] if call.hidden.shape else 0)
         stage = self._stage()
         start = time.monotonic()
         # Chunks of one sequence may overtake each other between stages; the wait covers that race.
@@ -173,3 +217,17 @@ class WorkerService:
 
     def health(self) -> str:
         return "serving" if self.stage else "idle"
+
+
+def _check_config(spec: ShardSpec) -> None:
+    """A shard's config must parse as a model config that has its layers, before anything is written or dropped."""
+    import json
+
+    from mtpdist.model.config import ModelConfig
+    try:
+        config = ModelConfig.from_dict(json.loads(spec.config_json))
+    except (ModelLoadError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise RequestError("INVALID_ARGUMENT", f"the shard's config_json is not a model config: {e}") from None
+    if spec.layer_end > config.num_hidden_layers:
+        raise RequestError("INVALID_ARGUMENT", f"layers [{spec.layer_start}, {spec.layer_end}) are beyond the "
+                                               f"model's {config.num_hidden_layers}")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Iterator
 
 import mlx.core as mx
 import numpy as np
 
+from ..model.hashing import tensor_hashes
 from ..model.weights import Checkpoint
 from ..wire.types import TensorInfo
 
@@ -24,8 +26,14 @@ class ShardSource:
         prefixes = tuple(f"model.layers.{i}." for i in range(start, end))
         self.tensors = dict(sorted(self.ckpt.tensors(lambda k: k.startswith(prefixes)).items()))
 
-    def manifest(self) -> tuple[TensorInfo, ...]:
-        return tuple(TensorInfo(k, ST_CODES[v.dtype], tuple(v.shape), v.nbytes) for k, v in self.tensors.items())
+    def manifest(self, model_hash: str) -> tuple[TensorInfo, ...]:
+        """Every tensor's name, layout and the sha256 of its bytes as `chunks` sends them (memoized per model)."""
+        sums = tensor_hashes(model_hash, list(self.tensors), self._hash_tensor)
+        return tuple(TensorInfo(k, ST_CODES[v.dtype], tuple(v.shape), v.nbytes, bytes.fromhex(sums[k]))
+                     for k, v in self.tensors.items())
+
+    def _hash_tensor(self, name: str) -> str:
+        return hashlib.sha256(_raw(self.tensors[name])).hexdigest()
 
     @property
     def nbytes(self) -> int:
@@ -34,10 +42,15 @@ class ShardSource:
     def chunks(self, on_bytes=lambda n: None) -> Iterator[bytes]:
         """The tensors' bytes in manifest order; one tensor is materialized at a time."""
         for v in self.tensors.values():
-            raw = v.view(mx.uint16) if v.dtype == mx.bfloat16 else v
-            data = memoryview(np.ascontiguousarray(np.asarray(raw))).cast("B")
+            data = _raw(v)
             for i in range(0, len(data), CHUNK):
                 piece = bytes(data[i : i + CHUNK])
                 on_bytes(len(piece))
                 yield piece
         self.ckpt.close()
+
+
+def _raw(v: mx.array) -> memoryview:
+    """A tensor's bytes in the canonical little-endian layout (bfloat16 as its raw 16 bits)."""
+    raw = v.view(mx.uint16) if v.dtype == mx.bfloat16 else v
+    return memoryview(np.ascontiguousarray(np.asarray(raw))).cast("B")

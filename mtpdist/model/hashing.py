@@ -49,3 +49,25 @@ def model_hash(model_dir: str | Path, progress: bool = True) -> str:
         tmp.write_text(json.dumps(memo))
         tmp.replace(memo_path)
     return top.hexdigest()[:32]
+
+
+def tensor_hashes(model_hash: str, names: list[str], compute) -> dict[str, str]:
+    """sha256 (hex) of each named tensor of the model `model_hash`, memoized on disk.
+
+    The model hash already covers every byte of the checkpoint, so a tensor's hash under it
+    never changes; `compute(name)` runs only for tensors not seen before.
+    """
+    path = cache_dir() / "tensor-hashes" / f"{model_hash}.json"
+    try:
+        memo = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        memo = {}
+    missing = [n for n in names if n not in memo]
+    for n in missing:
+        memo[n] = compute(n)
+    if missing:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(path)
+    return {n: memo[n] for n in names}

@@ -1,55 +1,64 @@
-"""Bearer-token authentication for every RPC, and TLS credentials."""
+"""Mutual TLS between cluster members: gRPC credentials from a node identity.
+
+Both ends present a certificate chained to the cluster CA (see mtpdist.security), so a
+worker serves only callers that hold the cluster secret (the coordinator and the previous
+stage alike), and the coordinator and each stage talk only to peers that hold it too.
+No secret or bearer token travels in any call.
+"""
 
 from __future__ import annotations
 
-import hmac
-import logging
+import ipaddress
+from dataclasses import dataclass
 
 import grpc
 
-log = logging.getLogger("mtpdist.auth")
-HEADER = "authorization"
+# Substrings of gRPC's details when a TLS handshake failed (the peer's certificate is not
+# from this cluster's CA, or the peer does not speak TLS at all).
+_HANDSHAKE_SIGNS = ("handshake", "certificate_verify_failed", "tsi_", "ssl", "tls")
 
 
-def metadata(token: str | None) -> tuple:
-    """Call metadata carrying the cluster token."""
-    return ((HEADER, f"Bearer {token}"),) if token else ()
+@dataclass(frozen=True)
+class TlsIdentity:
+    """PEM bytes of the cluster CA, this node's certificate and key, and the name peers carry."""
+
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    server_name: str
+    fingerprint: str = ""   # names the cluster CA (not secret): equal on every node holding the same secret
 
 
-class TokenInterceptor(grpc.ServerInterceptor):
-    """Refuses any call whose bearer token differs from the cluster's (constant-time compare)."""
-
-    def __init__(self, token: str):
-        self.expected = f"Bearer {token}".encode()
-
-    def intercept_service(self, continuation, details):
-        got = dict(details.invocation_metadata or ()).get(HEADER, "")
-        if hmac.compare_digest(got.encode(), self.expected):
-            return continuation(details)
-        reason = "no token" if not got else "wrong token"
-        log.warning("refused %s: %s", details.method, reason)
-
-        def deny(request_or_iterator, context):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reason}: this worker needs the cluster token")
-        handler = continuation(details)
-        if handler is None:
-            return None
-        if handler.request_streaming and not handler.response_streaming:
-            return grpc.stream_unary_rpc_method_handler(deny)
-        if handler.request_streaming:
-            return grpc.stream_stream_rpc_method_handler(deny)
-        if handler.response_streaming:
-            return grpc.unary_stream_rpc_method_handler(deny)
-        return grpc.unary_unary_rpc_method_handler(deny)
+def server_credentials(identity: TlsIdentity) -> grpc.ServerCredentials:
+    """Serve TLS with this node's certificate; require callers' certificates chained to the CA."""
+    return grpc.ssl_server_credentials([(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem,
+                                       require_client_auth=True)
 
 
-def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
-    """TLS credentials for a worker."""
-    with open(cert, "rb") as c, open(key, "rb") as k:
-        return grpc.ssl_server_credentials([(k.read(), c.read())])
+def channel_credentials(identity: TlsIdentity) -> grpc.ChannelCredentials:
+    """Trust only the cluster CA, and present this node's certificate to the worker."""
+    return grpc.ssl_channel_credentials(root_certificates=identity.ca_pem, private_key=identity.key_pem,
+                                        certificate_chain=identity.cert_pem)
 
 
-def channel_credentials(ca: str) -> grpc.ChannelCredentials:
-    """TLS trust for calling workers."""
-    with open(ca, "rb") as f:
-        return grpc.ssl_channel_credentials(root_certificates=f.read())
+def channel_options(identity: TlsIdentity) -> list[tuple[str, object]]:
+    """Check the peer's certificate against the fixed cluster name, whatever address was dialed."""
+    return [("grpc.ssl_target_name_override", identity.server_name)]
+
+
+def is_handshake_failure(code: str, details: str) -> bool:
+    """Whether a failed call means the peer could not prove cluster membership (or we could not)."""
+    d = details.lower()
+    return code == "UNAVAILABLE" and any(s in d for s in _HANDSHAKE_SIGNS)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address, or host:port) names this machine's loopback interface."""
+    h = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    h = h.strip("[]")
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False

@@ -8,9 +8,9 @@ from typing import Callable, Iterable, Iterator
 
 import grpc
 
-from ..errors import WorkerCallError
+from ..errors import MtpdistError, WorkerCallError
 from . import convert as cv
-from .auth import channel_credentials, metadata
+from .auth import TlsIdentity, channel_credentials, channel_options, is_loopback
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
 from .v1 import worker_pb2_grpc as pbg
@@ -34,10 +34,10 @@ CHANNEL_OPTIONS = [
 
 @dataclass(frozen=True)
 class ChannelSettings:
-    """How to reach workers: the cluster token, TLS trust, and the per-call deadline."""
+    """How to reach workers: this node's TLS identity (None: plaintext, loopback only) and deadlines."""
 
-    token: str | None = None
-    tls_ca: str | None = None
+    identity: TlsIdentity | None = None
+    plaintext_network: bool = False  # without an identity, allow non-loopback workers (--allow-insecure-network)
     timeout: float = 30.0          # any call, prefill chunks included
     step_timeout: float = 5.0      # a decode/verify forward (few tokens): a hung worker shows fast
     load_timeout: float = 3600.0
@@ -47,21 +47,26 @@ class ChannelSettings:
 
 
 class WorkerClient:
-    """Calls one worker. Every call carries the token and a deadline (`timeout`)."""
+    """Calls one worker over mutual TLS (or plaintext without an identity). Every call has a deadline."""
 
     def __init__(self, address: str, settings: ChannelSettings = ChannelSettings()):
         self.address, self.settings = address, settings
         self.timeout, self.load_timeout = settings.timeout, settings.load_timeout
-        self.md = metadata(settings.token)
-        if settings.tls_ca:
-            self.channel = grpc.secure_channel(address, channel_credentials(settings.tls_ca), options=CHANNEL_OPTIONS)
-        else:
+        self.md: tuple = ()  # no per-call credentials: mutual TLS proves both ends on the channel
+        if settings.identity is not None:
+            self.channel = grpc.secure_channel(address, channel_credentials(settings.identity),
+                                               options=CHANNEL_OPTIONS + channel_options(settings.identity))
+        elif is_loopback(address) or settings.plaintext_network:
             self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        else:
+            raise MtpdistError(f"worker {address} is not on loopback and there is no cluster secret (--insecure): "
+                               "weights and prompts would cross the network in plaintext. Use the cluster secret, "
+                               "or --allow-insecure-network on a network you fully trust")
         self.stub = pbg.WorkerStub(self.channel)
 
     def _call(self, method, request, timeout: float | None = None):
         try:
-            return method(request, timeout=timeout or self.timeout, metadata=self.md)
+            return method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
             raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
 
@@ -84,7 +89,7 @@ class WorkerClient:
             while (c := q.get()) is not done:
                 yield pb.LoadShardRequest(data=c)
 
-        fut = self.stub.LoadShard.future(requests(), timeout=self.load_timeout, metadata=self.md)
+        fut = self.stub.LoadShard.future(requests(), timeout=self.load_timeout)
         try:
             for c in chunks:
                 while not fut.done():
@@ -134,7 +139,7 @@ class WorkerClient:
     def rewind_future(self, sequence_id: str, n: int, position: int):
         """Start a rewind without waiting; `.result()` raises grpc.RpcError on failure."""
         req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)
-        return self.stub.Rewind.future(req, timeout=self.timeout, metadata=self.md)
+        return self.stub.Rewind.future(req, timeout=self.timeout)
 
     def release(self, sequence_id: str) -> bool:
         return self._call(self.stub.Release, pb.ReleaseRequest(sequence_id=sequence_id)).released

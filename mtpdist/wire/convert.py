@@ -18,14 +18,16 @@ def activation_from_pb(t: pb.Tensor) -> Activation:
 def spec_to_pb(s: ShardSpec) -> pb.ShardSpec:
     return pb.ShardSpec(model_hash=s.model_hash, layer_start=s.layer_start, layer_end=s.layer_end,
                         config_json=s.config_json,
-                        tensors=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes)
-                                 for t in s.tensors])
+                        tensors=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes,
+                                               sha256=t.sha256) for t in s.tensors],
+                        downstream=list(s.downstream), max_forward_tokens=s.max_forward_tokens)
 
 
 def spec_from_pb(s: pb.ShardSpec) -> ShardSpec:
     return ShardSpec(model_hash=s.model_hash, layer_start=s.layer_start, layer_end=s.layer_end,
                      config_json=s.config_json,
-                     tensors=tuple(TensorInfo(t.name, t.dtype, tuple(t.shape), t.nbytes) for t in s.tensors))
+                     tensors=tuple(TensorInfo(t.name, t.dtype, tuple(t.shape), t.nbytes, t.sha256) for t in s.tensors),
+                     downstream=tuple(s.downstream), max_forward_tokens=s.max_forward_tokens)
 
 
 def info_to_pb(i: WorkerInfo) -> pb.DescribeReply:
@@ -62,8 +64,8 @@ def result_from_pb(r: pb.ForwardReply) -> ForwardResult:
 
 def load_result_to_pb(r: LoadResult) -> pb.LoadShardReply:
     return pb.LoadShardReply(source=r.source, bytes_received=r.bytes_received,
-                             layer_start=r.layer_start, layer_end=r.layer_end)
+                             layer_start=r.layer_start, layer_end=r.layer_end, shard_digest=r.shard_digest)
 
 
 def load_result_from_pb(r: pb.LoadShardReply) -> LoadResult:
-    return LoadResult(r.source, r.bytes_received, r.layer_start, r.layer_end)
+    return LoadResult(r.source, r.bytes_received, r.layer_start, r.layer_end, r.shard_digest)

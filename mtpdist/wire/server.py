@@ -10,7 +10,7 @@ import grpc
 
 from ..errors import RequestError, WorkerCallError
 from . import convert as cv
-from .auth import TokenInterceptor, server_credentials
+from .auth import TlsIdentity, server_credentials
 from .client import CHANNEL_OPTIONS
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
@@ -92,18 +92,17 @@ class _Servicer(pbg.WorkerServicer):
         return pb.HealthReply(status=self.h.health())
 
 
-def serve(handler: WorkerHandler, host: str, port: int, token: str | None = None,
-          tls: tuple[str, str] | None = None, threads: int = 16) -> tuple[grpc.Server, int]:
+def serve(handler: WorkerHandler, host: str, port: int, identity: TlsIdentity | None = None,
+          threads: int = 16) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `handler`; returns the server and the bound port.
 
-    With `token`, every call must carry it; `tls` is (cert file, key file).
+    With `identity`, the server speaks mutual TLS and serves only callers whose certificate
+    chains to the cluster CA; without it, plaintext (the CLI allows that on loopback only).
     """
-    interceptors = [TokenInterceptor(token)] if token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS,
-                         interceptors=interceptors)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS)
     pbg.add_WorkerServicer_to_server(_Servicer(handler), server)
     where = f"{host}:{port}"
-    bound = server.add_secure_port(where, server_credentials(*tls)) if tls else server.add_insecure_port(where)
+    bound = server.add_secure_port(where, server_credentials(identity)) if identity else server.add_insecure_port(where)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     server.start()

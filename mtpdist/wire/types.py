@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 PROTOCOL_VERSION = 2
@@ -24,16 +25,27 @@ class TensorInfo:
     dtype: str      # safetensors code (F32, BF16, U32, ...)
     shape: tuple[int, ...]
     nbytes: int
+    sha256: bytes = b""   # of the bytes as streamed
 
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """A contiguous layer range of one model (by content hash)."""
+    """A contiguous layer range of one model (by content hash), and the stage's route in the plan."""
     model_hash: str
     layer_start: int
     layer_end: int
     config_json: str
     tensors: tuple[TensorInfo, ...] = ()
+    downstream: tuple[str, ...] = ()   # the planned workers after this stage: the only allowed `next` hops
+    max_forward_tokens: int = 0        # 0: the worker's default
+
+    def digest(self) -> str:
+        """What the shard is: model, layer range, config and every tensor's name, layout and content hash."""
+        h = hashlib.sha256(f"{self.model_hash}:{self.layer_start}:{self.layer_end}\n".encode())
+        h.update(hashlib.sha256(self.config_json.encode()).digest())
+        for t in self.tensors:
+            h.update(f"{t.name}:{t.dtype}:{list(t.shape)}:{t.nbytes}:".encode() + t.sha256)
+        return h.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -55,6 +67,7 @@ class WorkerInfo:
     weight_bytes: int = 0
     read_gbps: float = 0.0
     prefixes: int = 0
+    shard_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -108,3 +121,4 @@ class LoadResult:
     bytes_received: int
     layer_start: int
     layer_end: int
+    shard_digest: str = ""
