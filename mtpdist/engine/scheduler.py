@@ -203,8 +203,10 @@ class Scheduler:
         return entry
 
     def _send_ready(self) -> None:
+        # Prefill rows per unit stay within the chunk size the workers were told to accept.
         limits = PlanLimits(self.transport.stages, self.settings.max_inflight or self.transport.stages,
-                            self.settings.prefill_budget, self.settings.max_unit_sequences)
+                            min(self.settings.prefill_budget, self.generator.prefill_step),
+                            self.settings.max_unit_sequences)
         while True:
             cands, active = [], 0
             for s in self.live.values():
