@@ -149,7 +149,8 @@ def _request(state: ServerState, body, ids: list[int], limit: int | None) -> Gen
 
 def _usage(r: GenerationResult) -> dict:
     return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.generation_tokens,
-            "total_tokens": r.prompt_tokens + r.generation_tokens}
+            "total_tokens": r.prompt_tokens + r.generation_tokens,
+            "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
 
 
 def _mtp(r: GenerationResult, on: bool) -> dict:

@@ -137,3 +137,14 @@ def test_concurrent_clients_all_correct(served, tiny_dense):
     with ThreadPoolExecutor(8) as pool:
         got = list(pool.map(ask, prompts * 2))
     assert all(text == want[p] for p, text in got)
+
+
+def test_next_turn_reports_cached_tokens(served):
+    """A prompt that extends an earlier one continues from the state the workers kept."""
+    _, _, client = served
+    first_prompt = "def add(a, b):\n    return a + b\n\n" * 3
+    first = client.completions.create(model="tiny", prompt=first_prompt, max_tokens=6, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    second = client.completions.create(model="tiny", prompt=first_prompt + first.choices[0].text + "\ndef sub(",
+                                       max_tokens=4, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens > 0
