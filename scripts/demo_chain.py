@@ -90,7 +90,7 @@ def acceptance_by_depth(model_dir, data, depth: int = 4, prompts: int = 24, prom
     positions = 0
     for start in rng.integers(0, len(held) - prompt_len - 1, prompts):
         ids = [int(t) for t in held[start : start + prompt_len]]
-        seq = ids + s.generator.generate(GenerationRequest(tuple(ids), gen, mtp=False), s.trunk()).token_ids
+        seq = ids + list(s.generator.generate(GenerationRequest(tuple(ids), gen, mtp=False), s.trunk()).token_ids)
         n = head.norm(LocalTrunk(s.parts.stack).forward(head.embed(mx.array([seq]))))
         caches = mtp.make_caches()
         # confirmed depth-1 pairs (n_i, seq[i+1]) for the prompt's positions before the first draft
