@@ -115,3 +115,79 @@ def acceptance_by_depth(model_dir, data, depth: int = 4, prompts: int = 24, prom
             "acceptance_by_depth_conditional": [round(float(v), 4) for v in conditional],
             "expected_tokens_per_verify": {str(k): round(1 + float(cumulative[:k].sum()), 4)
                                            for k in range(1, depth + 1)}}
+
+
+def finetune_mtp(model_dir, data, out, seconds: float, chain: tuple[float, ...], batch: int = 64, seq: int = 128,
+                 lr: float = 5e-4) -> dict:
+    """Train only the MTP head of a finished model with the chained objective (backbone frozen).
+
+    Writes canonical-*.safetensors + config.json + train_stats.json as `train` does, so
+    `package` makes the released layout from them; the backbone's weights are unchanged.
+    """
+    import json
+    import time
+
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+
+    from mtpdist.model.loader import load_parts
+    from mtpdist.model.synthetic import make_config
+
+    parts = load_parts(model_dir, mtp=True)
+    head, stack, mtp = parts.head, parts.stack, parts.mtp
+    for m in (head, stack, mtp):  # train in float32, as `train` does
+        m.update(tree_map_float32(m.parameters()))
+    head.freeze()
+    stack.freeze()
+    tokens = np.load(data / "train.npy").astype(np.int32)
+    held = np.load(data / "heldout.npy").astype(np.int32)
+    rng = np.random.default_rng(0)
+    opt = optim.AdamW(learning_rate=optim.join_schedules(
+        [optim.linear_schedule(1e-6, lr, 50), optim.cosine_decay(lr, 4000, lr * 0.1)], [50]), weight_decay=0.05)
+    depth = len(chain)
+
+    def batch_of(src, n):
+        starts = rng.integers(0, len(src) - seq - depth - 2, n)
+        return mx.array(np.stack([src[s : s + seq + depth + 1] for s in starts]))
+
+    def loss_fn(mtp, x):
+        _, levels = chain_losses(head, stack, mtp, x, depth)
+        return sum(w * v for w, v in zip(chain, levels)), levels
+
+    grad = nn.value_and_grad(mtp, loss_fn)
+    t0, step = time.time(), 0
+    while time.time() - t0 < seconds:
+        (loss, levels), g = grad(mtp, batch_of(tokens, batch))
+        opt.update(mtp, optim.clip_grad_norm(g, 1.0)[0])
+        mx.eval(mtp.parameters(), opt.state, loss)
+        step += 1
+        if step % 100 == 0:
+            print(f"step {step} {time.time() - t0:.0f}s", " ".join(f"{v.item():.3f}" for v in levels), flush=True)
+    evals = [chain_losses(head, stack, mtp, batch_of(held, 16), depth) for _ in range(8)]
+    out.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for prefix, m in (("model.", head), ("model.layers.", stack), ("mtp.", mtp)):
+        for k, v in tree_flatten(m.parameters()):
+            key = k if k.startswith("lm_head") else prefix + (k[len("layers."):] if prefix == "model.layers." else k)
+            weights[key] = v
+    keys = sorted(weights)
+    for i in range(4):
+        mx.save_safetensors(str(out / f"canonical-{i}.safetensors"), {k: weights[k] for k in keys[i::4]})
+    raw = make_config("demo")
+    raw["text_config"]["eos_token_id"] = 1
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    stats = {"finetuned_from": str(model_dir), "what": "MTP head only, chained objective, backbone frozen",
+             "steps": step, "seconds": round(time.time() - t0), "batch": batch, "seq": seq, "lr": lr,
+             "chain_weights": list(chain), "device": str(mx.default_device()),
+             "heldout_loss": round(float(np.mean([e[0].item() for e in evals])), 4),
+             "heldout_mtp_loss_by_level": [round(float(np.mean([e[1][j].item() for e in evals])), 4)
+                                           for j in range(depth)]}
+    (out / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    print(json.dumps(stats), flush=True)
+    return stats
+
+
+def tree_map_float32(tree):
+    """Every floating parameter as float32 (A_log already is)."""
+    from mlx.utils import tree_map
+    return tree_map(lambda v: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v, tree)

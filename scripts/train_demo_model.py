@@ -182,6 +182,13 @@ def main() -> int:
     k.add_argument("--trained", type=Path, required=True)
     k.add_argument("--data", type=Path, required=True)
     k.add_argument("--out", type=Path, required=True)
+    f = sub.add_parser("finetune-mtp", help="chained objective on the MTP head only (backbone frozen)")
+    f.add_argument("--model", type=Path, required=True)
+    f.add_argument("--data", type=Path, required=True)
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--seconds", type=float, default=120)
+    f.add_argument("--lr", type=float, default=5e-4)
+    f.add_argument("--chain", type=float, nargs="+", default=[1.0, 0.5, 0.25])
     m = sub.add_parser("measure")
     m.add_argument("--model", type=Path, required=True)
     m.add_argument("--data", type=Path, required=True)
@@ -193,6 +200,9 @@ def main() -> int:
         train(a.data, a.out, a.seconds, a.batch, a.seq, a.lr, a.mtp_weight, tuple(a.chain))
     elif a.cmd == "package":
         package(a.trained, a.data, a.out)
+    elif a.cmd == "finetune-mtp":
+        from demo_chain import finetune_mtp
+        finetune_mtp(a.model, a.data, a.out, a.seconds, tuple(a.chain), lr=a.lr)
     elif a.depth > 1:
         from demo_chain import acceptance_by_depth
         print(json.dumps(acceptance_by_depth(a.model, a.data, a.depth), indent=2))
