@@ -191,3 +191,30 @@ def tree_map_float32(tree):
     """Every floating parameter as float32 (A_log already is)."""
     from mlx.utils import tree_map
     return tree_map(lambda v: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v, tree)
+
+
+def blend_mtp(trained, base_model, alpha: float, out) -> dict:
+    """Canonical weights of `trained` with the MTP head averaged with `base_model`'s: alpha*base + (1-alpha)*trained.
+
+    Both heads start from the same weights (finetune-mtp), so their average is a head too;
+    on the demo model it keeps depth-1 acceptance while the chain gains (BENCHMARKS.md).
+    """
+    import json
+    import shutil
+
+    from mlx.utils import tree_flatten
+
+    from mtpdist.model.loader import load_parts
+
+    base = load_parts(base_model, mtp=True, head=False, layers=(0, 0)).mtp
+    base_w = {"mtp." + k: v.astype(mx.float32) for k, v in tree_flatten(base.parameters())}
+    out.mkdir(parents=True, exist_ok=True)
+    for f in sorted(trained.glob("canonical-*.safetensors")):
+        w = {k: alpha * base_w[k] + (1 - alpha) * v if k.startswith("mtp.") else v for k, v in mx.load(str(f)).items()}
+        mx.save_safetensors(str(out / f.name), w)
+    shutil.copy(trained / "config.json", out / "config.json")
+    stats = json.loads((base_model / "train_stats.json").read_text())
+    stats["mtp_chain_finetune"] = {**json.loads((trained / "train_stats.json").read_text()),
+                                   "blend": f"MTP head = {alpha} x base + {1 - alpha:g} x fine-tuned"}
+    (out / "train_stats.json").write_text(json.dumps(stats, indent=2))
+    return stats

@@ -156,9 +156,13 @@ def package(trained: Path, data: Path, dst: Path) -> None:
         write_checkpoint(tmp, raw, to_raw_hf(weights), tokenizer=False)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(data / f, Path(tmp) / f)
+        readme = (dst / "README.md").read_text() if (dst / "README.md").is_file() else None
         if dst.exists():
             shutil.rmtree(dst)
         convert(tmp, dst, ConvertOptions(dtype="bfloat16", mtp_precision="bf16"))
+    if readme is not None:  # the model card is written by hand: keep it
+        (dst / "README.md").write_text(readme)
+    shutil.copy(trained / "train_stats.json", dst / "train_stats.json")
     print(f"wrote {dst}")
 
 
@@ -189,6 +193,11 @@ def main() -> int:
     f.add_argument("--seconds", type=float, default=120)
     f.add_argument("--lr", type=float, default=5e-4)
     f.add_argument("--chain", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    bl = sub.add_parser("blend-mtp", help="average a fine-tuned MTP head with the base model's")
+    bl.add_argument("--trained", type=Path, required=True)
+    bl.add_argument("--base", type=Path, required=True)
+    bl.add_argument("--alpha", type=float, default=0.5, help="weight of the base head (default 0.5)")
+    bl.add_argument("--out", type=Path, required=True)
     m = sub.add_parser("measure")
     m.add_argument("--model", type=Path, required=True)
     m.add_argument("--data", type=Path, required=True)
@@ -203,6 +212,9 @@ def main() -> int:
     elif a.cmd == "finetune-mtp":
         from demo_chain import finetune_mtp
         finetune_mtp(a.model, a.data, a.out, a.seconds, tuple(a.chain), lr=a.lr)
+    elif a.cmd == "blend-mtp":
+        from demo_chain import blend_mtp
+        blend_mtp(a.trained, a.base, a.alpha, a.out)
     elif a.depth > 1:
         from demo_chain import acceptance_by_depth
         print(json.dumps(acceptance_by_depth(a.model, a.data, a.depth), indent=2))
