@@ -93,8 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("synth", help="write a random-weight Qwen3.5-style checkpoint (tests, benchmarks)")
     s.add_argument("--out", required=True)
-    s.add_argument("--size", choices=["tiny", "small", "medium", "0.8b"], default="tiny",
-                   help="0.8b has Qwen3.5-0.8B's shapes (3.2 GB in fp32)")
+    s.add_argument("--size", choices=["tiny", "small", "medium", "0.8b", "9b"], default="tiny",
+                   help="0.8b / 9b have Qwen3.5-0.8B's / 9B's shapes (3.2 / 36 GB in fp32)")
     s.add_argument("--moe", action="store_true")
     s.add_argument("--seed", type=int, default=0)
 
@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-depth", type=int, default=3, help="deepest depth for --scenario depths")
     b.add_argument("--prompt-tokens", type=int, default=1500, help="prompt length for --scenario prefill")
     b.add_argument("--prefill-step", type=int, default=256, help="prefill chunk (and per-unit prefill budget)")
+    b.add_argument("--verify-curve", action="store_true",
+                   help="only measure verify(T)/step for T = 1..--max-t (mtpdist/bench_verify.py)")
+    b.add_argument("--max-t", type=int, default=8, help="longest verify pass of --verify-curve (default 8)")
+    b.add_argument("--small-t", type=int, action="append", default=[], metavar="N",
+                   help="--verify-curve also with the compiled GDN path up to N tokens (repeatable)")
     return ap
 
 
@@ -164,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "synth":
             from .model.synthetic import make_synthetic
             print(make_synthetic(args.out, args.size, moe=args.moe, seed=args.seed))
+            return 0
+        if args.command == "bench" and args.verify_curve:
+            from .bench_verify import run_verify_curve
+            print(json.dumps(run_verify_curve(args), indent=2))
             return 0
         if args.command == "bench" and args.scenario != "single":
             from .coordinator.bench_streams import run_scenario

@@ -4,6 +4,7 @@
   prepare  (CPU)   train a 4096-token BPE on Python's standard library; tokenize it into
                    train / held-out arrays (held-out = every file whose name hashes to 0 mod 20)
   train    (any)   train backbone and MTP head together: next-token loss + MTP loss on t+2
+                   (--chain-depth K: also on t+3.. with the head fed its own output, scripts/demo_chain.py)
   package  (CPU)   write the released layout (as `mtpdist convert` would) and measure quality
 
 The corpus is whatever this Python ships, so the run needs no download.
@@ -70,7 +71,9 @@ def losses(head, stack, mtp, x, mtp_weight: float):
     return l1 + mtp_weight * l2, (l1, l2)
 
 
-def train(data: Path, out: Path, seconds: float, batch: int, seq: int, lr: float, mtp_weight: float) -> None:
+def train(data: Path, out: Path, seconds: float, batch: int, seq: int, lr: float, mtp_weight: float,
+          chain: tuple[float, ...] = (1.0,)) -> None:
+    """`chain`: weight of the MTP loss at each chain level (one level: the original objective)."""
     import mlx.core as mx
     import mlx.nn as nn
     import mlx.optimizers as optim
@@ -96,13 +99,17 @@ def train(data: Path, out: Path, seconds: float, batch: int, seq: int, lr: float
     opt = optim.AdamW(learning_rate=schedule, weight_decay=0.05)
 
     def loss_fn(model, x):
-        return losses(model.head, model.stack, model.mtp, x, mtp_weight)
+        if len(chain) == 1:
+            return losses(model.head, model.stack, model.mtp, x, mtp_weight)
+        from demo_chain import chain_losses
+        l0, levels = chain_losses(model.head, model.stack, model.mtp, x, len(chain))
+        return l0 + mtp_weight * sum(w * v for w, v in zip(chain, levels)), (l0, levels[0])
 
     grad = nn.value_and_grad(model, loss_fn)
 
     def batch_of(src, n):
-        starts = rng.integers(0, len(src) - seq - 3, n)
-        return mx.array(np.stack([src[s : s + seq + 2] for s in starts]))
+        starts = rng.integers(0, len(src) - seq - len(chain) - 2, n)
+        return mx.array(np.stack([src[s : s + seq + len(chain) + 1] for s in starts]))
 
     t0, step = time.time(), 0
     while time.time() - t0 < seconds:
@@ -113,7 +120,7 @@ def train(data: Path, out: Path, seconds: float, batch: int, seq: int, lr: float
         step += 1
         if step % 50 == 0:
             print(f"step {step} {time.time() - t0:.0f}s loss {l1.item():.3f} mtp {l2.item():.3f}", flush=True)
-    evals = [losses(head, stack, mtp, batch_of(held, 16), mtp_weight)[1] for _ in range(8)]
+    evals = [losses(head, stack, mtp, batch_of(held, 16)[:, : seq + 2], mtp_weight)[1] for _ in range(8)]
     l1 = float(np.mean([e[0].item() for e in evals]))
     l2 = float(np.mean([e[1].item() for e in evals]))
     out.mkdir(parents=True, exist_ok=True)
@@ -126,7 +133,7 @@ def train(data: Path, out: Path, seconds: float, batch: int, seq: int, lr: float
     for i in range(4):
         mx.save_safetensors(str(out / f"canonical-{i}.safetensors"), {k: weights[k] for k in keys[i::4]})
     stats = {"steps": step, "seconds": round(time.time() - t0), "batch": batch, "seq": seq, "lr": lr,
-             "mtp_weight": mtp_weight, "params": n_params, "train_tokens": int(len(tokens)),
+             "mtp_weight": mtp_weight, "chain_weights": list(chain), "params": n_params, "train_tokens": int(len(tokens)),
              "heldout_loss": round(l1, 4), "heldout_mtp_loss": round(l2, 4), "device": str(mx.default_device())}
     (out / "train_stats.json").write_text(json.dumps(stats, indent=2))
     (out / "config.json").write_text(json.dumps(raw, indent=2))
@@ -149,9 +156,13 @@ def package(trained: Path, data: Path, dst: Path) -> None:
         write_checkpoint(tmp, raw, to_raw_hf(weights), tokenizer=False)
         for f in ("tokenizer.json", "tokenizer_config.json"):
             shutil.copy(data / f, Path(tmp) / f)
+        readme = (dst / "README.md").read_text() if (dst / "README.md").is_file() else None
         if dst.exists():
             shutil.rmtree(dst)
         convert(tmp, dst, ConvertOptions(dtype="bfloat16", mtp_precision="bf16"))
+    if readme is not None:  # the model card is written by hand: keep it
+        (dst / "README.md").write_text(readme)
+    shutil.copy(trained / "train_stats.json", dst / "train_stats.json")
     print(f"wrote {dst}")
 
 
@@ -169,20 +180,44 @@ def main() -> int:
     t.add_argument("--seq", type=int, default=256)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--mtp-weight", type=float, default=0.5)
+    t.add_argument("--chain", type=float, nargs="+", default=[1.0],
+                   help="MTP loss weight per chain level (e.g. 1 0.5 0.25: drafts 1-3; default 1: depth 1 only)")
     k = sub.add_parser("package")
     k.add_argument("--trained", type=Path, required=True)
     k.add_argument("--data", type=Path, required=True)
     k.add_argument("--out", type=Path, required=True)
+    f = sub.add_parser("finetune-mtp", help="chained objective on the MTP head only (backbone frozen)")
+    f.add_argument("--model", type=Path, required=True)
+    f.add_argument("--data", type=Path, required=True)
+    f.add_argument("--out", type=Path, required=True)
+    f.add_argument("--seconds", type=float, default=120)
+    f.add_argument("--lr", type=float, default=5e-4)
+    f.add_argument("--chain", type=float, nargs="+", default=[1.0, 0.5, 0.25])
+    bl = sub.add_parser("blend-mtp", help="average a fine-tuned MTP head with the base model's")
+    bl.add_argument("--trained", type=Path, required=True)
+    bl.add_argument("--base", type=Path, required=True)
+    bl.add_argument("--alpha", type=float, default=0.5, help="weight of the base head (default 0.5)")
+    bl.add_argument("--out", type=Path, required=True)
     m = sub.add_parser("measure")
     m.add_argument("--model", type=Path, required=True)
     m.add_argument("--data", type=Path, required=True)
+    m.add_argument("--depth", type=int, default=1, help="> 1: chained acceptance by depth (demo_chain.py)")
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare(a.out, a.vocab)
     elif a.cmd == "train":
-        train(a.data, a.out, a.seconds, a.batch, a.seq, a.lr, a.mtp_weight)
+        train(a.data, a.out, a.seconds, a.batch, a.seq, a.lr, a.mtp_weight, tuple(a.chain))
     elif a.cmd == "package":
         package(a.trained, a.data, a.out)
+    elif a.cmd == "finetune-mtp":
+        from demo_chain import finetune_mtp
+        finetune_mtp(a.model, a.data, a.out, a.seconds, tuple(a.chain), lr=a.lr)
+    elif a.cmd == "blend-mtp":
+        from demo_chain import blend_mtp
+        blend_mtp(a.trained, a.base, a.alpha, a.out)
+    elif a.depth > 1:
+        from demo_chain import acceptance_by_depth
+        print(json.dumps(acceptance_by_depth(a.model, a.data, a.depth), indent=2))
     else:
         print(json.dumps(measure(a.model, a.data), indent=2))
     return 0

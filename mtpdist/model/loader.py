@@ -11,6 +11,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from ..errors import ModelLoadError
+from .backend import experts_to_supported_dtype
 from .config import ModelConfig, read_config
 from .qwen35 import Head, LayerStack, MTPHead
 from .weights import Checkpoint, canonical_key
@@ -115,6 +116,9 @@ def load_parts(model_dir: str | Path, *, layers: tuple[int, int] | None = None,
         m = MTPHead(config)
         w = ckpt.tensors(lambda k: k.startswith("mtp."))
         load_module(m, {k[len("mtp."):]: v for k, v in w.items()}, config, lambda k: "mtp." + k, "MTP head")
+        # A bf16 MTP head on a quantized MoE model: its experts are the only unquantized
+        # MoE weights, and the CPU backend's gather_mm computes in float32 only.
+        experts_to_supported_dtype(m)
         parts.mtp = m
     ckpt.close()
     return parts

@@ -61,7 +61,11 @@ class Head(nn.Module):
         return self.embed_tokens(tokens)
 
     def logits(self, normed: mx.array) -> mx.array:
-        """Logits from already-normed hidden states."""
+        """Logits from already-normed hidden states ([..., H] -> [..., V]; a single [H] row too)."""
+        if normed.ndim == 1:
+            # MLX's CUDA quantized matmul (qmv, taken for few rows) reads the output's
+            # shape(-2), which a 1-D row lacks: "IndexError: SmallVector out of range".
+            return self.logits(normed[None])[0]
         if self.tied:
             return self.embed_tokens.as_linear(normed)
         return self.lm_head(normed)

@@ -24,12 +24,16 @@ SIZES = {
     "small": (512, 8, 8, 2, 64, 4, 8, 64, 1536, 32000),
     "medium": (1024, 12, 8, 2, 128, 8, 16, 128, 3072, 32000),
     "0.8b": (1024, 24, 8, 2, 256, 16, 16, 128, 3584, 248320),  # Qwen3.5-0.8B's shapes
+    "9b": (4096, 32, 16, 4, 256, 16, 32, 128, 12288, 248320),  # Qwen3.5-9B's (untied lm_head)
 }
+UNTIED = {"9b"}  # sizes whose release has a separate lm_head
 
 
 def make_config(size: str = "tiny", *, moe: bool = False, vocab_size: int | None = None,
-                num_layers: int | None = None, tie: bool = True, mtp: bool = True) -> dict:
-    """A raw-HF style config.json dict for a synthetic model."""
+                num_layers: int | None = None, tie: bool | None = None, mtp: bool = True) -> dict:
+    """A raw-HF style config.json dict for a synthetic model (`tie` None: as the release of that size)."""
+    if tie is None:
+        tie = size not in UNTIED
     H, L, nh, nkv, hd, lk, lv, ld, ffn, V = SIZES[size]
     text = {
         "model_type": "qwen3_5_moe_text" if moe else "qwen3_5_text",
