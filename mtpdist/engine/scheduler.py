@@ -27,6 +27,7 @@ import mlx.core as mx
 from ..errors import MtpdistError, WorkerCallError
 from ..model.cache import copy_caches
 from ..wire.types import SequenceRows
+from .batch_decode import batchable, deliver_greedy
 from .decoder import SequenceDecoder, Step
 from .depth import BatchDepth, FixedDepth
 from .generate import Delta, GenerationRequest, GenerationResult, Generator, Output
@@ -269,7 +270,7 @@ class Scheduler:
 
     def _deliver(self, members: list[tuple[str, Step]], result: UnitResult) -> None:
         hidden = result.array()
-        r = 0
+        r, batch = 0, []
         for key, step in members:
             n = len(step.tokens)
             rows, r = hidden[r:r + n][None], r + n
@@ -279,19 +280,36 @@ class Scheduler:
             if s.carry:
                 step, s.carry = replace(step, rewind=step.rewind + s.carry), 0
             s.log.append(step)
-            try:
-                tokens = s.decoder.on_result(step, rows)
-                if s.save_prompt and not s.decoder.prefilling:
-                    self._kept_prompt(s)
-                delta = s.output.add(tokens) if tokens else None
-            except Exception as e:  # never let one sequence take the others down
+            if batchable(s.decoder, step):
+                batch.append((s, step, rows))
+            else:
+                self._apply(s, lambda s=s, step=step, rows=rows: s.decoder.on_result(step, rows))
+        if batch:
+            try:  # greedy sequences: the head's work for all of them at once
+                outs = deliver_greedy(self.head, [(s.decoder, step, rows) for s, step, rows in batch])
+            except Exception as e:
                 log.exception("decoding failed")
-                self._end(s, MtpdistError(f"internal error: {e}"))
-                continue
-            if delta is not None:
-                s.sink.emit(delta)
-            if s.output.done:
-                self._finish(s)
+                for s, _, _ in batch:
+                    self._end(s, MtpdistError(f"internal error: {e}"))
+                return
+            for (s, _, _), tokens in zip(batch, outs):
+                self._apply(s, lambda tokens=tokens: tokens)
+
+    def _apply(self, s: _Live, decode) -> None:
+        """Run one sequence's decoding of a result and hand its new text to its sink."""
+        try:
+            tokens = decode()
+            if s.save_prompt and not s.decoder.prefilling:
+                self._kept_prompt(s)
+            delta = s.output.add(tokens) if tokens else None
+        except Exception as e:  # never let one sequence take the others down
+            log.exception("decoding failed")
+            self._end(s, MtpdistError(f"internal error: {e}"))
+            return
+        if delta is not None:
+            s.sink.emit(delta)
+        if s.output.done:
+            self._finish(s)
 
     def _kept_prompt(self, s: _Live) -> None:
         d = s.decoder

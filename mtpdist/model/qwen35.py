@@ -95,3 +95,12 @@ class MTPHead(nn.Module):
         for layer, cache in zip(self.layers, caches):
             z = layer(z, cache)
         return self.norm(z)
+
+    def ragged(self, hidden: mx.array, next_embed: mx.array, sequences: Sequence[tuple[list, int]]) -> mx.array:
+        """Several sequences' rows [1, N, H] at once, each on its own caches ((caches, rows) in order)."""
+        e = self.pre_fc_norm_embedding(next_embed)
+        h = self.pre_fc_norm_hidden(hidden)
+        z = self.fc(mx.concatenate([e, h], axis=-1))
+        for i, layer in enumerate(self.layers):
+            z = layer.ragged(z, [Segment(caches[i], rows) for caches, rows in sequences])
+        return self.norm(z)

@@ -1,0 +1,106 @@
+"""The coordinator's side of a returning unit, for many greedy sequences at once.
+
+What `SequenceDecoder.on_result` does for one sequence (target logits, acceptance, MTP
+drafts), done for every decode/verify step of a unit together: one norm + lm_head + argmax
+over all rows, and one MTP-head pass per draft position for all sequences (attention on
+each sequence's own MTP cache). The arithmetic that decides tokens is row-for-row the same
+as alone, so outputs do not change; the head's work stops growing with the stream count.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import mlx.core as mx
+
+from ..model.qwen35 import Head
+from .decoder import SequenceDecoder, Step
+from .speculative import MTPDrafter
+
+
+def batchable(dec: SequenceDecoder, step: Step) -> bool:
+    """Greedy decode/verify steps whose drafter (if any) is the model's MTP head."""
+    return (step.kind != "prefill" and dec.sampler.params.greedy
+            and (dec.drafter is None or isinstance(dec.drafter, MTPDrafter)))
+
+
+def deliver_greedy(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.array]]) -> list[list[int]]:
+    """Results of batchable steps -> each sequence's confirmed tokens (and its next drafts)."""
+    hidden = items[0][2] if len(items) == 1 else mx.concatenate([h for _, _, h in items], axis=1)
+    normed = head.norm(hidden)
+    target = mx.argmax(head.logits(normed[0]), axis=-1).tolist()
+    outs, extend, r = [], [], 0
+    for dec, step, h in items:
+        T = h.shape[1]
+        t, n = target[r:r + T], normed[:, r:r + T]
+        r += T
+        dec.waiting = False
+        observe = None
+        if step.kind == "verify":
+            drafts, k = list(step.drafts), len(step.drafts)
+            a = next((j for j in range(k) if t[j] != drafts[j]), k)
+            out, rows = drafts[:a] + [t[a]], a + 1
+            dec.stats.record(k, a)
+            dec.rewind = k - a
+            dec.drafter.rewind(dec.speculative)
+            dec.speculative = 0
+            observe = (k, a)
+        else:
+            out, rows = [t[-1]], T
+            if dec.drafter is not None and (dec.stats.verify_passes or dec.confirmed):
+                observe = (0, 0)          # a round without drafts (depth 0 chosen)
+        dec.pending = out[-1]
+        dec.confirmed.extend(out)
+        outs.append(out)
+        if dec.drafter is not None:
+            extend.append((dec, h[:, :rows], n[:, :rows], out, observe))
+    if extend:
+        _draft_all(head, extend)
+    return outs
+
+
+def _draft_all(head: Head, extend) -> None:
+    mtp = extend[0][0].drafter.mtp
+    rows = [(d, (n if d.drafter.post_norm else h), toks) for d, h, n, toks, _ in extend]
+    last = _mtp_pass(head, mtp, rows)
+    wanted = {}
+    for i, (dec, *_rest) in enumerate(extend):
+        wanted[i] = dec.depth.choose()
+        dec.drafts, dec.qs = [], []
+    step = 0
+    while True:
+        live = [i for i in wanted if wanted[i] > step]
+        if not live:
+            break
+        tokens = mx.argmax(head.logits(mx.concatenate([last[i] for i in live], axis=0)), axis=-1).tolist()
+        for i, tok in zip(live, tokens):
+            extend[i][0].drafts.append(tok)
+            extend[i][0].qs.append(None)
+        step += 1
+        chain = [i for i in live if wanted[i] > step]
+        if not chain:
+            break
+        out = _mtp_pass(head, mtp, [(extend[i][0], extend[i][0].drafter.last, [extend[i][0].drafts[-1]])
+                                    for i in chain])
+        for i in chain:
+            extend[i][0].speculative += 1
+        last.update({i: out[j] for j, i in enumerate(chain)})
+    now = time.perf_counter()
+    for dec, _, _, _, observe in extend:
+        if observe is not None:
+            dec.depth.observe(observe[0], observe[1], now - dec._round_start)
+
+
+def _mtp_pass(head: Head, mtp, rows) -> dict[int, mx.array]:
+    """One ragged MTP-head pass over (decoder, input hidden [1, T, H], tokens) rows; each
+    drafter's `last` is set and the last row of each (normed) is returned, keyed by index."""
+    hidden = rows[0][1] if len(rows) == 1 else mx.concatenate([h for _, h, _ in rows], axis=1)
+    tokens = [t for _, _, toks in rows for t in toks]
+    z = mtp.ragged(hidden, head.embed(mx.array([tokens])), [(d.drafter.caches, len(toks)) for d, _, toks in rows])
+    out, r = {}, 0
+    for i, (dec, _, toks) in enumerate(rows):
+        r += len(toks)
+        dec.drafter.last = z[:, r - 1:r]
+        out[i] = z[0, r - 1:r]
+    return out
