@@ -54,15 +54,21 @@ def _failed(item: MtpdistError) -> APIError:
 
 
 async def _events(job: Job, request: Request):
-    """The job's events; raises _ClientGone when the client's connection closes first."""
-    getter = None
+    """The job's events; raises _ClientGone when the client's connection closes first.
+
+    The connection is checked every DISCONNECT_POLL_S whether or not events keep coming
+    (a running generation sends them every few milliseconds)."""
+    loop = asyncio.get_running_loop()
+    getter, checked = None, loop.time()
     try:
         while True:
             getter = getter or asyncio.ensure_future(job.events.get())
             done, _ = await asyncio.wait({getter}, timeout=DISCONNECT_POLL_S)
-            if not done:
+            if loop.time() - checked >= DISCONNECT_POLL_S:
+                checked = loop.time()
                 if await request.is_disconnected():
                     raise _ClientGone
+            if not done:
                 continue
             item, getter = getter.result(), None
             if item is None:

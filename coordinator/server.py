@@ -61,6 +61,23 @@ def _http_error(e: StarletteHTTPException, path: str) -> APIError:
     return APIError(e.status_code, str(e.detail), code=None)
 
 
+class _Auth:
+    """Bearer-key check on /v1/*, as plain ASGI: it passes `receive` through untouched, so
+    handlers can still see a client's disconnect (a BaseHTTPMiddleware would hide it)."""
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.state.api_key and scope["path"].startswith("/v1/"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, f"Bearer {self.state.api_key}".encode()):
+                e = APIError(401, "invalid or missing API key", code="invalid_api_key", kind="authentication_error")
+                self.state.metrics.count(scope["path"], 401)
+                await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def create_app(state: ServerState) -> FastAPI:
     """The FastAPI application of the OpenAI-compatible API."""
     app = FastAPI(title="mtpdist", version=__version__,
@@ -89,15 +106,7 @@ def create_app(state: ServerState) -> FastAPI:
         return await _api_error(request, APIError(500, f"internal error: {type(e).__name__}", code="internal_error",
                                                   kind="server_error"))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if state.api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {state.api_key}".encode()):
-                e = APIError(401, "invalid or missing API key", code="invalid_api_key", kind="authentication_error")
-                state.metrics.count(request.url.path, 401)
-                return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+    app.add_middleware(_Auth, state=state)
 
     @app.get("/health")
     async def health():
