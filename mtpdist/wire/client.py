@@ -16,20 +16,41 @@ from .v1 import worker_pb2 as pb
 from .v1 import worker_pb2_grpc as pbg
 
 MAX_MESSAGE = 64 << 20  # activations of a 512-token chunk of a 27B model are ~10 MiB
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    # A restarted worker must be reachable at once: no subchannel (and its reconnect
-    # backoff) shared with an earlier channel to the dead process, and short backoffs.
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
+KEEPALIVE_MS = 10_000  # an idle link is pinged this often, so a dead peer shows within seconds
+
+
+def channel_options(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple]:
+    """Options of a channel to a worker (pings every `keepalive_ms`, even with no call open)."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", min(5_000, keepalive_ms)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # A restarted worker must be reachable at once: no subchannel (and its reconnect
+        # backoff) shared with an earlier channel to the dead process, and short backoffs.
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+def server_options(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple]:
+    """Options of a worker's server: it must accept the pings its clients send (by default a
+    server allows one ping per 5 minutes without data and answers more with GOAWAY
+    too_many_pings), and must own its port (no SO_REUSEPORT: a second worker on the same
+    port fails to start instead of silently sharing it)."""
+    return channel_options(keepalive_ms) + [
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", keepalive_ms // 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+CHANNEL_OPTIONS = channel_options()
 
 
 @dataclass(frozen=True)
@@ -41,6 +62,7 @@ class ChannelSettings:
     timeout: float = 30.0          # any call, prefill chunks included
     step_timeout: float = 5.0      # a decode/verify forward (few tokens): a hung worker shows fast
     load_timeout: float = 3600.0
+    keepalive_ms: int = KEEPALIVE_MS
 
     def forward_timeout(self, tokens: int) -> float:
         return self.step_timeout if tokens <= 16 else self.timeout
@@ -54,9 +76,10 @@ class WorkerClient:
         self.timeout, self.load_timeout = settings.timeout, settings.load_timeout
         self.md = metadata(settings.token)
         if settings.tls_ca:
-            self.channel = grpc.secure_channel(address, channel_credentials(settings.tls_ca), options=CHANNEL_OPTIONS)
+            self.channel = grpc.secure_channel(address, channel_credentials(settings.tls_ca),
+                                               options=channel_options(settings.keepalive_ms))
         else:
-            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self.channel = grpc.insecure_channel(address, options=channel_options(settings.keepalive_ms))
         self.stub = pbg.WorkerStub(self.channel)
 
     def _call(self, method, request, timeout: float | None = None):

@@ -11,7 +11,7 @@ import grpc
 from ..errors import RequestError, WorkerCallError
 from . import convert as cv
 from .auth import TokenInterceptor, server_credentials
-from .client import CHANNEL_OPTIONS
+from .client import KEEPALIVE_MS, server_options
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
 from .v1 import worker_pb2_grpc as pbg
@@ -28,6 +28,10 @@ class WorkerHandler(Protocol):
     def rewind(self, sequence_id: str, n: int, position: int) -> int: ...
     def release(self, sequence_id: str) -> bool: ...
     def health(self) -> str: ...
+
+
+class PortInUse(OSError):
+    """The worker's port is taken (or the address is not ours)."""
 
 
 def _guard(fn):
@@ -84,18 +88,25 @@ class _Servicer(pbg.WorkerServicer):
 
 
 def serve(handler: WorkerHandler, host: str, port: int, token: str | None = None,
-          tls: tuple[str, str] | None = None, threads: int = 16) -> tuple[grpc.Server, int]:
+          tls: tuple[str, str] | None = None, threads: int = 16,
+          keepalive_ms: int = KEEPALIVE_MS) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `handler`; returns the server and the bound port.
 
-    With `token`, every call must carry it; `tls` is (cert file, key file).
+    With `token`, every call must carry it; `tls` is (cert file, key file). Raises
+    PortInUse when the port is taken (by another worker, say).
     """
     interceptors = [TokenInterceptor(token)] if token else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS,
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=server_options(keepalive_ms),
                          interceptors=interceptors)
     pbg.add_WorkerServicer_to_server(_Servicer(handler), server)
     where = f"{host}:{port}"
-    bound = server.add_secure_port(where, server_credentials(*tls)) if tls else server.add_insecure_port(where)
+    try:
+        bound = server.add_secure_port(where, server_credentials(*tls)) if tls else server.add_insecure_port(where)
+    except RuntimeError:  # grpc raises "Failed to bind" when the port is taken
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        server.stop(None)
+        raise PortInUse(f"cannot listen on {where}: the port is in use (another worker?) or the address "
+                        "is not this machine's; pick another with --port")
     server.start()
     return server, bound
