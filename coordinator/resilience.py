@@ -15,9 +15,24 @@ from typing import Sequence
 from mtpdist.errors import MtpdistError, WorkerCallError
 
 log = logging.getLogger("mtpdist.coordinator")
-# Codes that mean "that worker (or its state) is gone", as opposed to a bad request or bad token.
-RECOVERABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED", "NOT_FOUND",
-               "FAILED_PRECONDITION", "UNKNOWN", "INTERNAL", "ABORTED"}
+# Transport-level codes: the worker (or the link to it) is gone, hung or restarting.
+LOST = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED", "INTERNAL"}
+
+
+def is_worker_loss(code: str, details: str = "") -> bool:
+    """True when a failed worker call means a lost worker or lost state (recover by re-planning
+    and replaying); False for a deterministic failure (a compute error, a bad request), which
+    would fail again the same way after any number of re-plans and is reported once.
+    """
+    if code in LOST:                    # (bar a message gRPC itself could not (de)serialize)
+        return "serializ" not in details
+    if code == "NOT_FOUND":             # the worker no longer knows the sequence: it restarted
+        return True
+    if code == "FAILED_PRECONDITION":   # no shard loaded / cache not where we left it: restarted
+        return True
+    if code == "RESOURCE_EXHAUSTED":    # evicted (state lost) yes; a message over the size limit no
+        return "evicted" in details
+    return False                        # UNKNOWN (the worker raised), INVALID_ARGUMENT, ...
 
 
 class ResilientTrunk:
@@ -50,7 +65,7 @@ class ResilientTrunk:
             try:
                 return fn()
             except WorkerCallError as e:
-                if e.code not in RECOVERABLE:
+                if not is_worker_loss(e.code, e.details):
                     raise
                 self._recover(e)
 
@@ -73,7 +88,7 @@ class ResilientTrunk:
                         self.inner.rewind(op[1])
                 return
             except WorkerCallError as e:
-                if e.code not in RECOVERABLE:
+                if not is_worker_loss(e.code, e.details):
                     raise
                 err = e
 

@@ -155,5 +155,10 @@ class WorkerService:
     def release(self, sequence_id: str) -> bool:
         return self._on_mlx(self._stage().release, sequence_id) if self.stage else False
 
+    def expire_idle(self, ttl: float) -> list[str]:
+        """Drop sequences idle for more than `ttl` seconds (on the MLX thread, between calls)."""
+        stage = self.stage
+        return self._on_mlx(stage.expire_idle, time.monotonic(), ttl) if stage else []
+
     def health(self) -> str:
         return "serving" if self.stage else "idle"

@@ -39,10 +39,24 @@ class Stage:
         self.max_sequences, self.state_budget = max_sequences, state_budget_bytes
         self.seqs: OrderedDict[str, LocalTrunk] = OrderedDict()
         self.evicted: OrderedDict[str, str] = OrderedDict()
+        self.last_used: dict[str, float] = {}  # monotonic time of each sequence's last call
+
+    def expire_idle(self, now: float, ttl: float) -> list[str]:
+        """Drop sequences unused for more than `ttl` seconds (a coordinator that crashed never
+        releases them); they answer as evicted afterwards. Returns the ids dropped."""
+        stale = [s for s in self.seqs if now - self.last_used.get(s, now) > ttl]
+        for s in stale:
+            del self.seqs[s]
+            self.last_used.pop(s, None)
+            self.evicted[s] = f"idle for more than {ttl:g} s"
+        while len(self.evicted) > 4096:
+            self.evicted.popitem(last=False)
+        return stale
 
     def _lookup(self, seq_id: str, position: int) -> LocalTrunk:
         if seq_id in self.seqs:
             self.seqs.move_to_end(seq_id)
+            self.last_used[seq_id] = time.monotonic()
             return self.seqs[seq_id]
         if seq_id in self.evicted:
             raise RequestError("RESOURCE_EXHAUSTED", f"sequence {seq_id!r} was evicted ({self.evicted[seq_id]}); "
@@ -53,6 +67,7 @@ class Stage:
             raise RequestError("INVALID_ARGUMENT", "sequence_id must be 1-128 characters")
         trunk = LocalTrunk(self.stack)
         self.seqs[seq_id] = trunk
+        self.last_used[seq_id] = time.monotonic()
         self._evict(keep=seq_id)
         return trunk
 
@@ -61,6 +76,7 @@ class Stage:
             victim = next(s for s in self.seqs if s != keep)
             reason = "too many sequences" if len(self.seqs) > self.max_sequences else "memory ran short"
             del self.seqs[victim]
+            self.last_used.pop(victim, None)
             self.evicted[victim] = reason
             while len(self.evicted) > 4096:
                 self.evicted.popitem(last=False)
@@ -115,4 +131,5 @@ class Stage:
 
     def release(self, seq_id: str) -> bool:
         self.evicted.pop(seq_id, None)
+        self.last_used.pop(seq_id, None)
         return self.seqs.pop(seq_id, None) is not None

@@ -141,6 +141,13 @@ class WorkerClient:
     def release(self, sequence_id: str) -> bool:
         return self._call(self.stub.Release, pb.ReleaseRequest(sequence_id=sequence_id)).released
 
+    def release_nowait(self, sequence_id: str, timeout: float = 2.0):
+        """Send a Release and return at once (its future): a stalled worker must not hold up
+        whoever is done with the sequence. A release that never lands is undone by the
+        worker's idle-sequence TTL."""
+        return self.stub.Release.future(pb.ReleaseRequest(sequence_id=sequence_id), timeout=timeout,
+                                        metadata=self.md)
+
     def health(self, timeout: float | None = None) -> str:
         return self._call(self.stub.Health, pb.HealthRequest(), timeout).status
 
