@@ -52,7 +52,10 @@ def _message(m: dict, i: int) -> dict:
         out["role"] = "system"
     calls = []
     for j, c in enumerate(out.get("tool_calls") or []):
-        fn = dict(c.get("function") or {})
+        fn = c.get("function")
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ChatRequestError("a tool call needs function.name", f"messages.{i}.tool_calls.{j}.function")
+        fn = dict(fn)
         args = fn.get("arguments", "{}")
         if isinstance(args, str):  # OpenAI sends a JSON string; templates want a mapping
             try:
@@ -92,7 +95,8 @@ def chat_spec(messages: list[dict], tools: list[dict] | None, tool_choice, respo
     if isinstance(tool_choice, str) and tool_choice not in ("none", "auto", "required"):
         raise ChatRequestError("tool_choice must be none, auto, required or a named function", "tool_choice")
     if isinstance(tool_choice, dict):
-        name = (tool_choice.get("function") or {}).get("name")
+        fn = tool_choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
         if tool_choice.get("type") != "function" or name not in names:
             raise ChatRequestError(f"tool_choice names a function that is not among the tools: {name!r}",
                                    "tool_choice")
@@ -104,7 +108,8 @@ def chat_spec(messages: list[dict], tools: list[dict] | None, tool_choice, respo
         if kind not in ("text", "json_object", "json_schema"):
             raise ChatRequestError("response_format.type must be text, json_object or json_schema",
                                    "response_format")
-        if kind == "json_schema" and not isinstance((response_format.get("json_schema") or {}).get("schema"), dict):
+        spec = response_format.get("json_schema")
+        if kind == "json_schema" and not (isinstance(spec, dict) and isinstance(spec.get("schema"), dict)):
             raise ChatRequestError("response_format json_schema needs json_schema.schema (an object)",
                                    "response_format")
         response_format = None if kind == "text" else response_format
@@ -191,7 +196,10 @@ def check_json_reply(content: str, response_format: dict) -> dict:
         out["error"] = "the reply is JSON but not an object"
         return out
     if response_format["type"] == "json_schema":
-        out["error"] = schema_error(value, response_format["json_schema"]["schema"])
+        try:
+            out["error"] = schema_error(value, response_format["json_schema"]["schema"])
+        except (TypeError, AttributeError, ValueError, KeyError, RecursionError):  # a schema we cannot read
+            out["error"] = "the schema uses a form this server cannot check"
         if out["error"]:
             return out
     out["valid"] = True

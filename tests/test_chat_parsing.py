@@ -118,6 +118,9 @@ def test_schema_checks_and_json_reply():
     bad = check_json_reply('{"name": "x"', fmt)
     assert not bad["valid"] and "not valid JSON" in bad["error"]
     assert not check_json_reply("[1]", {"type": "json_object"})["valid"]
+    odd = {"type": "json_schema", "json_schema": {"schema": {"properties": ["x"], "required": 3}}}
+    assert check_json_reply('{"a": 1}', odd) == {"type": "json_schema", "valid": False,
+                                                 "error": "the schema uses a form this server cannot check"}
 
 
 def test_chat_spec_tool_choice_and_response_format():
@@ -132,6 +135,14 @@ def test_chat_spec_tool_choice_and_response_format():
     assert e.value.param == "tool_choice"
     with pytest.raises(ChatRequestError):
         chat_spec(user, None, "required", None, None)
+    for odd in ({"type": "function", "function": "run_shell"}, {"type": "function"}):
+        with pytest.raises(ChatRequestError):
+            chat_spec(user, tools, odd, None, None)
+    with pytest.raises(ChatRequestError) as e:
+        chat_spec([*user, {"role": "assistant", "tool_calls": [{"function": "x"}]}], tools, None, None, None)
+    assert e.value.param == "messages.1.tool_calls.0.function"
+    with pytest.raises(ChatRequestError):
+        chat_spec(user, None, None, {"type": "json_schema", "json_schema": "s"}, None)
     with pytest.raises(ChatRequestError):
         chat_spec(user, None, None, {"type": "json_schema", "json_schema": {}}, None)
     with pytest.raises(ChatRequestError):
