@@ -77,7 +77,7 @@ def run_coordinator(args, on_ready=None) -> int:
     state = ServerState(engine=engine, tokenizer=session.generator.tokenizer, model_name=Path(args.model).name,
                         max_context=max_ctx, mtp=args.mtp, metrics=metrics, vocab_size=config.vocab_size,
                         api_key=args.api_key or os.environ.get("MTPDIST_API_KEY"), cluster_info=cluster_info,
-                        default_max_tokens=args.default_max_tokens, max_queue=max(1, args.max_queue))
+                        default_max_tokens=args.default_max_tokens, max_queue=max(1, getattr(args, "max_queue", 64)))
     app = create_app(state)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -81,6 +81,7 @@ class WorkerClient:
         else:
             self.channel = grpc.insecure_channel(address, options=channel_options(settings.keepalive_ms))
         self.stub = pbg.WorkerStub(self.channel)
+        self._pending: set = set()  # fire-and-forget calls still in flight
 
     def _call(self, method, request, timeout: float | None = None):
         try:
@@ -145,8 +146,12 @@ class WorkerClient:
         """Send a Release and return at once (its future): a stalled worker must not hold up
         whoever is done with the sequence. A release that never lands is undone by the
         worker's idle-sequence TTL."""
-        return self.stub.Release.future(pb.ReleaseRequest(sequence_id=sequence_id), timeout=timeout,
-                                        metadata=self.md)
+        fut = self.stub.Release.future(pb.ReleaseRequest(sequence_id=sequence_id), timeout=timeout,
+                                       metadata=self.md)
+        # gRPC cancels a call whose future is garbage-collected: keep it until it is done.
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+        return fut
 
     def health(self, timeout: float | None = None) -> str:
         return self._call(self.stub.Health, pb.HealthRequest(), timeout).status
