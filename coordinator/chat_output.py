@@ -162,7 +162,7 @@ class ChatOutputParser:
                 self.mode = "content"
         if self.mode != "tool":
             keep = _held(self.buf, tags)
-            if self.mode == "content":  # hold trailing blanks: they may only lead up to a tool call
+            if self.mode == "content" and CALL in tags:  # trailing blanks may only lead up to a call
                 keep = max(keep, len(self.buf) - len(self.buf[:len(self.buf) - keep].rstrip()))
             self._emit(out, self.buf[:len(self.buf) - keep])
             self.buf = self.buf[len(self.buf) - keep:]
