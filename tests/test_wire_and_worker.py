@@ -169,3 +169,31 @@ def test_sequences_orphaned_by_a_crashed_coordinator_expire(tmp_path, tiny_dense
     finally:
         c.stop()
         w.stop()
+
+
+def test_stage_expire_idle_drops_only_idle_sequences(tiny_dense):
+    import time
+
+    import mlx.core as mx
+    import pytest
+
+    from mtpdist.coordinator.resilience import is_worker_loss
+    from mtpdist.engine.activations import to_activation
+    from mtpdist.engine.stage import Stage
+    from mtpdist.errors import RequestError
+    from mtpdist.model.loader import load_parts
+
+    parts = load_parts(tiny_dense[0], layers=(0, 2), head=False)
+    hidden = parts.config.hidden_size
+    stage = Stage(parts.stack, hidden)
+    x = to_activation(mx.ones((3, hidden)))
+    stage.forward("old", 0, x)
+    stage.forward("new", 0, x)
+    stage.last_used["old"] -= 100                       # "old" last used 100 s ago
+    assert stage.expire_idle(time.monotonic(), ttl=60) == ["old"]
+    assert list(stage.seqs) == ["new"] and stage.expire_idle(time.monotonic(), ttl=60) == []
+    with pytest.raises(RequestError) as e:
+        stage.forward("old", 3, x)
+    assert e.value.code == "RESOURCE_EXHAUSTED" and "idle for more than 60 s" in str(e.value)
+    assert is_worker_loss(e.value.code, str(e.value))  # the coordinator replays it on a fresh sequence
+    assert stage.forward("new", 3, x).position == 6     # the live one is untouched
