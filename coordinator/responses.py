@@ -79,9 +79,18 @@ async def _events(job: Job, request: Request):
             getter.cancel()
 
 
+def check_queue(state) -> None:
+    """429 with Retry-After when `max_queue` requests are already waiting or running."""
+    if state.engine.depth >= state.max_queue:
+        raise APIError(429, f"the server has {state.engine.depth} requests queued or running (its limit); "
+                            "retry shortly", code="queue_full", kind="rate_limit_error",
+                       headers={"Retry-After": str(state.retry_after)})
+
+
 async def complete(state, req: GenerationRequest, body, request: Request, chat: ChatContext | None):
     """Queue `req` on the engine and answer the client (streaming or not)."""
     endpoint = request.url.path
+    check_queue(state)  # again: others may have queued while this prompt was tokenized (no await until submit)
     job = Job(req, asyncio.get_running_loop())
     state.engine.submit(job)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]

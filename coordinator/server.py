@@ -25,7 +25,7 @@ from .api_errors import APIError
 from .api_models import ChatCompletionRequest, CompletionRequest
 from .chat import ChatRequestError, chat_spec, render
 from .metrics import Metrics
-from .responses import ChatContext, complete
+from .responses import ChatContext, check_queue, complete
 
 # Below this a temperature divides logits into overflow; such requests mean "greedy".
 MIN_TEMPERATURE = 1e-5
@@ -128,7 +128,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        _check_queue(state)
+        check_queue(state)
         try:
             messages = [m.for_template() for m in body.messages]
             spec = chat_spec(messages, [t.model_dump(exclude_none=True) for t in body.tools or []] or None,
@@ -143,7 +143,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        _check_queue(state)
+        check_queue(state)
         ids = await _off_loop(state, _encode, state, body.prompt)
         return await complete(state, _request(state, body, ids, body.limit()), body, request, None)
 
@@ -164,13 +164,6 @@ def _encode(state: ServerState, prompt) -> list[int]:
     if any(not 0 <= t < state.vocab_size for t in prompt):
         raise APIError(400, "prompt holds token ids outside the vocabulary", "prompt")
     return list(prompt)
-
-
-def _check_queue(state: ServerState) -> None:
-    if state.engine.depth >= state.max_queue:
-        raise APIError(429, f"the server has {state.engine.depth} requests queued or running (its limit); "
-                            "retry shortly", code="queue_full", kind="rate_limit_error",
-                       headers={"Retry-After": str(state.retry_after)})
 
 
 def _seed(seed: int | None) -> int | None:
