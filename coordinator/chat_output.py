@@ -119,9 +119,10 @@ class ChatOutputParser:
     parameters schema of the declared tools (None: tool-call markup is left as content).
     """
 
-    def __init__(self, in_reasoning: bool = False, tools: dict[str, dict] | None = None):
+    def __init__(self, in_reasoning: bool = False, tools: dict[str, dict] | None = None,
+                 max_calls: int | None = None):
         self.mode = "reasoning" if in_reasoning else "content"
-        self.tools = tools
+        self.tools, self.max_calls = tools, max_calls
         self.buf = ""
         self.calls: list[ToolCall] = []
         self.content_seen = False
@@ -188,6 +189,8 @@ class ChatOutputParser:
             return
         name, args = parsed
         self.strip_lead = True
+        if self.max_calls is not None and len(self.calls) >= self.max_calls:
+            return  # parallel_tool_calls false: calls after the first are dropped
         call = ToolCall("call_" + uuid.uuid4().hex[:24], name, json.dumps(args, ensure_ascii=False))
         self.calls.append(call)
         out.tool_calls.append(call)
@@ -209,9 +212,10 @@ class ChatOutputParser:
         return out
 
 
-def parse_reply(text: str, in_reasoning: bool = False, tools: dict[str, dict] | None = None) -> OutputDelta:
+def parse_reply(text: str, in_reasoning: bool = False, tools: dict[str, dict] | None = None,
+                max_calls: int | None = None) -> OutputDelta:
     """The whole reply at once (the non-streaming path): same parser, same result."""
-    p = ChatOutputParser(in_reasoning, tools)
+    p = ChatOutputParser(in_reasoning, tools, max_calls)
     out = p.feed(text)
     out.add(p.finish())
     return out

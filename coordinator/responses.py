@@ -33,6 +33,7 @@ class ChatContext:
     in_reasoning: bool = False
     tools: dict | None = None
     response_format: dict | None = None
+    max_calls: int | None = None      # 1 when parallel_tool_calls is false
 
 
 class _ClientGone(Exception):
@@ -119,7 +120,7 @@ async def complete(state, req: GenerationRequest, body, request: Request, chat: 
     if chat is None:
         choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": result.finish_reason}
         return {**base, "object": "text_completion", "choices": [choice], **tail}
-    out = parse_reply(content, chat.in_reasoning, chat.tools)
+    out = parse_reply(content, chat.in_reasoning, chat.tools, chat.max_calls)
     message = {"role": "assistant", "content": out.content if out.content or not out.tool_calls else None}
     if out.reasoning:
         message["reasoning_content"] = out.reasoning
@@ -150,7 +151,7 @@ def _delta_chunks(d: OutputDelta, calls_so_far: int) -> list[dict]:
 async def _sse(state, job: Job, request: Request, base: dict, chat: ChatContext | None, include_usage: bool,
                t0: float):
     obj = "chat.completion.chunk" if chat else "text_completion"
-    parser = ChatOutputParser(chat.in_reasoning, chat.tools) if chat else None
+    parser = ChatOutputParser(chat.in_reasoning, chat.tools, chat.max_calls) if chat else None
     content, calls = [], 0
 
     def chunk(payload: dict | str | None, finish: str | None = None, **extra) -> str:

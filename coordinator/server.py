@@ -138,7 +138,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(e), e.param) from None
         except ValueError as e:  # a content part we cannot take
             raise APIError(400, str(e), "messages") from None
-        ctx = ChatContext(prompt.in_reasoning, spec.tool_schemas(), spec.response_format)
+        ctx = ChatContext(prompt.in_reasoning, spec.tool_schemas(), spec.response_format,
+                          max_calls=1 if body.parallel_tool_calls is False else None)
         return await complete(state, _request(state, body, prompt.ids, body.limit()), body, request, ctx)
 
     @app.post("/v1/completions")

@@ -65,6 +65,14 @@ def test_text_then_two_xml_calls_keep_code_verbatim():
     assert a.id != b.id and a.id.startswith("call_")
 
 
+def test_parallel_tool_calls_false_keeps_the_first_call():
+    [only] = parse_reply(TWO_CALLS_AFTER_TEXT, tools=TOOLS, max_calls=1).tool_calls
+    assert only.name == "run_shell"
+    p = ChatOutputParser(False, TOOLS, max_calls=1)
+    calls = [c for i in range(0, len(TWO_CALLS_AFTER_TEXT), 5) for c in p.feed(TWO_CALLS_AFTER_TEXT[i:i + 5]).tool_calls]
+    assert [c.name for c in calls + p.finish().tool_calls] == ["run_shell"]
+
+
 def test_json_format_call_and_plain_thinking_answer():
     [call] = parse_reply(JSON_CALL, tools=TOOLS).tool_calls
     assert json.loads(call.arguments) == {"city": "Oslo", "days": 1}

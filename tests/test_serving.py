@@ -176,6 +176,8 @@ def test_tools_rendered_by_the_models_template_and_streamed_like_not(server, tin
     named = client.chat.completions.create(model="m", messages=MSGS, tools=TOOLS, max_tokens=2,
                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert named.usage.prompt_tokens > r.usage.prompt_tokens                # the instruction to call it
+    one = client.chat.completions.create(model="m", messages=MSGS, tools=TOOLS, max_tokens=2, parallel_tool_calls=False)
+    assert one.usage.prompt_tokens == r.usage.prompt_tokens
     history = [*MSGS, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
         {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]
