@@ -56,11 +56,34 @@ class _Common(BaseModel):
         return tuple(self.stop or ())
 
 
+class FunctionDef(BaseModel):
+    """A function the model may call: name, description, JSON-schema parameters."""
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    description: Optional[str] = None
+    parameters: Optional[dict[str, Any]] = None
+
+
+class Tool(BaseModel):
+    """One entry of `tools` (only functions exist)."""
+    type: Literal["function"]
+    function: FunctionDef
+
+
 class ChatMessage(BaseModel):
     """One chat message; content may be a string or a list of text parts."""
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: Union[str, list[dict[str, Any]], None] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None
+    tool_call_id: Optional[str] = None
+    name: Optional[str] = None
+    reasoning_content: Optional[str] = None
+
+    def for_template(self) -> dict:
+        """The message as a chat template expects it (text content, tool calls kept)."""
+        return {"role": self.role, "content": self.text(), "tool_calls": self.tool_calls,
+                "tool_call_id": self.tool_call_id, "name": self.name, "reasoning_content": self.reasoning_content}
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -77,6 +100,11 @@ class ChatCompletionRequest(_Common):
     """The body of POST /v1/chat/completions."""
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = None
+    tools: Optional[list[Tool]] = Field(default=None, max_length=128)
+    tool_choice: Optional[Union[Literal["none", "auto", "required"], dict[str, Any]]] = None
+    parallel_tool_calls: Optional[bool] = None
+    response_format: Optional[dict[str, Any]] = None
+    chat_template_kwargs: Optional[dict[str, Any]] = None
 
     def limit(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens

@@ -70,11 +70,17 @@ class Membership:
             found = "; ".join(f"{a.worker_id} at {a.address} ({a.backend}, {a.usable_bytes / 2**30:.1f} GiB)"
                               for a in self.discovered()) or "none"
             ignored = "; ".join(self.browser.ignored.values()) if self.browser and self.browser.ignored else ""
+            wanted = f"{len(got)} of {self.opts.workers} workers" if self.opts.workers else "no workers"
             raise MtpdistError(
-                f"found {len(got)} of {self.opts.workers} workers in cluster {self.opts.cluster!r} after "
+                f"found {wanted} in cluster {self.opts.cluster!r} after "
                 f"{self.opts.discover_timeout:.0f}s. Discovered: {found}." + (f" Ignored: {ignored}." if ignored else "")
                 + " Check that `mtpdist worker` runs on each Mac, the cluster name, and --mdns-interface.")
         return got
+
+    def where(self) -> str:
+        """Where workers were looked for, for messages: the cluster name and interfaces."""
+        ifaces = ", ".join(self.opts.mdns_interfaces or default_interfaces()) if self.opts.discover else "nowhere"
+        return f"cluster {self.opts.cluster!r}, mDNS on {ifaces}"
 
     def close(self) -> None:
         if self.browser:

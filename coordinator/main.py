@@ -31,6 +31,8 @@ def add_arguments(p) -> None:
     p.add_argument("--prefill-step", type=int, default=512)
     p.add_argument("--max-context", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=512)
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests waiting or running before new ones get 429 with Retry-After (default 64)")
 
 
 def _depth(text: str):
@@ -92,7 +94,8 @@ def run_coordinator(args, on_ready=None) -> int:
     state = ServerState(engine=engine, tokenizer=session.generator.tokenizer, model_name=Path(args.model).name,
                         max_context=max_ctx, mtp=args.mtp, metrics=metrics, vocab_size=config.vocab_size,
                         api_key=args.api_key or os.environ.get("MTPDIST_API_KEY"), cluster_info=cluster_info,
-                        default_max_tokens=args.default_max_tokens, mtp_depth=args.mtp_depth)
+                        default_max_tokens=args.default_max_tokens, mtp_depth=args.mtp_depth,
+                        max_queue=max(1, getattr(args, "max_queue", 64)))
     app = create_app(state)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -4,6 +4,16 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# The only endpoint label values: a request to any other path is counted as "other", so
+# a client probing random paths cannot grow /metrics (one label set per path otherwise).
+ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/v1/cluster", "/health",
+                    "/metrics", "/openapi.json", "/docs", "/redoc"})
+
+
+def endpoint_label(path: str) -> str:
+    """The metrics label of a request path: the route itself, or "other"."""
+    return path if path in ROUTES else "other"
+
 
 class Metrics:
     """Prometheus counters, gauges and histograms of one server."""
@@ -21,6 +31,14 @@ class Metrics:
                                      "Per-forward time outside worker compute (network and serialization)",
                                      buckets=(1e-4, 3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0), registry=r)
         self.request_seconds = Histogram("mtpdist_request_seconds", "Request latency", ["endpoint"], registry=r)
+
+    def count(self, path: str, status: int | str) -> None:
+        """Count one answered request under its bounded endpoint label."""
+        self.requests.labels(endpoint_label(path), str(status)).inc()
+
+    def observe(self, path: str, seconds: float) -> None:
+        """Record one request's latency under its bounded endpoint label."""
+        self.request_seconds.labels(endpoint_label(path)).observe(seconds)
 
     def record_generation(self, result, trunk) -> None:
         """Account one finished generation (tokens, MTP statistics, pipeline overhead)."""

@@ -12,14 +12,9 @@ import logging
 import time
 from typing import Sequence
 
-from mtpdist.errors import MtpdistError, WorkerCallError
+from mtpdist.errors import MtpdistError, WorkerCallError, is_worker_loss  # noqa: F401 (re-exported)
 
 log = logging.getLogger("mtpdist.coordinator")
-# Codes that mean "that worker (or its state) is gone", as opposed to a bad request or bad token.
-RECOVERABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "RESOURCE_EXHAUSTED", "NOT_FOUND",
-               "FAILED_PRECONDITION", "UNKNOWN", "INTERNAL", "ABORTED"}
-
-
 class ResilientTrunk:
     """A sequence's trunk that recovers from losing workers by re-planning and exact replay."""
     def __init__(self, session, max_recoveries: int = 3):
@@ -50,7 +45,7 @@ class ResilientTrunk:
             try:
                 return fn()
             except WorkerCallError as e:
-                if e.code not in RECOVERABLE:
+                if not is_worker_loss(e.code, e.details):
                     raise
                 self._recover(e)
 
@@ -73,7 +68,7 @@ class ResilientTrunk:
                         self.inner.rewind(op[1])
                 return
             except WorkerCallError as e:
-                if e.code not in RECOVERABLE:
+                if not is_worker_loss(e.code, e.details):
                     raise
                 err = e
 

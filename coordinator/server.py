@@ -1,43 +1,40 @@
-"""The OpenAI-compatible HTTP API (FastAPI). Handlers validate and queue; MLX runs elsewhere."""
+"""The OpenAI-compatible HTTP API (FastAPI). Handlers validate and queue; MLX runs elsewhere.
+
+Nothing slow runs on the event loop: chat templates and tokenization run on a worker
+thread, generation on the engine, so /health answers while a 10 MB prompt is tokenized.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
-import time
-import uuid
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mtpdist import __version__
-from mtpdist.engine.generate import GenerationRequest, GenerationResult
+from mtpdist.engine.generate import GenerationRequest
 from mtpdist.engine.sampling import SamplingParams
-from mtpdist.errors import MtpdistError
 
+from .api_errors import APIError
 from .api_models import ChatCompletionRequest, CompletionRequest
-from .engine_thread import EngineThread, Job
+from .chat import ChatRequestError, chat_spec, render
 from .metrics import Metrics
+from .responses import ChatContext, check_queue, complete
 
-
-class APIError(Exception):
-    """An error answered as an OpenAI-style JSON object with an HTTP status."""
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+# Below this a temperature divides logits into overflow; such requests mean "greedy".
+MIN_TEMPERATURE = 1e-5
 
 
 @dataclass
 class ServerState:
-    """What the HTTP handlers share: the engine thread, tokenizer, limits, metrics."""
-    engine: EngineThread
+    """What the HTTP handlers share: the engine, tokenizer, limits, metrics."""
+    engine: object                    # has submit(job) and a `depth` property
     tokenizer: object
     model_name: str
     max_context: int
@@ -48,6 +45,38 @@ class ServerState:
     cluster_info: Callable[[], dict] = dict
     default_max_tokens: int = 512
     mtp_depth: int | str = 1
+    max_queue: int = 64               # requests waiting or running; beyond it: 429
+    retry_after: int = 1              # seconds, the Retry-After of a 429
+    tokenize_pool: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tokenize"))
+
+
+def _http_error(e: StarletteHTTPException, path: str) -> APIError:
+    if e.status_code == 404:
+        return APIError(404, f"no such endpoint: {path}", code="not_found")
+    if e.status_code == 405:
+        return APIError(405, f"method not allowed on {path}", code="method_not_allowed")
+    if e.status_code == 400:  # the body could not be parsed: not UTF-8, or nested too deep for the parser
+        return APIError(400, "request body is not valid JSON (it must be UTF-8 JSON, nested at most a few "
+                             "hundred levels)", code="json_invalid")
+    return APIError(e.status_code, str(e.detail), code=None)
+
+
+class _Auth:
+    """Bearer-key check on /v1/*, as plain ASGI: it passes `receive` through untouched, so
+    handlers can still see a client's disconnect (a BaseHTTPMiddleware would hide it)."""
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.state.api_key and scope["path"].startswith("/v1/"):
+            got = dict(scope["headers"]).get(b"authorization", b"")
+            if not hmac.compare_digest(got, f"Bearer {self.state.api_key}".encode()):
+                e = APIError(401, "invalid or missing API key", code="invalid_api_key", kind="authentication_error")
+                self.state.metrics.count(scope["path"], 401)
+                await JSONResponse(e.body(), status_code=401)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def create_app(state: ServerState) -> FastAPI:
@@ -57,8 +86,8 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, e: APIError):
-        state.metrics.requests.labels(request.url.path, str(e.status)).inc()
-        return JSONResponse(e.body(), status_code=e.status)
+        state.metrics.count(request.url.path, e.status)
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
@@ -69,15 +98,16 @@ def create_app(state: ServerState) -> FastAPI:
         param = None if first.get("type") == "json_invalid" else loc
         return await _api_error(request, APIError(400, msg, param, first.get("type")))
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if state.api_key and request.url.path.startswith("/v1/"):
-            got = request.headers.get("authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {state.api_key}".encode()):
-                e = APIError(401, "invalid or missing API key", code="invalid_api_key", kind="authentication_error")
-                state.metrics.requests.labels(request.url.path, "401").inc()
-                return JSONResponse(e.body(), status_code=401)
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, e: StarletteHTTPException):
+        return await _api_error(request, _http_error(e, request.url.path))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception):  # a bug of ours: still OpenAI's shape, never a traceback
+        return await _api_error(request, APIError(500, f"internal error: {type(e).__name__}", code="internal_error",
+                                                  kind="server_error"))
+
+    app.add_middleware(_Auth, state=state)
 
     @app.get("/health")
     async def health():
@@ -99,32 +129,53 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
+        check_queue(state)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        except ValueError as e:
+            messages = [m.for_template() for m in body.messages]
+            spec = chat_spec(messages, [t.model_dump(exclude_none=True) for t in body.tools or []] or None,
+                             body.tool_choice, body.response_format, body.chat_template_kwargs)
+            prompt = await _off_loop(state, render, state.tokenizer, spec)
+        except ChatRequestError as e:
+            raise APIError(400, str(e), e.param) from None
+        except ValueError as e:  # a content part we cannot take
             raise APIError(400, str(e), "messages") from None
-        try:
-            ids = state.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        except Exception as e:
-            raise APIError(400, f"cannot apply the chat template: {e}", "messages") from None
-        if isinstance(ids, dict):
-            ids = ids["input_ids"]
-        return await _complete(state, body, list(ids), body.limit(), request, chat=True)
+        ctx = ChatContext(prompt.in_reasoning, spec.tool_schemas(), spec.response_format,
+                          max_calls=1 if body.parallel_tool_calls is False else None)
+        return await complete(state, _request(state, body, prompt.ids, body.limit()), body, request, ctx)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        if isinstance(body.prompt, str):
-            ids = state.tokenizer.encode(body.prompt)
-        else:
-            ids = body.prompt
-            if any(not 0 <= t < state.vocab_size for t in ids):
-                raise APIError(400, "prompt holds token ids outside the vocabulary", "prompt")
-        return await _complete(state, body, list(ids), body.limit(), request, chat=False)
+        check_queue(state)
+        ids = await _off_loop(state, _encode, state, body.prompt)
+        return await complete(state, _request(state, body, ids, body.limit()), body, request, None)
 
     return app
 
 
-def _request(state: ServerState, body, ids: list[int], limit: int | None) -> GenerationRequest:
+async def _off_loop(state: ServerState, fn, *args):
+    return await asyncio.get_running_loop().run_in_executor(state.tokenize_pool, fn, *args)
+
+
+def _encode(state: ServerState, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise APIError(400, "prompt is not valid Unicode text (it holds a lone surrogate)", "prompt") from None
+        return state.tokenizer.encode(prompt)
+    if any(not 0 <= t < state.vocab_size for t in prompt):
+        raise APIError(400, "prompt holds token ids outside the vocabulary", "prompt")
+    return list(prompt)
+
+
+def _seed(seed: int | None) -> int | None:
+    """OpenAI takes any integer; -1 conventionally means "random", others are folded into 64 bits."""
+    if seed is None or seed == -1:
+        return None
+    return seed % (1 << 64)
+
+
+def _request(state: ServerState, body, ids, limit: int | None) -> GenerationRequest:
     bad = body.unsupported()
     if bad:
         raise APIError(400, f"unsupported parameter(s): {', '.join(bad)}", bad[0], "unsupported_parameter")
@@ -142,90 +193,9 @@ def _request(state: ServerState, body, ids: list[int], limit: int | None) -> Gen
         raise APIError(400, f"max_tokens {limit} exceeds the {room} tokens left in the context "
                             f"({state.max_context} - {len(ids)} prompt tokens)", "max_tokens",
                        "context_length_exceeded")
-    sampling = SamplingParams(temperature=1.0 if body.temperature is None else body.temperature,
-                              top_p=body.top_p or 1.0, top_k=body.top_k or 0, min_p=body.min_p or 0.0, seed=body.seed)
+    temperature = 1.0 if body.temperature is None else body.temperature
+    if temperature < MIN_TEMPERATURE:
+        temperature = 0.0
+    sampling = SamplingParams(temperature=temperature, top_p=body.top_p or 1.0, top_k=body.top_k or 0,
+                              min_p=body.min_p or 0.0, seed=_seed(body.seed))
     return GenerationRequest(tuple(ids), limit, sampling, body.stops(), mtp=state.mtp, mtp_depth=state.mtp_depth)
-
-
-def _usage(r: GenerationResult) -> dict:
-    return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.generation_tokens,
-            "total_tokens": r.prompt_tokens + r.generation_tokens,
-            "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
-
-
-def _mtp(r: GenerationResult, on: bool) -> dict:
-    return {"enabled": on, "drafted": r.drafted, "accepted": r.accepted, "acceptance": round(r.acceptance, 4),
-            "verify_passes": r.verify_passes, "acceptance_by_depth": list(r.acceptance_by_depth),
-            "generation_tps": round(r.generation_tps, 3)}
-
-
-async def _complete(state: ServerState, body, ids, limit, request: Request, chat: bool):
-    import asyncio
-    endpoint = request.url.path
-    req = _request(state, body, ids, limit)
-    job = Job(req, asyncio.get_running_loop())
-    state.engine.submit(job)
-    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-    created = int(time.time())
-    base = {"id": rid, "created": created, "model": state.model_name}
-    t0 = time.perf_counter()
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(state, job, base, chat, include_usage, endpoint, t0),
-                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-    text, result = [], None
-    try:
-        while (item := await job.events.get()) is not None:
-            if isinstance(item, MtpdistError):
-                raise APIError(503, f"generation failed: {item}", code="cluster_unavailable", kind="server_error")
-            text.append(item.text)
-            result = item.result or result
-    finally:
-        job.cancelled.set()
-    state.metrics.requests.labels(endpoint, "200").inc()
-    state.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)
-    content = "".join(text)
-    if chat:
-        choice = {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None,
-                  "finish_reason": result.finish_reason}
-        return {**base, "object": "chat.completion", "choices": [choice], "usage": _usage(result),
-                "mtp": _mtp(result, state.mtp)}
-    choice = {"index": 0, "text": content, "logprobs": None, "finish_reason": result.finish_reason}
-    return {**base, "object": "text_completion", "choices": [choice], "usage": _usage(result),
-            "mtp": _mtp(result, state.mtp)}
-
-
-async def _sse(state, job: Job, base: dict, chat: bool, include_usage: bool, endpoint: str, t0: float):
-    obj = "chat.completion.chunk" if chat else "text_completion"
-
-    def chunk(content: str | None, finish: str | None, first: bool = False) -> str:
-        if chat:
-            delta = {"role": "assistant", "content": content or ""} if first else \
-                ({"content": content} if content else {})
-            c = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            c = {"index": 0, "text": content or "", "logprobs": None, "finish_reason": finish}
-        return f"data: {json.dumps({**base, 'object': obj, 'choices': [c]})}\n\n"
-
-    status = "200"
-    try:
-        if chat:
-            yield chunk("", None, first=True)
-        while (item := await job.events.get()) is not None:
-            if isinstance(item, MtpdistError):
-                status = "503"
-                err = APIError(503, f"generation failed: {item}", code="cluster_unavailable", kind="server_error")
-                yield f"data: {json.dumps(err.body())}\n\n"
-                continue
-            if item.text:
-                yield chunk(item.text, None)
-            if item.result is not None:
-                yield chunk(None, item.result.finish_reason)
-                if include_usage:
-                    extra = {"usage": _usage(item.result), "mtp": _mtp(item.result, state.mtp)}
-                    yield f"data: {json.dumps({**base, 'object': obj, 'choices': [], **extra})}\n\n"
-        yield "data: [DONE]\n\n"
-    finally:
-        job.cancelled.set()  # a client that left stops its generation; its worker state is released
-        state.metrics.requests.labels(endpoint, status).inc()
-        state.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - t0)

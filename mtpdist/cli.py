@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None)
     c.add_argument("--mtp-precision", choices=["bf16", "fp16", "quantized"], default="bf16",
                    help="precision of the MTP head (default bf16; fp16 is faster on M1/M2)")
+    c.add_argument("--force", action="store_true", help="overwrite --mlx-path if it already holds files")
 
     w = sub.add_parser("worker", help="serve a slice of a model's layers over gRPC")
     from .worker.main import add_arguments as add_worker_arguments
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             from .model.convert import ConvertOptions, convert
             out = convert(args.hf_path, args.mlx_path, ConvertOptions(
                 dtype=args.dtype, quantize=args.quantize, q_bits=args.q_bits,
-                q_group_size=args.q_group_size, mtp_precision=args.mtp_precision))
+                q_group_size=args.q_group_size, mtp_precision=args.mtp_precision, force=args.force))
             print(f"wrote {out}")
             return 0
         if args.command == "worker":

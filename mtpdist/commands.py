@@ -50,6 +50,7 @@ def run_status(args) -> int:
         if m.browser:
             m.browser.wait_for(args.workers, args.discover_timeout)
         ads = {a.address: a for a in m.discovered()}
+        where = m.where()
         rows = []
         for addr in m.current():
             row = {"address": addr, "link": next((k for ip, k in ads[addr].links if addr.startswith(ip + ":")), "")
@@ -70,7 +71,8 @@ def run_status(args) -> int:
     if args.json:
         print(json.dumps({"workers": rows}, indent=2))
     elif not rows:
-        print("no workers found")
+        print(f"no workers found within {args.discover_timeout:g}s ({where}). Check that `mtpdist worker` "
+              "runs on each Mac, the --cluster name and --mdns-interface.")
     else:
         for r in rows:
             print("  ".join(f"{k}={v}" for k, v in r.items()))

@@ -65,7 +65,7 @@ def test_membership_mixes_static_and_discovered_and_reports_shortfall(tmp_path):
         short = Membership(ClusterOptions(workers=3, cluster=cluster, mdns_interfaces=("127.0.0.1",),
                                           discover_timeout=3))
         try:
-            with pytest.raises(Exception, match=r"found 1 of 3 workers .* Discovered: \w+ at 127.0.0.1"):
+            with pytest.raises(Exception, match=r"found 1 of 3 workers .* Discovered: [\w-]+ at 127.0.0.1"):
                 short.wait()
         finally:
             short.close()

@@ -99,7 +99,8 @@ def test_unrecoverable_loss_is_a_clear_error_and_a_restarted_worker_rejoins(tmp_
 def test_stalled_worker_is_noticed_by_the_deadline(tmp_path, tiny_dense):
     want = expected(tiny_dense[0], 120)
     stopped = []
-    with pipeline(tmp_path, tiny_dense[0], 3, "--step-timeout", "2", "--rpc-timeout", "4") as (c, workers):
+    # The default --rpc-timeout (30 s): recovery must not wait for the Release sent to the stalled worker.
+    with pipeline(tmp_path, tiny_dense[0], 3, "--step-timeout", "2") as (c, workers):
         def stall():
             os.kill(workers[2].proc.pid, signal.SIGSTOP)
             stopped.append(time.time())
@@ -180,7 +181,7 @@ def test_http_fuzzing_against_the_openapi_document(tmp_path, tiny_dense):
         st = os.path.join(os.path.dirname(sys.executable), "st")
         p = subprocess.run([st, "run", c.url[:-3] + "/openapi.json", "--checks", "not_a_server_error",
                             "--max-examples", "25", "--generation-deterministic", "--request-timeout", "60"],
-                           capture_output=True, text=True, timeout=600)
+                           capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its .schemathesis/ there
         assert p.returncode == 0, p.stdout[-3000:]
         assert httpx.get(c.url[:-3] + "/health").json()["status"] == "ok"
     finally:

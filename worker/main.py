@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
 
 from mtpdist import __version__
 from mtpdist.discovery import Advert, Advertiser, links_for, local_links
+from mtpdist.errors import MtpdistError
 from mtpdist.model.hashing import cache_dir
-from mtpdist.security import check_insecure_hosts, resolve_identity, worker_id
+from mtpdist.security import check_insecure_hosts, config_dir, resolve_identity, worker_id
 from mtpdist.wire.client import ChannelSettings
 from mtpdist.wire.server import serve
 from mtpdist.wire.types import PROTOCOL_VERSION
 
 from .compute import StageEmulation
+from .host import claim_memory, release_memory
 from .service import WorkerService
 
 log = logging.getLogger("mtpdist.worker")
@@ -42,8 +45,11 @@ def add_arguments(p) -> None:
     p.add_argument("--cache-max-gb", type=float, default=None,
                    help="cap on cached shards; least recently used go first (default: twice the usable memory)")
     p.add_argument("--usable-memory-gb", type=float, default=None,
-                   help="memory offered for weights and state (default 75%% of RAM)")
+                   help="memory offered for weights and state (default 75%% of RAM, less what other "
+                        "workers on this machine offer)")
     p.add_argument("--max-sequences", type=int, default=64, help="live sequences before the oldest is evicted")
+    p.add_argument("--sequence-ttl", type=float, default=600.0,
+                   help="drop a sequence unused this many seconds (its coordinator crashed; default 600)")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline (s) for calls to the next worker")
     p.add_argument("--cluster", default="default", help="cluster name advertised on mDNS (default 'default')")
     p.add_argument("--no-advertise", action="store_true", help="do not advertise on mDNS")
@@ -76,6 +82,20 @@ def mdns_interfaces(host: str, chosen: list[str]) -> list[str]:
     return [ip for ip, _, kind in local_links() if kind != "loopback"] or ["127.0.0.1"]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail with one line when the port is taken (before gRPC tries, and logs its own lines)."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise MtpdistError(f"cannot listen on {host}:{port}: {e.strerror} (another worker on this port?); "
+                               "pick another with --port") from None
+
+
 def run_worker(args) -> int:
     """Serve until SIGINT/SIGTERM."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -91,7 +111,21 @@ def run_worker(args) -> int:
                                 timeout=args.rpc_timeout),
         cache_max_bytes=int(args.cache_max_gb * 1e9) if args.cache_max_gb is not None else None,
         emulate=args.emulate_ms, read_gbps=args.read_gbps)
-    server, port = serve(service, args.host, args.port, identity=identity)
+    check_port_free(args.host, args.port)
+    try:
+        server, port = serve(service, args.host, args.port, identity=identity)
+    except OSError as e:  # the port is taken: one line, not a traceback
+        raise MtpdistError(str(e)) from None
+    # Several workers may share a machine (and its config folder): one id and one memory
+    # offer per port, so the coordinator never takes them for one worker or double-counts RAM.
+    service.worker_id = f"{service.worker_id}-{port}"
+    if service.memory:
+        try:
+            service.usable = claim_memory(config_dir(), port, service.usable if args.usable_memory_gb else None,
+                                          service.memory)
+        except MtpdistError:
+            server.stop(None)
+            raise
     if args.emulate_ms:
         log.warning("emulating a stage of %g + %g ms per extra row (benchmarking aid)",
                     args.emulate_ms.a_ms, args.emulate_ms.b_ms)
@@ -115,11 +149,27 @@ def run_worker(args) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
+    threading.Thread(target=_expire_loop, args=(service, args.sequence_ttl, done), daemon=True).start()
     done.wait()
     if advertiser:
         advertiser.close()
+    release_memory(config_dir(), port)
     server.stop(grace=2).wait()
     return 0
+
+
+def _expire_loop(service: WorkerService, ttl: float, done: threading.Event) -> None:
+    """Drop sequences idle for longer than `ttl` (orphans of a crashed coordinator)."""
+    if ttl <= 0:
+        return
+    while not done.wait(min(max(ttl / 4, 0.25), 30.0)):
+        try:
+            gone = service.expire_idle(ttl)
+        except Exception:  # never let housekeeping take the worker down
+            log.exception("expiring idle sequences failed")
+            continue
+        if gone:
+            log.info("dropped %d sequence(s) idle for more than %g s", len(gone), ttl)
 
 
 if __name__ == "__main__":

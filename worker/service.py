@@ -215,6 +215,11 @@ class WorkerService:
     def fork(self, prefix: str, sequence_id: str) -> int:
         return self._on_mlx(self._stage().fork, prefix, sequence_id)
 
+    def expire_idle(self, ttl: float) -> list[str]:
+        """Drop sequences idle for more than `ttl` seconds (on the MLX thread, between calls)."""
+        stage = self.stage
+        return self._on_mlx(stage.expire_idle, time.monotonic(), ttl) if stage else []
+
     def health(self) -> str:
         return "serving" if self.stage else "idle"
 

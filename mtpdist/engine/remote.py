@@ -92,9 +92,10 @@ class PipelineTrunk:
         self.inflight = []
 
     def close(self) -> None:
-        """Release this sequence's state on every worker (best effort)."""
+        """Release this sequence's state on every worker: fire and forget, short deadline
+        (recovery from a stalled worker must not wait for its Release to time out)."""
         for c in self.clients:
             try:
-                c.release(self.sequence_id)
-            except WorkerCallError:
+                c.release_nowait(self.sequence_id)
+            except (grpc.RpcError, ValueError):  # ValueError: the channel is already closed
                 pass

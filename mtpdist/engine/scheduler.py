@@ -24,7 +24,7 @@ from typing import Callable, Protocol
 
 import mlx.core as mx
 
-from ..errors import MtpdistError, WorkerCallError
+from ..errors import MtpdistError, WorkerCallError, is_worker_loss
 from ..model.cache import copy_caches
 from ..wire.types import SequenceRows
 from .batch_decode import batchable, deliver_greedy
@@ -37,13 +37,11 @@ from .sampling import Sampler
 from .transport import Transport, UnitResult
 
 log = logging.getLogger("mtpdist.engine")
-LOST = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "ABORTED"}          # the worker is gone or hung
-STATE_LOST = {"NOT_FOUND", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION"}     # its state for us is gone
 
 
 def is_recoverable(err: BaseException) -> bool:
-    """A lost worker or lost sequence state: re-plan and replay. Anything else is reported."""
-    return isinstance(err, WorkerCallError) and (err.code in LOST or err.code in STATE_LOST)
+    """A lost worker or lost state: re-plan and replay. Anything else is reported once."""
+    return isinstance(err, WorkerCallError) and is_worker_loss(err.code, err.details)
 
 
 class Sink(Protocol):

@@ -42,6 +42,19 @@ class Stage:
         # Kept states that new sequences can start from (a finished turn, a prompt), LRU.
         self.prefixes: OrderedDict[str, list] = OrderedDict()
         self.max_prefixes = 256
+        self.last_used: dict[str, float] = {}  # monotonic time of each sequence's last call
+
+    def expire_idle(self, now: float, ttl: float) -> list[str]:
+        """Drop sequences unused for more than `ttl` seconds (a coordinator that crashed never
+        releases them); they answer as evicted afterwards. Returns the ids dropped."""
+        stale = [s for s in self.seqs if now - self.last_used.get(s, now) > ttl]
+        for s in stale:
+            del self.seqs[s]
+            self.last_used.pop(s, None)
+            self.evicted[s] = f"idle for more than {ttl:g} s"
+        while len(self.evicted) > 4096:
+            self.evicted.popitem(last=False)
+        return stale
 
     def _existing(self, seq_id: str, position: int) -> LocalTrunk | None:
         """The sequence's state; None for a valid new sequence; raises otherwise. Changes nothing."""
@@ -73,6 +86,7 @@ class Stage:
             victim = next(s for s in self.seqs if s not in keep)
             reason = "too many sequences" if len(self.seqs) > self.max_sequences else "memory ran short"
             del self.seqs[victim]
+            self.last_used.pop(victim, None)
             self.evicted[victim] = reason
             while len(self.evicted) > 4096:
                 self.evicted.popitem(last=False)
@@ -101,6 +115,7 @@ class Stage:
         self._check_rewind(seq_id, trunk, rewind)
         trunk.rewind(rewind)
         del self.seqs[seq_id]
+        self.last_used.pop(seq_id, None)
         self.prefixes[name] = copy_caches(trunk.caches)
         self._evict(keep=set())
         return trunk.offset
@@ -116,6 +131,7 @@ class Stage:
         trunk.caches = copy_caches(self.prefixes[name])
         self.prefixes.move_to_end(name)
         self.seqs[seq_id] = trunk
+        self.last_used[seq_id] = time.monotonic()
         self._evict(keep={seq_id})
         return trunk.offset
 
@@ -157,6 +173,7 @@ class Stage:
             if trunks[i] is None:
                 trunks[i] = self.seqs[s.sequence_id] = LocalTrunk(self.stack)
             self.seqs.move_to_end(s.sequence_id)
+            self.last_used[s.sequence_id] = time.monotonic()
             trunks[i].rewind(s.rewind)
         t0 = time.perf_counter()
         out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.keep) for t, s in zip(trunks, sequences)])[0]
@@ -194,4 +211,5 @@ class Stage:
 
     def release(self, seq_id: str) -> bool:
         self.evicted.pop(seq_id, None)
+        self.last_used.pop(seq_id, None)
         return self.seqs.pop(seq_id, None) is not None

@@ -105,7 +105,7 @@ class WorkerTransport:
         """Fire and forget, with a short deadline: a stalled worker must not hold anyone up."""
         for c in self.clients:
             for s in sequence_ids:
-                c.release_async(s)
+                c.release_nowait(s)
 
     def keep(self, sequence_id, rewind, name) -> int | None:
         """Every worker keeps the sequence's state under `name`; None if any could not."""
@@ -114,7 +114,7 @@ class WorkerTransport:
             try:
                 lengths.add(c.keep(sequence_id, rewind, name))
             except WorkerCallError:
-                c.release_async(sequence_id)
+                c.release_nowait(sequence_id)
                 return None
         return lengths.pop() if len(lengths) == 1 else None
 
@@ -126,7 +126,7 @@ class WorkerTransport:
                 lengths.add(c.fork(prefix, sequence_id))
             except WorkerCallError:
                 for done in self.clients[:i]:
-                    done.release_async(sequence_id)
+                    done.release_nowait(sequence_id)
                 return None
         return lengths.pop() if len(lengths) == 1 else None
 

@@ -80,7 +80,12 @@ class ModelConfig:
 
 def read_config(model_dir: str | Path) -> tuple[ModelConfig, dict]:
     """Read `config.json` from a model folder; returns the parsed config and the raw dict."""
-    path = Path(model_dir) / "config.json"
+    folder = Path(model_dir)
+    if not folder.exists():
+        raise ModelLoadError(f"{model_dir}: no such file or folder")
+    if not folder.is_dir():
+        raise ModelLoadError(f"{model_dir}: is a file; give the model's folder (config.json, safetensors, tokenizer)")
+    path = folder / "config.json"
     if not path.is_file():
         raise ModelLoadError(f"{model_dir}: no config.json (is this a model folder?)")
     try:

@@ -35,6 +35,7 @@ class ConvertOptions:
     q_bits: int = 4
     q_group_size: int = 64
     mtp_precision: str = "bf16"       # bf16 | fp16 | quantized
+    force: bool = False               # write into a folder that already holds files
 
 
 def _tree_cast(tree, dtype):
@@ -51,6 +52,11 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions) -> Path:
     if opts.q_bits not in (2, 3, 4, 5, 6, 8):
         raise ModelLoadError(f"--q-bits {opts.q_bits} is not supported (use 4 or 8)")
     config, raw_cfg = read_config(src)
+    if dst.resolve() == src.resolve():
+        raise ModelLoadError(f"{dst} is the checkpoint being converted; write somewhere else")
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not opts.force:
+        raise ModelLoadError(f"{dst} already exists and is not empty; choose another --mlx-path or pass --force "
+                             "to overwrite")
     if config.quantization:
         raise ModelLoadError(f"{src} is already quantized; convert from the original checkpoint")
     text = raw_cfg.get("text_config", raw_cfg)

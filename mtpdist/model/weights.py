@@ -84,7 +84,11 @@ class Checkpoint:
 
     def _arrays(self, f: Path) -> dict[str, mx.array]:
         if f not in self._files:
-            self._files[f] = mx.load(str(f))  # lazy: nothing is read until used
+            try:
+                self._files[f] = mx.load(str(f))  # lazy: nothing is read until used
+            except (RuntimeError, ValueError, OSError) as e:  # truncated or corrupt: say so in one line
+                raise ModelLoadError(f"{f}: cannot read these weights (an incomplete download or a corrupt "
+                                     f"file? re-download or re-convert it): {e}") from None
         return self._files[f]
 
     def _raw(self, ck: str) -> mx.array:

@@ -10,26 +10,48 @@ import grpc
 
 from ..errors import MtpdistError, WorkerCallError
 from . import convert as cv
-from .auth import TlsIdentity, channel_credentials, channel_options, is_loopback
+from .auth import TlsIdentity, channel_credentials, is_loopback
+from .auth import channel_options as tls_channel_options
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
 from .v1 import worker_pb2_grpc as pbg
 
 MAX_MESSAGE = 64 << 20  # activations of a 512-token chunk of a 27B model are ~10 MiB
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    # A restarted worker must be reachable at once: no subchannel (and its reconnect
-    # backoff) shared with an earlier channel to the dead process, and short backoffs.
-    ("grpc.use_local_subchannel_pool", 1),
-    ("grpc.initial_reconnect_backoff_ms", 200),
-    ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
-]
+KEEPALIVE_MS = 10_000  # an idle link is pinged this often, so a dead peer shows within seconds
+
+
+def channel_options(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple]:
+    """Options of a channel to a worker (pings every `keepalive_ms`, even with no call open)."""
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE),
+        ("grpc.max_receive_message_length", MAX_MESSAGE),
+        ("grpc.keepalive_time_ms", keepalive_ms),
+        ("grpc.keepalive_timeout_ms", min(5_000, keepalive_ms)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # A restarted worker must be reachable at once: no subchannel (and its reconnect
+        # backoff) shared with an earlier channel to the dead process, and short backoffs.
+        ("grpc.use_local_subchannel_pool", 1),
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", 2000),
+    ]
+
+
+def server_options(keepalive_ms: int = KEEPALIVE_MS) -> list[tuple]:
+    """Options of a worker's server: it must accept the pings its clients send (by default a
+    server allows one ping per 5 minutes without data and answers more with GOAWAY
+    too_many_pings), and must own its port (no SO_REUSEPORT: a second worker on the same
+    port fails to start instead of silently sharing it)."""
+    return channel_options(keepalive_ms) + [
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", keepalive_ms // 2),
+        ("grpc.http2.min_ping_interval_without_data_ms", keepalive_ms // 2),
+        ("grpc.http2.max_ping_strikes", 0),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+CHANNEL_OPTIONS = channel_options()
 
 
 @dataclass(frozen=True)
@@ -41,6 +63,7 @@ class ChannelSettings:
     timeout: float = 30.0          # any call, prefill chunks included
     step_timeout: float = 5.0      # a decode/verify forward (few tokens): a hung worker shows fast
     load_timeout: float = 3600.0
+    keepalive_ms: int = KEEPALIVE_MS
 
     def forward_timeout(self, tokens: int) -> float:
         return self.step_timeout if tokens <= 16 else self.timeout
@@ -55,14 +78,16 @@ class WorkerClient:
         self.md: tuple = ()  # no per-call credentials: mutual TLS proves both ends on the channel
         if settings.identity is not None:
             self.channel = grpc.secure_channel(address, channel_credentials(settings.identity),
-                                               options=CHANNEL_OPTIONS + channel_options(settings.identity))
+                                               options=channel_options(settings.keepalive_ms)
+                                               + tls_channel_options(settings.identity))
         elif is_loopback(address) or settings.plaintext_network:
-            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+            self.channel = grpc.insecure_channel(address, options=channel_options(settings.keepalive_ms))
         else:
             raise MtpdistError(f"worker {address} is not on loopback and there is no cluster secret (--insecure): "
                                "weights and prompts would cross the network in plaintext. Use the cluster secret, "
                                "or --allow-insecure-network on a network you fully trust")
         self.stub = pbg.WorkerStub(self.channel)
+        self._pending: set = set()  # fire-and-forget calls still in flight
 
     def _call(self, method, request, timeout: float | None = None):
         try:
@@ -153,10 +178,16 @@ class WorkerClient:
         """Start `sequence_id` from the kept state `prefix`; returns its position."""
         return self._call(self.stub.Fork, pb.ForkRequest(prefix=prefix, sequence_id=sequence_id), timeout).position
 
-    def release_async(self, sequence_id: str, timeout: float = 2.0) -> None:
-        """Release without waiting (errors ignored: a worker that is gone holds nothing of use)."""
-        fut = self.stub.Release.future(pb.ReleaseRequest(sequence_id=sequence_id), timeout=timeout, metadata=self.md)
-        fut.add_done_callback(lambda f: f.exception())
+    def release_nowait(self, sequence_id: str, timeout: float = 2.0):
+        """Send a Release and return at once (its future): a stalled worker must not hold up
+        whoever is done with the sequence. A release that never lands is undone by the
+        worker's idle-sequence TTL."""
+        fut = self.stub.Release.future(pb.ReleaseRequest(sequence_id=sequence_id), timeout=timeout,
+                                       metadata=self.md)
+        # gRPC cancels a call whose future is garbage-collected: keep it until it is done.
+        self._pending.add(fut)
+        fut.add_done_callback(self._pending.discard)
+        return fut
 
     def health(self, timeout: float | None = None) -> str:
         return self._call(self.stub.Health, pb.HealthRequest(), timeout).status

@@ -11,7 +11,7 @@ import grpc
 from ..errors import RequestError, WorkerCallError
 from . import convert as cv
 from .auth import TlsIdentity, server_credentials
-from .client import CHANNEL_OPTIONS
+from .client import KEEPALIVE_MS, server_options
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
 from .v1 import worker_pb2_grpc as pbg
@@ -30,6 +30,10 @@ class WorkerHandler(Protocol):
     def keep(self, sequence_id: str, rewind: int, name: str) -> int: ...
     def fork(self, prefix: str, sequence_id: str) -> int: ...
     def health(self) -> str: ...
+
+
+class PortInUse(OSError):
+    """The worker's port is taken (or the address is not ours)."""
 
 
 def _guard(fn):
@@ -93,17 +97,24 @@ class _Servicer(pbg.WorkerServicer):
 
 
 def serve(handler: WorkerHandler, host: str, port: int, identity: TlsIdentity | None = None,
-          threads: int = 16) -> tuple[grpc.Server, int]:
+          threads: int = 16, keepalive_ms: int = KEEPALIVE_MS) -> tuple[grpc.Server, int]:
     """Start a gRPC server for `handler`; returns the server and the bound port.
 
     With `identity`, the server speaks mutual TLS and serves only callers whose certificate
     chains to the cluster CA; without it, plaintext (the CLI allows that on loopback only).
+    Raises PortInUse when the port is taken (by another worker, say).
     """
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=CHANNEL_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=server_options(keepalive_ms))
     pbg.add_WorkerServicer_to_server(_Servicer(handler), server)
     where = f"{host}:{port}"
-    bound = server.add_secure_port(where, server_credentials(identity)) if identity else server.add_insecure_port(where)
+    try:
+        bound = (server.add_secure_port(where, server_credentials(identity)) if identity
+                 else server.add_insecure_port(where))
+    except RuntimeError:  # grpc raises "Failed to bind" when the port is taken
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {host}:{port}")
+        server.stop(None)
+        raise PortInUse(f"cannot listen on {where}: the port is in use (another worker?) or the address "
+                        "is not this machine's; pick another with --port")
     server.start()
     return server, bound

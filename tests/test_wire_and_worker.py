@@ -1,0 +1,202 @@
+"""gRPC keepalive without GOAWAY, one worker per port, per-port ids and memory offers, idle-sequence
+expiry, fire-and-forget releases, and the classification of worker failures."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+KEEPALIVE_SCRIPT = textwrap.dedent("""
+    import sys, tempfile, time
+    from pathlib import Path
+    from mtpdist.wire.client import ChannelSettings, WorkerClient
+    from mtpdist.wire.server import serve
+    from mtpdist.worker.service import WorkerService
+    server, port = serve(WorkerService(Path(tempfile.mkdtemp())), "127.0.0.1", 0, keepalive_ms=200)
+    client = WorkerClient(f"127.0.0.1:{port}", ChannelSettings(keepalive_ms=200))
+    print(client.health(), flush=True)
+    time.sleep(5)  # idle: the client pings (gRPC spaces them >= 1 s apart), more than 2 ping intervals
+    print(client.health(), flush=True)
+""")
+
+
+def test_idle_connection_keepalive_pings_are_accepted():
+    p = subprocess.run([sys.executable, "-c", KEEPALIVE_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["idle", "idle"]
+    assert "GOAWAY" not in p.stderr and "too_many_pings" not in p.stderr, p.stderr[-2000:]
+
+
+# -- worker failures: lost worker (recover) or deterministic failure (report once) ----------------
+
+def test_worker_failure_classification():
+    from mtpdist.coordinator.resilience import is_worker_loss
+    lost = [("UNAVAILABLE", "failed to connect to all addresses"), ("DEADLINE_EXCEEDED", "Deadline Exceeded"),
+            ("NOT_FOUND", "unknown or released sequence 'ab' (a new sequence starts at 0)"),
+            ("FAILED_PRECONDITION", "no shard loaded; the coordinator must call LoadShard first"),
+            ("RESOURCE_EXHAUSTED", "sequence 'ab' was evicted (idle for more than 600 s); start it again"),
+            ("CANCELLED", "Cancelled"), ("INTERNAL", "Received RST_STREAM with error code 2")]
+    deterministic = [("UNKNOWN", "Exception calling application: [matmul] shapes (1,64) and (32,64) differ"),
+                     ("INVALID_ARGUMENT", "keep positions [9] must lie in [1, 3]"),
+                     ("RESOURCE_EXHAUSTED", "Received message larger than max (90000000 vs. 67108864)"),
+                     ("INTERNAL", "Exception deserializing request!"), ("UNAUTHENTICATED", "bad token")]
+    assert all(is_worker_loss(c, d) for c, d in lost)
+    assert not any(is_worker_loss(c, d) for c, d in deterministic)
+
+
+def test_deterministic_compute_error_is_reported_once_without_replanning(tmp_path):
+    import mlx.core as mx
+    import pytest
+
+    from mtpdist.coordinator.resilience import ResilientTrunk
+    from mtpdist.engine.remote import PipelineTrunk
+    from mtpdist.errors import WorkerCallError
+    from mtpdist.wire.client import WorkerClient
+    from mtpdist.wire.server import serve
+    from mtpdist.worker.service import WorkerService
+
+    class BrokenKernel(WorkerService):  # a worker whose compute fails the same way every time
+        def forward(self, call, deadline=None):
+            raise RuntimeError("[matmul] shapes (1,64) and (32,64) differ")
+
+    class Session:  # the ResilientTrunk's view of the coordinator session: count re-plans
+        recovers = 0
+
+        def raw_trunk(self):
+            return PipelineTrunk([client])
+
+        def recover(self):
+            Session.recovers += 1
+
+    server, port = serve(BrokenKernel(tmp_path), "127.0.0.1", 0)
+    client = WorkerClient(f"127.0.0.1:{port}")
+    try:
+        trunk = ResilientTrunk(Session())
+        with pytest.raises(WorkerCallError) as e:
+            trunk.forward(mx.zeros((1, 3, 64)))
+        assert e.value.code == "UNKNOWN" and "shapes (1,64)" in str(e.value)
+        assert Session.recovers == 0 and trunk.recoveries == 0
+    finally:
+        client.close()
+        server.stop(None)
+
+
+# -- releases never wait on a stalled worker; orphaned sequences expire ----------------------------
+
+def test_release_to_a_stalled_worker_returns_at_once(tmp_path):
+    import os
+    import signal
+    import time
+
+    from mtpdist.coordinator.local_cluster import LocalWorker
+    from mtpdist.engine.remote import PipelineTrunk
+    from mtpdist.wire.client import WorkerClient
+
+    w = LocalWorker(tmp_path / "w")
+    try:
+        client = WorkerClient(w.address)  # default 30 s deadline for ordinary calls
+        assert client.health() == "idle"
+        os.kill(w.proc.pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        PipelineTrunk([client]).close()
+        assert time.monotonic() - t0 < 2.0
+    finally:
+        os.kill(w.proc.pid, signal.SIGCONT)
+        w.stop()
+
+
+def _worker_cli(cache, *args):
+    import os
+    env = dict(os.environ, MTPDIST_CACHE=str(cache), MTPDIST_CONFIG=str(cache / "config"))
+    return subprocess.run([sys.executable, "-m", "mtpdist.cli", "worker", "--host", "127.0.0.1", "--insecure",
+                           "--no-advertise", *args], capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_one_worker_per_port_own_ids_and_shared_memory_budget(tmp_path):
+    from mtpdist.coordinator.local_cluster import LocalWorker
+    from mtpdist.wire.client import WorkerClient
+    from mtpdist.worker.service import total_memory
+
+    from servers import free_port
+
+    shared = tmp_path / "host"  # both workers use this machine's one config folder
+    port = free_port()
+    a = LocalWorker(shared, "--port", str(port), "--usable-memory-gb", "2")
+    b = LocalWorker(shared)
+    try:
+        p = _worker_cli(shared, "--port", str(port))            # the same port again
+        assert p.returncode == 2 and "in use" in p.stderr and "Traceback" not in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+        ia, ib = WorkerClient(a.address).describe(), WorkerClient(b.address).describe()
+        assert ia.worker_id != ib.worker_id and ia.worker_id.endswith(f"-{port}")
+        assert ia.usable_bytes == 2 << 30
+        assert ib.usable_bytes == int(total_memory() * 0.75) - (2 << 30)   # what is left, not 75% again
+        p = _worker_cli(shared, "--port", "0")                  # nothing left to offer by default
+        assert p.returncode == 2 and "--usable-memory-gb" in p.stderr and "Traceback" not in p.stderr
+        a.stop()
+        a = LocalWorker(shared, "--port", str(port), "--usable-memory-gb", "2")
+        assert WorkerClient(a.address).describe().worker_id == ia.worker_id  # stable per port
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_sequences_orphaned_by_a_crashed_coordinator_expire(tmp_path, tiny_dense):
+    import os
+    import signal
+    import time
+
+    import httpx
+
+    from mtpdist.coordinator.local_cluster import LocalWorker
+    from mtpdist.wire.client import WorkerClient
+
+    from servers import Coordinator
+
+    w = LocalWorker(tmp_path / "w", "--sequence-ttl", "2")
+    c = Coordinator("--model", str(tiny_dense[0]), "--insecure", "--worker", w.address)
+    try:
+        with httpx.stream("POST", c.url + "/completions", timeout=60,
+                          json={"prompt": "x", "max_tokens": 3000, "temperature": 0, "stream": True}) as r:
+            next(ln for ln in r.iter_lines() if ln.startswith("data:"))
+            os.kill(c.proc.pid, signal.SIGKILL)                 # no Release will ever come
+        assert WorkerClient(w.address).describe().sequences == 1
+        deadline = time.time() + 15
+        while time.time() < deadline and WorkerClient(w.address).describe().sequences:
+            time.sleep(0.25)
+        assert WorkerClient(w.address).describe().sequences == 0
+    finally:
+        c.stop()
+        w.stop()
+
+
+def test_stage_expire_idle_drops_only_idle_sequences(tiny_dense):
+    import time
+
+    import mlx.core as mx
+    import pytest
+
+    from mtpdist.coordinator.resilience import is_worker_loss
+    from mtpdist.engine.stage import Stage
+    from mtpdist.wire.types import SequenceRows
+    from mtpdist.errors import RequestError
+    from mtpdist.model.loader import load_parts
+
+    parts = load_parts(tiny_dense[0], layers=(0, 2), head=False)
+    hidden = parts.config.hidden_size
+    stage = Stage(parts.stack, hidden)
+    x = mx.ones((3, hidden))
+
+    def rows(seq, position):
+        return [SequenceRows(seq, position, 3)]
+    stage.forward(rows("old", 0), x)
+    stage.forward(rows("new", 0), x)
+    stage.last_used["old"] -= 100                       # "old" last used 100 s ago
+    assert stage.expire_idle(time.monotonic(), ttl=60) == ["old"]
+    assert list(stage.seqs) == ["new"] and stage.expire_idle(time.monotonic(), ttl=60) == []
+    with pytest.raises(RequestError) as e:
+        stage.forward(rows("old", 3), x)
+    assert e.value.code == "RESOURCE_EXHAUSTED" and "idle for more than 60 s" in str(e.value)
+    assert is_worker_loss(e.value.code, str(e.value))  # the coordinator replays it on a fresh sequence
+    assert stage.forward(rows("new", 3), x).positions == [6]   # the live one is untouched
