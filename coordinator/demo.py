@@ -48,7 +48,7 @@ def run_demo(args) -> int:
         common = dict(worker=[], workers=args.workers, cluster=cluster, mdns_interface=["127.0.0.1"],
                       discover_timeout=30.0, rpc_timeout=30.0, token=token, token_file=None,
                       insecure=False, model=str(model), mtp=not args.no_mtp, mtp_hidden="post-norm",
-                      prefill_step=512)
+                      prefill_step=512, mtp_depth=1)
         if args.once:
             from mtpdist.commands import run_generate
             return run_generate(argparse.Namespace(**common, prompt=args.prompt, max_tokens=args.max_tokens,
@@ -56,7 +56,8 @@ def run_demo(args) -> int:
                                                    seed=None, stop=[]))
         from .main import run_coordinator
         return run_coordinator(argparse.Namespace(**common, host="127.0.0.1", port=args.port, api_key=None,
-                                                  local=False, max_context=None, default_max_tokens=256),
+                                                  local=False, max_context=None, default_max_tokens=256,
+                                                  max_inflight=0, max_queue=64),
                                on_ready=print_usage)
 
 

@@ -37,6 +37,14 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     add_security_arguments(p)
 
 
+def _depth_flag(text: str):
+    from .engine.depth import parse_depth
+    try:
+        return parse_depth(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     ap = argparse.ArgumentParser(
@@ -55,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mtp-hidden", choices=["post-norm", "pre-norm"], default="post-norm",
                    help="which backbone hidden state feeds the MTP head (default post-norm)")
     g.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
+    g.add_argument("--mtp-depth", type=_depth_flag, default=1, metavar="K|auto",
+                   help="drafts per round with --mtp: 1-8, or 'auto' (from measured acceptance and cost)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_cluster_arguments(g)
     _add_sampling(g)

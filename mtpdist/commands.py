@@ -98,7 +98,8 @@ def run_generate(args) -> int:
         session = LocalSession(args.model, mtp=args.mtp, post_norm=post_norm, prefill_step=args.prefill_step)
     gen = session.generator
     req = GenerationRequest(prompt_ids=gen.encode(args.prompt), max_tokens=args.max_tokens,
-                            sampling=sampling_from(args), stop=tuple(args.stop), mtp=args.mtp)
+                            sampling=sampling_from(args), stop=tuple(args.stop), mtp=args.mtp,
+                            mtp_depth=getattr(args, "mtp_depth", 1))
     try:
         for delta in gen.stream(req, session.trunk()):
             if not args.json and delta.text:
