@@ -43,9 +43,10 @@ class EngineThread(threading.Thread):
     """Owns MLX; runs the scheduler until stopped."""
 
     def __init__(self, generator: Generator, backend: Backend, settings: SchedulerSettings = SchedulerSettings(),
-                 on_result: Callable[[GenerationResult], None] = lambda r: None):
+                 on_result: Callable[[GenerationResult], None] = lambda r: None,
+                 on_unit: Callable = lambda wall, r: None):
         super().__init__(name="mlx-engine", daemon=True)
-        self.scheduler = Scheduler(generator, backend, settings, on_result)
+        self.scheduler = Scheduler(generator, backend, settings, on_result, on_unit)
         self._stop = threading.Event()
 
     @property

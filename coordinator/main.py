@@ -88,7 +88,8 @@ def run_coordinator(args, on_ready=None) -> int:
     metrics = Metrics()
     settings = SchedulerSettings(max_inflight=args.max_inflight, prefill_budget=args.prefill_step)
     engine = EngineThread(session.generator, session, settings,
-                          on_result=lambda result: metrics.record_generation(result, None))
+                          on_result=lambda result: metrics.record_generation(result, None),
+                          on_unit=metrics.record_unit)
     engine.start()
     max_ctx = args.max_context or int(config.text_config.get("max_position_embeddings", 32768))
     state = ServerState(engine=engine, tokenizer=session.generator.tokenizer, model_name=Path(args.model).name,

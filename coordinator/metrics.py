@@ -19,6 +19,10 @@ class Metrics:
     """Prometheus counters, gauges and histograms of one server."""
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        self.depth_rounds = Counter("mtpdist_mtp_rounds_at_depth", "Verify rounds that drafted at least `depth` "
+                                    "tokens", ["depth"], registry=r)
+        self.depth_held = Counter("mtpdist_mtp_rounds_held_at_depth", "Of those, rounds whose first `depth` drafts "
+                                  "were all accepted (held / rounds = cumulative acceptance)", ["depth"], registry=r)
         self.requests = Counter("mtpdist_requests", "HTTP requests", ["endpoint", "status"], registry=r)
         self.prompt_tokens = Counter("mtpdist_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter("mtpdist_generated_tokens", "Tokens generated", registry=r)
@@ -28,7 +32,7 @@ class Metrics:
         self.tps = Gauge("mtpdist_generation_tokens_per_second", "Decode rate of the last request", registry=r)
         self.queue_depth = Gauge("mtpdist_queue_depth", "Requests waiting or running", registry=r)
         self.hop_latency = Histogram("mtpdist_pipeline_overhead_seconds",
-                                     "Per-forward time outside worker compute (network and serialization)",
+                                     "Per-stage time of a forward outside worker compute (network, serialization, queueing)",
                                      buckets=(1e-4, 3e-4, 1e-3, 2e-3, 5e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0), registry=r)
         self.request_seconds = Histogram("mtpdist_request_seconds", "Request latency", ["endpoint"], registry=r)
 
@@ -48,10 +52,18 @@ class Metrics:
         self.accepted.inc(result.accepted)
         if result.drafted:
             self.acceptance.set(result.acceptance)
+        for depth, (rounds, held) in enumerate(result.rounds_by_depth, start=1):
+            self.depth_rounds.labels(str(depth)).inc(rounds)
+            self.depth_held.labels(str(depth)).inc(held)
         self.tps.set(result.generation_tps)
         t = getattr(trunk, "timings", None)
         if t is not None and t.forwards:
             self.hop_latency.observe((t.wall_us - t.compute_us) / t.forwards / 1e6)
+
+    def record_unit(self, wall_s: float, result) -> None:
+        """One unit back from the pipeline: its time outside worker compute, per stage."""
+        stages = max(1, len(result.compute_us))
+        self.hop_latency.observe(max(0.0, wall_s - sum(result.compute_us) / 1e6) / stages)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

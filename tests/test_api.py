@@ -69,7 +69,9 @@ def test_models_health_metrics_cluster(served):
     base = c.url[:-3]
     assert httpx.get(base + "/health").json()["status"] == "ok"
     metrics = httpx.get(base + "/metrics").text
-    assert "mtpdist_generated_tokens_total" in metrics and "mtpdist_pipeline_overhead_seconds" in metrics
+    assert "mtpdist_generated_tokens_total" in metrics and "mtpdist_pipeline_overhead_seconds_count" in metrics
+    assert 'mtpdist_mtp_rounds_at_depth_total{depth="1"}' in metrics      # acceptance by depth
+    assert 'mtpdist_mtp_rounds_held_at_depth_total{depth="1"}' in metrics
     info = httpx.get(c.url + "/cluster", headers={"authorization": f"Bearer {KEY}"}).json()
     assert [w["address"] for w in info["workers"]] == cluster.addresses
     assert info["workers"][0]["layers"][0] == 0 and info["workers"][1]["layers"][1] == 8

@@ -123,3 +123,20 @@ def test_auto_depth_in_a_batch_stays_identical(local):
     sinks = run_all(sched, reqs, timeout=120)
     assert [s.wait().token_ids for s in sinks] == want
     assert sched.auto_depth.policies                                          # it measured something
+
+
+def test_trained_head_accepts_and_rejects_within_one_batch():
+    """The bundled model's trained head: in one batch some drafts hold and some fail, at
+    depth 2, and every sequence still equals its solo greedy output."""
+    from mtpdist.coordinator.demo import DEMO_MODEL
+    demo = LocalSession(DEMO_MODEL, mtp=True, prefill_step=16)
+    prompts = ["def fibonacci(n):\n", "import os\n\n\ndef main(", "class Stack:\n    def push(self, x):\n",
+               "for i in range(10):\n"]
+    reqs = [GenerationRequest(demo.generator.encode(p), 24, mtp=True, mtp_depth=2) for p in prompts]
+    want = [solo(demo, GenerationRequest(r.prompt_ids, r.max_tokens)) for r in reqs]
+    sched = Scheduler(demo.generator, demo, SchedulerSettings(prefill_budget=16, reuse_prefixes=False))
+    results = [s.wait() for s in run_all(sched, reqs, timeout=120)]
+    assert [r.token_ids for r in results] == want
+    assert sched.stats["max_unit_sequences"] == 4                          # all four shared forwards
+    accepted, drafted = sum(r.accepted for r in results), sum(r.drafted for r in results)
+    assert 0 < accepted < drafted

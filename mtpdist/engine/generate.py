@@ -40,6 +40,7 @@ class GenerationResult:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     verify_passes: int = 0
     acceptance_by_depth: tuple[float, ...] = ()  # cumulative, see SpecStats
+    rounds_by_depth: tuple[tuple[int, int], ...] = ()  # per depth j: (rounds drafting >= j, first j all held)
     time_to_first_token: float = 0.0
     cached_tokens: int = 0      # prompt tokens continued from a kept state instead of prefilled
 
@@ -170,6 +171,7 @@ class Output:
             generation_tps=n_gen / gen_time if gen_time > 0 else 0.0,
             drafted=stats.drafted, accepted=stats.accepted, finish_reason=self.finish_reason,
             verify_passes=stats.verify_passes, acceptance_by_depth=tuple(stats.acceptance_by_depth()),
+            rounds_by_depth=tuple(zip(stats.tried_at, stats.accepted_at)),
             time_to_first_token=ttft, cached_tokens=self.cached_tokens)
         return Delta(tail, [], result)
 

@@ -93,8 +93,11 @@ class Scheduler:
     """insert / run / (cancel through the sink): many sequences over one Backend."""
 
     def __init__(self, generator: Generator, backend: Backend, settings: SchedulerSettings = SchedulerSettings(),
-                 on_result: Callable[[GenerationResult], None] = lambda r: None):
+                 on_result: Callable[[GenerationResult], None] = lambda r: None,
+                 on_unit: Callable[[float, UnitResult], None] = lambda wall, r: None):
+        """`on_result` hears of each finished request; `on_unit` of each unit back (its wall seconds)."""
         self.generator, self.backend, self.settings, self.on_result = generator, backend, settings, on_result
+        self.on_unit = on_unit
         self.head = generator.parts.head
         self.events: queue.Queue = queue.Queue()
         self.live: dict[str, _Live] = {}
@@ -262,6 +265,7 @@ class Scheduler:
             st["unit_wall_s"] += at - sent
             st["unit_compute_s"] += sum(result.compute_us) / 1e6
             st["units_done"] += 1
+            self.on_unit(at - sent, result)
             self._deliver(members, result)
         for key, _ in members:
             self._maybe_release(key)
