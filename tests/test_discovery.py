@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 
+from mtpdist.wire.types import PROTOCOL_VERSION
 from mtpdist.coordinator.cluster import ClusterOptions, Membership
 from mtpdist.coordinator.local_cluster import LocalCluster
 from mtpdist.discovery import Browser, classify, parse_networksetup, parse_txt, preferred_ip
@@ -40,7 +41,7 @@ def test_finds_workers_with_their_txt_and_ignores_others(tmp_path):
                 ids = {WorkerClient(a).describe().worker_id for a in mine.addresses}
                 assert {a.worker_id for a in found} == ids
                 for a in found:
-                    assert a.cluster == cluster and a.protocol == 1 and a.backend == "cpu"
+                    assert a.cluster == cluster and a.protocol == PROTOCOL_VERSION and a.backend == "cpu"
                     assert a.usable_bytes == 2 << 30 and a.address in mine.addresses
                 browser.wait_for(99, timeout=3)  # give the others time to be seen, and ignored
                 assert len(browser.workers()) == 3
