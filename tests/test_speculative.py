@@ -95,3 +95,28 @@ def test_auto_depth_identical_and_settles(dense):
     assert got == want
     assert all(policy.rounds.get(k, 0) >= 2 for k in (1, 2, 3))  # every depth was measured
     assert 1 <= policy.choose() <= 3
+
+
+class Alternating:
+    """A depth policy that skips drafting on some rounds (what auto does when drafts stop paying)."""
+    def __init__(self, pattern):
+        self.pattern, self.i = pattern, 0
+
+    def choose(self):
+        self.i += 1
+        return self.pattern[self.i % len(self.pattern)]
+
+    def observe(self, depth, accepted, seconds):
+        pass
+
+
+def test_rounds_without_drafts_let_the_head_catch_up_exactly(dense):
+    # An always-right oracle: every draft holds only if the MTP cache caught up with every
+    # position the rounds without drafts skipped.
+    want = plain_greedy(dense, PROMPT, N + 8, step=4)
+    got, stats = spec_greedy(dense, PROMPT, N, step=4, depth=Alternating([0, 0, 2, 0, 3]),
+                             drafter=OracleDrafter(PROMPT + want, dense.config.vocab_size))
+    assert got == want[:N]
+    assert stats.drafted > 0 and stats.accepted == stats.drafted
+    real, _ = spec_greedy(dense, PROMPT, N, step=4, depth=Alternating([0, 1, 0, 0, 2]))
+    assert real == want[:N]

@@ -62,12 +62,17 @@ def deliver_greedy(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.a
 
 def _draft_all(head: Head, extend) -> None:
     mtp = extend[0][0].drafter.mtp
-    rows = [(d, (n if d.drafter.post_norm else h), toks) for d, h, n, toks, _ in extend]
-    last = _mtp_pass(head, mtp, rows)
-    wanted = {}
-    for i, (dec, *_rest) in enumerate(extend):
-        wanted[i] = dec.depth.choose()
+    wanted, rows = {}, []
+    for i, (dec, h, n, toks, _) in enumerate(extend):
+        dec.backlog.append((h, n, list(toks)))
         dec.drafts, dec.qs = [], []
+        k = dec.depth.choose()
+        if k == 0:              # no draft this round: the MTP head catches up later
+            continue
+        wanted[i] = k
+        bh, bn, bt = dec.take_backlog()
+        rows.append((i, dec, bn if dec.drafter.post_norm else bh, bt))
+    last = _mtp_pass(head, mtp, rows) if rows else {}
     step = 0
     while True:
         live = [i for i in wanted if wanted[i] > step]
@@ -81,11 +86,10 @@ def _draft_all(head: Head, extend) -> None:
         chain = [i for i in live if wanted[i] > step]
         if not chain:
             break
-        out = _mtp_pass(head, mtp, [(extend[i][0], extend[i][0].drafter.last, [extend[i][0].drafts[-1]])
-                                    for i in chain])
+        last.update(_mtp_pass(head, mtp, [(i, extend[i][0], extend[i][0].drafter.last, [extend[i][0].drafts[-1]])
+                                          for i in chain]))
         for i in chain:
             extend[i][0].speculative += 1
-        last.update({i: out[j] for j, i in enumerate(chain)})
     now = time.perf_counter()
     for dec, _, _, _, observe in extend:
         if observe is not None:
@@ -93,14 +97,14 @@ def _draft_all(head: Head, extend) -> None:
 
 
 def _mtp_pass(head: Head, mtp, rows) -> dict[int, mx.array]:
-    """One ragged MTP-head pass over (decoder, input hidden [1, T, H], tokens) rows; each
-    drafter's `last` is set and the last row of each (normed) is returned, keyed by index."""
-    hidden = rows[0][1] if len(rows) == 1 else mx.concatenate([h for _, h, _ in rows], axis=1)
-    tokens = [t for _, _, toks in rows for t in toks]
-    z = mtp.ragged(hidden, head.embed(mx.array([tokens])), [(d.drafter.caches, len(toks)) for d, _, toks in rows])
+    """One ragged MTP-head pass over (key, decoder, input hidden [1, T, H], tokens) rows; each
+    drafter's `last` is set and the last row of each (normed) is returned by key."""
+    hidden = rows[0][2] if len(rows) == 1 else mx.concatenate([h for _, _, h, _ in rows], axis=1)
+    tokens = [t for _, _, _, toks in rows for t in toks]
+    z = mtp.ragged(hidden, head.embed(mx.array([tokens])), [(d.drafter.caches, len(toks)) for _, d, _, toks in rows])
     out, r = {}, 0
-    for i, (dec, _, toks) in enumerate(rows):
+    for key, dec, _, toks in rows:
         r += len(toks)
         dec.drafter.last = z[:, r - 1:r]
-        out[i] = z[0, r - 1:r]
+        out[key] = z[0, r - 1:r]
     return out

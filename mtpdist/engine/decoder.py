@@ -93,6 +93,9 @@ class SequenceDecoder:
         self.drafts: list[int] = []
         self.qs: list[np.ndarray | None] = []
         self.speculative = 0         # MTP cache entries made from the head's own output
+        # Rounds that chose no draft leave their (hidden, normed, tokens) here instead of
+        # running the MTP head; the head catches up in one pass when drafting resumes.
+        self.backlog: list[tuple[mx.array, mx.array, list[int]]] = []
         self.stats = SpecStats()
         self._round_start = 0.0
 
@@ -155,16 +158,36 @@ class SequenceDecoder:
             if self.drafter is not None:
                 if self.stats.verify_passes or self.confirmed:  # a round without drafts (depth 0 chosen)
                     self.depth.observe(0, 0, time.perf_counter() - self._round_start)
-                self._draft(self.drafter.extend(hidden, normed, out))
+                self._extend_and_draft(hidden, normed, out)
         self.confirmed.extend(out)
         return out
 
+    def take_backlog(self) -> tuple[mx.array, mx.array, list[int]]:
+        """The rows that rounds without drafts left for the MTP head, as one (hidden, normed, tokens)."""
+        h, n, t = zip(*self.backlog)
+        self.backlog = []
+        cat = (lambda xs: xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=1))
+        return cat(h), cat(n), [x for toks in t for x in toks]
+
+    def _extend_and_draft(self, hidden: mx.array, normed: mx.array, tokens: list[int]) -> None:
+        self.backlog.append((hidden, normed, list(tokens)))
+        k = self.depth.choose()
+        if k == 0:
+            self.drafts, self.qs = [], []
+            return
+        self._draft(self.drafter.extend(*self.take_backlog()), k)
+
     def settle_drafter(self) -> None:
-        """Drop the drafter's speculative entries, so its cache ends where the backbone's does."""
-        if self.drafter is not None and self.speculative:
+        """Bring the drafter's cache to where the backbone's ends: speculative entries go, rows
+        left by rounds without drafts go in."""
+        if self.drafter is None:
+            return
+        if self.speculative:
             self.drafter.rewind(self.speculative)
             self.speculative = 0
-            self.drafts, self.qs = [], []
+        if self.backlog:
+            self.drafter.extend(*self.take_backlog())
+        self.drafts, self.qs = [], []
 
     def _prefilled(self, i: int, hidden: mx.array) -> None:
         out = [hidden]
@@ -195,12 +218,11 @@ class SequenceDecoder:
         # The head's own (speculative) entries go; the backbone's verified hiddens replace them.
         self.drafter.rewind(self.speculative)
         self.speculative = 0
-        self._draft(self.drafter.extend(hidden[:, :a + 1], normed[:, :a + 1], out))
+        self._extend_and_draft(hidden[:, :a + 1], normed[:, :a + 1], out)
         self.depth.observe(k, a, time.perf_counter() - self._round_start)
         return out
 
-    def _draft(self, logits: mx.array) -> None:
-        k = self.depth.choose()
+    def _draft(self, logits: mx.array, k: int) -> None:
         self.drafts, self.qs = [], []
         for j in range(k):
             if self.sampler.params.greedy:
