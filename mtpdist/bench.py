@@ -6,7 +6,6 @@ machine is shared and noisy: ratios from one run mean more than absolute figures
 
 from __future__ import annotations
 
-import json
 import platform
 import statistics
 import time
@@ -78,7 +77,8 @@ def pass_costs(session: LocalSession, prompt_ids, cycles: int) -> dict:
 
 
 def run_bench(args) -> dict:
-    """`mtpdist bench`: interleaved runs of mlx-lm, plain and MTP (and the pipeline), as a dict."""
+    """`mtpdist bench`: interleaved runs of mlx-lm, plain and MTP in this process, as a dict
+    (the CLI adds the figures through workers)."""
     has_mtp = True
     try:
         session = LocalSession(args.model, mtp=True)
@@ -129,14 +129,5 @@ def run_bench(args) -> dict:
         result["acceptance"] = round(statistics.median(acceptance), 4)
         result["mtp_tokens_equal_plain"] = bool(tokens_equal)
     result["pass_costs"] = pass_costs(session, prompt_ids, args.cycles)
-    if args.workers or args.worker:
-        from .bench_pipeline import mlx_lm_ring_pipeline, pipeline_bench
-        single = {"plain": med["plain"], "mtp": med.get("mtp", med["plain"])}
-        result["pipeline"] = pipeline_bench(args.model, prompt_ids, args.max_tokens, args.repeats,
-                                            args.workers, args.worker, single)
-        if not args.skip_mlx_lm:
-            result["pipeline"]["mlx_lm_ring"] = mlx_lm_ring_pipeline(args.model, prompt_ids, args.max_tokens,
-                                                                     args.repeats, len(result["pipeline"]["tps_median"]) and result["pipeline"]["workers"])
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2))
+    result["prompt_ids"] = list(prompt_ids)
     return result

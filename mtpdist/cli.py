@@ -194,7 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench":
             from .bench import run_bench
-            print(json.dumps(run_bench(args), indent=2))
+            result = run_bench(args)
+            prompt_ids = result.pop("prompt_ids")
+            if args.workers or args.worker:
+                from .coordinator.bench_pipeline import add_pipeline_figures
+                add_pipeline_figures(result, args, prompt_ids)
+            if args.out:
+                Path(args.out).write_text(json.dumps(result, indent=2))
+            print(json.dumps(result, indent=2))
             return 0
     except MtpdistError as e:
         print(f"mtpdist: error: {e}", file=sys.stderr)

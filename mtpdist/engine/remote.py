@@ -12,10 +12,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Sequence
 
-import grpc
 import mlx.core as mx
 
-from ..errors import WorkerCallError
 from ..wire.client import WorkerClient
 from ..wire.types import ForwardCall, SequenceRows
 from .activations import from_activation, to_activation
@@ -81,14 +79,11 @@ class PipelineTrunk:
         if self.rewind_mode == "carry":
             self.pending_rewind += n
         else:
-            self.inflight = [(c, c.rewind_future(self.sequence_id, n, self.position)) for c in self.clients]
+            self.inflight = [c.rewind_async(self.sequence_id, n, self.position) for c in self.clients]
 
     def _settle_rewinds(self) -> None:
-        for client, fut in self.inflight:
-            try:
-                fut.result()
-            except grpc.RpcError as e:
-                raise WorkerCallError(client.address, e.code().name, e.details() or "") from None
+        for call in self.inflight:
+            call.wait()
         self.inflight = []
 
     def close(self) -> None:
@@ -97,5 +92,5 @@ class PipelineTrunk:
         for c in self.clients:
             try:
                 c.release_nowait(self.sequence_id)
-            except (grpc.RpcError, ValueError):  # ValueError: the channel is already closed
+            except ValueError:  # the channel is already closed
                 pass

@@ -69,6 +69,19 @@ class ChannelSettings:
         return self.step_timeout if tokens <= 16 else self.timeout
 
 
+class PendingCall:
+    """A call started without waiting; `wait()` returns its reply or raises WorkerCallError."""
+
+    def __init__(self, address: str, future):
+        self.address, self.future = address, future
+
+    def wait(self):
+        try:
+            return self.future.result()
+        except grpc.RpcError as e:
+            raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
+
+
 class WorkerClient:
     """Calls one worker over mutual TLS (or plaintext without an identity). Every call has a deadline."""
 
@@ -161,10 +174,10 @@ class WorkerClient:
         req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)
         return self._call(self.stub.Rewind, req).position
 
-    def rewind_future(self, sequence_id: str, n: int, position: int):
-        """Start a rewind without waiting; `.result()` raises grpc.RpcError on failure."""
+    def rewind_async(self, sequence_id: str, n: int, position: int) -> "PendingCall":
+        """Start a rewind without waiting; `.wait()` raises WorkerCallError on failure."""
         req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)
-        return self.stub.Rewind.future(req, timeout=self.timeout)
+        return PendingCall(self.address, self.stub.Rewind.future(req, timeout=self.timeout, metadata=self.md))
 
     def release(self, sequence_id: str) -> bool:
         return self._call(self.stub.Release, pb.ReleaseRequest(sequence_id=sequence_id)).released

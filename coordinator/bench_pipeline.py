@@ -9,10 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .coordinator.local_cluster import LocalCluster
-from .coordinator.session import PipelineSession
-from .engine.generate import GenerationRequest
-from .engine.sampling import SamplingParams
+from mtpdist.engine.generate import GenerationRequest
+from mtpdist.engine.sampling import SamplingParams
+
+from .local_cluster import LocalCluster
+from .session import PipelineSession
 
 MODES = {"chain+carry": (True, "carry"), "star+carry": (False, "carry"), "chain+broadcast": (True, "broadcast")}
 
@@ -73,6 +74,17 @@ def pipeline_bench(model: str, prompt_ids, max_tokens: int, repeats: int, n_work
     if memory:
         out["worker_memory"] = memory
     return out
+
+
+def add_pipeline_figures(result: dict, args, prompt_ids) -> None:
+    """`mtpdist bench --workers N`: the same model through workers, added to the single-process result."""
+    med = result["tps_median"]
+    single = {"plain": med["plain"], "mtp": med.get("mtp", med["plain"])}
+    result["pipeline"] = pipeline_bench(args.model, prompt_ids, args.max_tokens, args.repeats,
+                                        args.workers, args.worker, single)
+    if not args.skip_mlx_lm:
+        result["pipeline"]["mlx_lm_ring"] = mlx_lm_ring_pipeline(args.model, prompt_ids, args.max_tokens,
+                                                                 args.repeats, result["pipeline"]["workers"])
 
 
 def _worker_memory(cluster, session) -> list[dict]:
