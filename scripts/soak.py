@@ -95,19 +95,30 @@ def soak(model: str, seconds: float, clients: int, max_tokens: int, hangup: floa
                             failures.append(str(e)[:200])
 
             threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+            over_time, stop_sampling = [], threading.Event()
+
+            def sample():  # worker RSS every 15 s: flat once the kept-prefix cache is full
+                while not stop_sampling.wait(15):
+                    over_time.append([round(rss_mib(w.proc.pid), 1) for w in cluster.workers])
+            sampler = threading.Thread(target=sample, daemon=True)
             t0 = time.time()
+            sampler.start()
             for t in threads:
                 t.start()
             for t in threads:
                 t.join()
             wall = time.time() - t0
+            stop_sampling.set()
             time.sleep(1.0)  # let the last hang-ups reach the engine
-            sequences = [WorkerClient(a).describe().sequences for a in cluster.addresses]
+            infos = [WorkerClient(a).describe() for a in cluster.addresses]
+            sequences = [i.sequences for i in infos]
             after = {"workers_mib": [round(rss_mib(w.proc.pid), 1) for w in cluster.workers],
                      "coordinator_mib": round(rss_mib(coord.pid), 1)}
             return {"seconds": round(wall, 1), "clients": clients, "max_tokens": max_tokens, "hangup_share": hangup,
                     "requests": sum(counts.values()), **counts, "failures": failures[:10],
-                    "leaked_sequences": sequences, "memory_before": before, "memory_after": after}
+                    "leaked_sequences": sequences, "memory_before": before, "memory_after": after,
+                    "workers_mib_every_15s": over_time, "kept_prefixes": [i.prefixes for i in infos],
+                    "worker_state_mib": [round(i.state_bytes / 2**20, 1) for i in infos]}
         finally:
             coord.terminate()
             coord.wait(15)
