@@ -22,6 +22,9 @@ def add_arguments(p) -> None:
     p.add_argument("--mtp-depth", type=_depth, default=1, metavar="K|auto",
                    help="drafts per round with --mtp: 1-8, or 'auto' to choose from measured acceptance and "
                         "verify cost (default 1)")
+    p.add_argument("--no-prefix-reuse", action="store_true",
+                   help="do not keep finished turns' state for later requests to continue from (every prompt is "
+                        "prefilled; greedy output then matches single-process decoding bit for bit)")
     p.add_argument("--max-inflight", type=int, default=0,
                    help="units of work in flight through the pipeline (default: one per worker)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
@@ -86,7 +89,8 @@ def run_coordinator(args, on_ready=None) -> int:
             return {"mode": "pipeline", "workers": rows}
     config = session.parts.config
     metrics = Metrics()
-    settings = SchedulerSettings(max_inflight=args.max_inflight, prefill_budget=args.prefill_step)
+    settings = SchedulerSettings(max_inflight=args.max_inflight, prefill_budget=args.prefill_step,
+                                 reuse_prefixes=not getattr(args, "no_prefix_reuse", False))
     engine = EngineThread(session.generator, session, settings,
                           on_result=lambda result: metrics.record_generation(result, None),
                           on_unit=metrics.record_unit)
