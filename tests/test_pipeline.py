@@ -157,3 +157,22 @@ def test_evicted_sequence_gets_a_clear_error(tmp_path, tiny_dense):
         assert c.describe().sequences == 2
     finally:
         w.stop()
+
+
+@pytest.mark.parametrize("n,depth", [(1, 4), (2, 2), (3, 3)])
+def test_depth_k_through_workers_with_agreeing_and_failing_heads(n, depth, three_workers, tiny_dense, reference):
+    """Depth k through 1-3 real workers: the random head (mostly rejecting), an always-right
+    head (whole chains held, k+1 tokens per pass), and one wrong at varied chain positions."""
+    parts, _ = reference
+    want = plain_greedy(parts, PROMPT, N + 2 * depth + 2, step=4)
+    s = PipelineSession(tiny_dense[0], three_workers[:n], mtp=True, progress=False, prefill_step=4)
+    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, trunk=s.trunk(), depth=depth)
+    assert got == want[:N] and stats.accepted < stats.drafted
+    always = OracleDrafter(PROMPT + want, parts.config.vocab_size)
+    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, drafter=always, trunk=s.trunk(), depth=depth)
+    assert got == want[:N] and stats.accepted == stats.drafted
+    assert stats.verify_passes <= N // (depth + 1) + 2
+    mixed = OracleDrafter(PROMPT + want, parts.config.vocab_size, wrong=lambda i: i % 5 in (0, 3))
+    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, drafter=mixed, trunk=s.trunk(), depth=depth)
+    assert got == want[:N] and 0 < stats.accepted < stats.drafted
+    s.close()
