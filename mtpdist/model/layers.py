@@ -79,6 +79,8 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
     def ragged(self, x: mx.array, segments: Sequence[Segment]) -> mx.array:
         """x [1, N, H] holding several sequences' rows back to back."""
         qkv, z, b, a = self._project(x)
+        if _stackable(segments):
+            return self._output(self._mix_stacked(qkv, b, a, segments), z)
         outs, s = [], 0
         for seg in segments:
             e = s + seg.rows
@@ -88,10 +90,34 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
 
     def _mix(self, qkv: mx.array, b: mx.array, a: mx.array, cache: GDNCache | None,
              keep: Sequence[int]) -> mx.array:
-        """Conv and gated delta recurrence of one sequence (or a same-length batch) -> y [B, T, Hv, Dv]."""
+        """Conv and gated delta recurrence of one sequence -> y [1, T, Hv, Dv]; updates its cache."""
+        conv = cache.conv if cache is not None else None
+        ssm = cache.ssm if cache is not None else None  # no cache: a whole sequence (training)
+        out, conv_input, state, snapshots = self._mix_states(qkv, b, a, conv, ssm, keep)
+        if cache is not None:
+            K = self.conv_kernel_size
+            cache.record(mx.contiguous(conv_input[:, -(K - 1):]), state, qkv.shape[1], snapshots)
+        return out
+
+    def _mix_stacked(self, qkv: mx.array, b: mx.array, a: mx.array, segments: Sequence[Segment]) -> mx.array:
+        """Same-length sequences as one batch: their states stacked, one conv and one recurrence,
+        then each cache gets its own row back (rows do not interact, so each equals its solo run)."""
+        B, T, K = len(segments), segments[0].rows, self.conv_kernel_size
+        caches = [seg.cache for seg in segments]
+        out, conv_input, state, snapshots = self._mix_states(
+            qkv.reshape(B, T, -1), b.reshape(B, T, -1), a.reshape(B, T, -1),
+            mx.concatenate([c.conv for c in caches], axis=0), mx.concatenate([c.ssm for c in caches], axis=0),
+            segments[0].keep)
+        for i, c in enumerate(caches):
+            c.record(mx.contiguous(conv_input[i:i + 1, -(K - 1):]), state[i:i + 1], T,
+                     {p: (cv[i:i + 1], st[i:i + 1]) for p, (cv, st) in snapshots.items()})
+        return out.reshape(1, B * T, *out.shape[2:])
+
+    def _mix_states(self, qkv, b, a, conv_state, state, keep):
+        """The conv and recurrence over [B, T, ...] from given states: (y, conv input, final state,
+        {position: (conv window, state)} snapshots)."""
         B, T, _ = qkv.shape
         K = self.conv_kernel_size
-        conv_state = cache.conv if cache is not None else None
         if conv_state is None:
             conv_state = mx.zeros((B, K - 1, self.conv_dim), dtype=qkv.dtype)
         conv_input = mx.concatenate([conv_state, qkv], axis=1)
@@ -102,7 +128,6 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
         v = v.reshape(B, T, self.num_v_heads, self.head_v_dim)
         q, k = normalize_qk(q, k, inv_scale=self.head_k_dim**-0.5, eps=1e-6)
 
-        state = cache.ssm if cache is not None else None  # no cache: a whole sequence (training)
         cuts = [p for p in keep if 0 < p < T]
         snapshots = {}
         if T <= SMALL_T and not mx.metal.is_available():
@@ -124,9 +149,17 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
                 if e < T:
                     snapshots[e] = (conv_input[:, e : e + K - 1], state)
             out = mx.concatenate(outs, axis=1)
-        if cache is not None:
-            cache.record(mx.contiguous(conv_input[:, -(K - 1):]), state, T, snapshots)
-        return out
+        return out, conv_input, state, snapshots
+
+
+def _stackable(segments: Sequence[Segment]) -> bool:
+    """Several sequences with the same row count and snapshot positions, each with state already:
+    their recurrences can run as one batch (every decode step, verify passes of one depth)."""
+    if len(segments) < 2:
+        return False
+    first = segments[0]
+    return all(s.rows == first.rows and tuple(s.keep) == tuple(first.keep) and s.cache is not None
+               and s.cache.ssm is not None for s in segments)
 
 
 class RaggedAttention(Attention):
