@@ -108,9 +108,12 @@ def test_kept_prefixes_are_evicted_under_memory_pressure_without_harm(tiny_dense
     sched = Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8))
     a = run_all(sched, [GenerationRequest(tuple(PROMPTS[2]), 8)])[0].wait()
     assert len(stage.prefixes) == 2                                      # end of prompt, end of turn
+    recount = lambda: sum(c.nbytes() for caches in stage.prefixes.values() for c in caches)  # noqa: E731
+    assert stage.prefix_bytes == recount() > 0
     stage.state_budget = 1                                               # memory runs short
     b = run_all(sched, [GenerationRequest(tuple(PROMPTS[0]) * 3, 8)])[0].wait()
     assert len(stage.prefixes) <= 1 and not stage.seqs
+    assert stage.prefix_bytes == recount()
     again = run_all(sched, [GenerationRequest(tuple(PROMPTS[2]) + a.token_ids + (9,), 8)])[0].wait()
     assert again.token_ids == solo(session, GenerationRequest(tuple(PROMPTS[2]) + a.token_ids + (9,), 8))
     assert b.token_ids == solo(session, GenerationRequest(tuple(PROMPTS[0]) * 3, 8))

@@ -42,6 +42,7 @@ class Stage:
         # Kept states that new sequences can start from (a finished turn, a prompt), LRU.
         self.prefixes: OrderedDict[str, list] = OrderedDict()
         self.max_prefixes = 256
+        self.prefix_bytes = 0
         self.last_used: dict[str, float] = {}  # monotonic time of each sequence's last call
 
     def expire_idle(self, now: float, ttl: float) -> list[str]:
@@ -80,7 +81,7 @@ class Stage:
     def _evict(self, keep: set[str]) -> None:
         # Kept prefixes go first: losing one costs a prefill later, never a request.
         while self.prefixes and (len(self.prefixes) > self.max_prefixes or self.state_bytes() > self.state_budget):
-            self.prefixes.popitem(last=False)
+            self._drop_prefix(next(iter(self.prefixes)))
         while len(self.seqs) > len(keep) and (len(self.seqs) > self.max_sequences
                                               or self.state_bytes() > self.state_budget):
             victim = next(s for s in self.seqs if s not in keep)
@@ -93,8 +94,18 @@ class Stage:
 
     def state_bytes(self) -> int:
         """Bytes of every live sequence's state (snapshots included) and of kept prefixes."""
-        live = sum(c.nbytes() for t in self.seqs.values() for c in t.caches)
-        return live + sum(c.nbytes() for caches in self.prefixes.values() for c in caches)
+        return sum(c.nbytes() for t in self.seqs.values() for c in t.caches) + self.prefix_bytes
+
+    def _keep_prefix(self, name: str, caches: list) -> None:
+        # A kept prefix never changes after this, so its size is added once, not recounted per forward.
+        self._drop_prefix(name)
+        self.prefixes[name] = caches
+        self.prefix_bytes += sum(c.nbytes() for c in caches)
+
+    def _drop_prefix(self, name: str) -> None:
+        caches = self.prefixes.pop(name, None)
+        if caches is not None:
+            self.prefix_bytes -= sum(c.nbytes() for c in caches)
 
     def _name_ok(self, name: str) -> None:
         if not name or len(name) > 160:
@@ -104,8 +115,7 @@ class Stage:
         """Keep a copy of a sequence's current state under `name`."""
         self._name_ok(name)
         trunk = self._lookup_existing(seq_id)
-        self.prefixes[name] = copy_caches(trunk.caches)
-        self.prefixes.move_to_end(name)
+        self._keep_prefix(name, copy_caches(trunk.caches))
         self._evict(keep={seq_id})
 
     def keep(self, seq_id: str, rewind: int, name: str) -> int:
@@ -116,7 +126,7 @@ class Stage:
         trunk.rewind(rewind)
         del self.seqs[seq_id]
         self.last_used.pop(seq_id, None)
-        self.prefixes[name] = copy_caches(trunk.caches)
+        self._keep_prefix(name, copy_caches(trunk.caches))
         self._evict(keep=set())
         return trunk.offset
 
