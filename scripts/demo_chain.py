@@ -128,7 +128,6 @@ def finetune_mtp(model_dir, data, out, seconds: float, chain: tuple[float, ...],
     import time
 
     import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
 
     from mtpdist.model.loader import load_parts
     from mtpdist.model.synthetic import make_config
@@ -165,14 +164,7 @@ def finetune_mtp(model_dir, data, out, seconds: float, chain: tuple[float, ...],
             print(f"step {step} {time.time() - t0:.0f}s", " ".join(f"{v.item():.3f}" for v in levels), flush=True)
     evals = [chain_losses(head, stack, mtp, batch_of(held, 16), depth) for _ in range(8)]
     out.mkdir(parents=True, exist_ok=True)
-    weights = {}
-    for prefix, m in (("model.", head), ("model.layers.", stack), ("mtp.", mtp)):
-        for k, v in tree_flatten(m.parameters()):
-            key = k if k.startswith("lm_head") else prefix + (k[len("layers."):] if prefix == "model.layers." else k)
-            weights[key] = v
-    keys = sorted(weights)
-    for i in range(4):
-        mx.save_safetensors(str(out / f"canonical-{i}.safetensors"), {k: weights[k] for k in keys[i::4]})
+    save_canonical(out, head, stack, mtp)
     raw = make_config("demo")
     raw["text_config"]["eos_token_id"] = 1
     (out / "config.json").write_text(json.dumps(raw, indent=2))
@@ -185,6 +177,20 @@ def finetune_mtp(model_dir, data, out, seconds: float, chain: tuple[float, ...],
     (out / "train_stats.json").write_text(json.dumps(stats, indent=2))
     print(json.dumps(stats), flush=True)
     return stats
+
+
+def save_canonical(out, head, stack, mtp) -> None:
+    """Write head, layers and MTP head under their checkpoint names, in 4 shards (each under
+    16 MiB, so they travel back from a device run)."""
+    from mlx.utils import tree_flatten
+    weights = {}
+    for prefix, m in (("model.", head), ("model.layers.", stack), ("mtp.", mtp)):
+        for k, v in tree_flatten(m.parameters()):
+            key = k if k.startswith("lm_head") else prefix + (k[len("layers."):] if prefix == "model.layers." else k)
+            weights[key] = v
+    keys = sorted(weights)
+    for i in range(4):
+        mx.save_safetensors(str(out / f"canonical-{i}.safetensors"), {k: weights[k] for k in keys[i::4]})
 
 
 def tree_map_float32(tree):

@@ -124,14 +124,8 @@ def train(data: Path, out: Path, seconds: float, batch: int, seq: int, lr: float
     l1 = float(np.mean([e[0].item() for e in evals]))
     l2 = float(np.mean([e[1].item() for e in evals]))
     out.mkdir(parents=True, exist_ok=True)
-    weights = {}
-    for prefix, m in (("model.", head), ("model.layers.", stack), ("mtp.", mtp)):
-        for k, v in tree_flatten(m.parameters()):
-            key = k if k.startswith("lm_head") else prefix + (k[len("layers."):] if prefix == "model.layers." else k)
-            weights[key] = v
-    keys = sorted(weights)  # shards under 16 MiB each, so they travel back from a remote run
-    for i in range(4):
-        mx.save_safetensors(str(out / f"canonical-{i}.safetensors"), {k: weights[k] for k in keys[i::4]})
+    from demo_chain import save_canonical
+    save_canonical(out, head, stack, mtp)
     stats = {"steps": step, "seconds": round(time.time() - t0), "batch": batch, "seq": seq, "lr": lr,
              "mtp_weight": mtp_weight, "chain_weights": list(chain), "params": n_params, "train_tokens": int(len(tokens)),
              "heldout_loss": round(l1, 4), "heldout_mtp_loss": round(l2, 4), "device": str(mx.default_device())}
