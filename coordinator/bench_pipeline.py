@@ -9,20 +9,24 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mtpdist.engine.driver import generate
 from mtpdist.engine.generate import GenerationRequest
 from mtpdist.engine.sampling import SamplingParams
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
 
 from .local_cluster import LocalCluster
 from .session import PipelineSession
 
-MODES = {"chain+carry": (True, "carry"), "star+carry": (False, "carry"), "chain+broadcast": (True, "broadcast")}
 
-
-def _run(session: PipelineSession, gen, prompt_ids, max_tokens: int, mtp: bool, chain: bool, rewind: str):
-    session.chain, session.rewind = chain, rewind
-    trunk = session.trunk()
-    r = gen.generate(GenerationRequest(tuple(prompt_ids), max_tokens, SamplingParams(), mtp=mtp), trunk)
-    return r, trunk.timings
+def _run(session: PipelineSession, prompt_ids, max_tokens: int, mtp: bool):
+    """One greedy request through the scheduler; its result and the overhead per unit (wall
+    time less the workers' compute), and bytes sent."""
+    sched = Scheduler(session.generator, session, SchedulerSettings(reuse_prefixes=False))
+    sent0 = session.transport().sent_bytes
+    r = generate(sched, GenerationRequest(tuple(prompt_ids), max_tokens, SamplingParams(), mtp=mtp, ignore_eos=True))
+    st = sched.stats
+    overhead_us = (st["unit_wall_s"] - st["unit_compute_s"]) / max(st["units_done"], 1) * 1e6
+    return r, overhead_us, session.transport().sent_bytes - sent0
 
 
 def pipeline_bench(model: str, prompt_ids, max_tokens: int, repeats: int, n_workers: int,
@@ -33,24 +37,19 @@ def pipeline_bench(model: str, prompt_ids, max_tokens: int, repeats: int, n_work
     try:
         addrs = addresses or cluster.addresses
         session = PipelineSession(model, addrs, mtp=True, progress=False)
-        gen = session.generator
-        tps = {f"{m}:{k}": [] for k in MODES for m in ("plain", "mtp")}
+        tps = {"plain": [], "mtp": []}
         overhead, tok_bytes, acc = [], [], []
         for i in range(repeats + 1):
-            for mode, (chain, rewind) in MODES.items():
-                for mtp in (False, True):
-                    if mode != "chain+carry" and not mtp:
-                        continue
-                    r, t = _run(session, gen, prompt_ids, max_tokens, mtp, chain, rewind)
-                    if not i:
-                        continue
-                    tps[f"{'mtp' if mtp else 'plain'}:{mode}"].append(r.generation_tps)
-                    if mode == "chain+carry":
-                        overhead.append((t.wall_us - t.compute_us) / max(t.forwards, 1))
-                        if not mtp:
-                            tok_bytes.append(t.bytes_sent / max(r.generation_tokens + len(prompt_ids), 1))
-                        else:
-                            acc.append(r.acceptance)
+            for mtp in (False, True):
+                r, over, sent = _run(session, prompt_ids, max_tokens, mtp)
+                if not i:
+                    continue
+                tps["mtp" if mtp else "plain"].append(r.generation_tps)
+                if mtp:
+                    acc.append(r.acceptance)
+                else:
+                    overhead.append(over)
+                    tok_bytes.append(sent / max(r.generation_tokens + len(prompt_ids), 1))
         memory = _worker_memory(cluster, session) if cluster else None
         session.close()
     finally:
@@ -61,12 +60,11 @@ def pipeline_bench(model: str, prompt_ids, max_tokens: int, repeats: int, n_work
     out = {
         "workers": len(addrs),
         "tps_median": med,
-        "pipeline_efficiency": round(med["plain:chain+carry"] / single["plain"], 4),
+        "pipeline_efficiency": round(med["plain"] / single["plain"], 4),
         "overhead_per_forward_us": round(statistics.median(overhead)),
         "overhead_per_stage_us": round(statistics.median(overhead) / len(addrs)),
         "activation_bytes_per_token": round(statistics.median(tok_bytes)),
-        "rejection_extra_messages": {"carry": 0, "broadcast": len(addrs)},
-        "mtp_speedup_pipeline": round(med["mtp:chain+carry"] / med["plain:chain+carry"], 4),
+        "mtp_speedup_pipeline": round(med["mtp"] / med["plain"], 4),
         "mtp_speedup_single": round(single["mtp"] / single["plain"], 4),
         "acceptance": round(statistics.median(acc), 4) if acc else None,
     }

@@ -21,12 +21,13 @@ from pathlib import Path
 
 from mtpdist import __version__
 from mtpdist.engine.generate import GenerationRequest
-from mtpdist.engine.local import LocalSession
-from mtpdist.engine.scheduler import Scheduler, SchedulerSettings, run_all
+from mtpdist.engine.driver import run_all
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
 from mtpdist.errors import MtpdistError
 from mtpdist.wire.client import ChannelSettings
 
 from .local_cluster import LocalCluster
+from .local_session import LocalSession
 from .session import PipelineSession
 
 PROMPTS = [
@@ -54,7 +55,7 @@ def core_sets(n_workers: int, per: int) -> tuple[tuple[int, ...], list[tuple[int
 class Bench:
     """A session over local workers (or in-process layers with 0 workers) and its settings."""
 
-    def __init__(self, args, tmp: Path):
+    def __init__(self, args, tmp: Path, make_transport=None):
         self.args = args
         # Local workers read the same folder (no streaming); emulation makes them Mac-speed stages.
         extra = ("--model-dir", str(Path(args.model).resolve()),
@@ -72,7 +73,7 @@ class Bench:
             self.session = PipelineSession(args.model, self.cluster.addresses, mtp=True, progress=False,
                                            prefill_step=args.prefill_step, channel=ChannelSettings(step_timeout=120))
         else:
-            self.session = LocalSession(args.model, mtp=True, prefill_step=args.prefill_step)
+            self.session = LocalSession(args.model, make_transport, mtp=True, prefill_step=args.prefill_step)
         self.prompts = [self.session.generator.encode(p) for p in PROMPTS]
 
     def run(self, reqs, max_inflight: int = 0, stagger: float = 0.0, reuse: bool = True):
@@ -200,12 +201,12 @@ SCENARIOS = {"streams": scenario_streams, "depths": scenario_depths, "prefill": 
              "hop": scenario_hop, "chat": scenario_chat}
 
 
-def run_scenario(args) -> dict:
+def run_scenario(args, make_transport) -> dict:
     """Run `args.scenario` and return its JSON-ready figures with the settings behind them."""
     if args.repeats < 1:
         raise MtpdistError("--repeats must be at least 1 (a warm-up round runs first and is dropped)")
     with tempfile.TemporaryDirectory() as tmp:
-        b = Bench(args, Path(tmp))
+        b = Bench(args, Path(tmp), make_transport)
         try:
             figures = SCENARIOS[args.scenario](b)
         finally:

@@ -50,9 +50,9 @@ class EngineThread(threading.Thread):
         self._stop = threading.Event()
 
     @property
-    def depth(self) -> int:
+    def load(self) -> int:
         """Requests queued or running."""
-        return self.scheduler.depth
+        return self.scheduler.load
 
     def submit(self, job: Job) -> None:
         self.scheduler.insert(job.request, _JobSink(job))

@@ -48,13 +48,13 @@ def _depth(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def run_coordinator(args, on_ready=None) -> int:
+def run_coordinator(args, on_ready=None, make_transport=None) -> int:
     """Find workers, place the model, and serve the API until interrupted."""
     import os
 
     import uvicorn
 
-    from mtpdist.commands import channel_from, membership_from
+    from .commands import channel_from, membership_from
 
     from .engine_thread import EngineThread
     from .metrics import Metrics
@@ -64,8 +64,9 @@ def run_coordinator(args, on_ready=None) -> int:
     post_norm = args.mtp_hidden == "post-norm"
     membership = None
     if args.local:
-        from mtpdist.engine.local import LocalSession
-        session = LocalSession(args.model, mtp=args.mtp, post_norm=post_norm, prefill_step=args.prefill_step)
+        from .local_session import LocalSession
+        session = LocalSession(args.model, make_transport, mtp=args.mtp, post_norm=post_norm,
+                               prefill_step=args.prefill_step)
         cluster_info = lambda: {"mode": "local", "workers": []}  # noqa: E731
     else:
         from .session import PipelineSession

@@ -84,8 +84,8 @@ async def _events(job: Job, request: Request):
 
 def check_queue(state) -> None:
     """429 with Retry-After when `max_queue` requests are already waiting or running."""
-    if state.engine.depth >= state.max_queue:
-        raise APIError(429, f"the server has {state.engine.depth} requests queued or running (its limit); "
+    if state.engine.load >= state.max_queue:
+        raise APIError(429, f"the server has {state.engine.load} requests queued or running (its limit); "
                             "retry shortly", code="queue_full", kind="rate_limit_error",
                        headers={"Retry-After": str(state.retry_after)})
 

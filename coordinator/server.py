@@ -111,11 +111,11 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": state.model_name, "queue_depth": state.engine.depth}
+        return {"status": "ok", "model": state.model_name, "queue_depth": state.engine.load}
 
     @app.get("/metrics")
     async def metrics():
-        state.metrics.queue_depth.set(state.engine.depth)
+        state.metrics.queue_depth.set(state.engine.load)
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")

@@ -12,9 +12,8 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from mtpdist.engine.generate import Generator
-from mtpdist.engine.local import load_tokenizer_for
-from mtpdist.engine.remote import PipelineTrunk
-from mtpdist.engine.shards import ShardSource
+from .local_session import load_tokenizer_for
+from .shards import ShardSource
 from mtpdist.engine.transport import WorkerTransport
 from mtpdist.errors import MtpdistError, WorkerCallError
 from mtpdist.model.config import read_config
@@ -56,7 +55,7 @@ class PipelineSession:
     """Generation through workers. `attach` (re)plans and loads shards for a worker list."""
 
     def __init__(self, model_dir: str | Path, workers: Sequence[str], mtp: bool = False, post_norm: bool = True,
-                 prefill_step: int = 512, chain: bool = True, rewind: str = "carry", progress: bool = True,
+                 prefill_step: int = 512, progress: bool = True,
                  channel: ChannelSettings = ChannelSettings(), headroom: float = 0.1,
                  candidates: Callable[[], list[str]] | None = None, label: Callable[[str], str] | None = None,
                  balance_speed: bool = True):
@@ -65,7 +64,7 @@ class PipelineSession:
         self.label = label or (lambda address: f"worker at {address}")  # e.g. the mDNS advert's name
         self.refused: set[str] = set()
         self.digests: dict[tuple[int, int], str] = {}   # planned shard digest by layer range
-        self.chain, self.rewind, self.progress = chain, rewind, progress
+        self.progress = progress
         self.channel, self.headroom, self.balance_speed = channel, headroom, balance_speed
         self.config, self.raw_config = read_config(self.model_dir)
         self.layer_bytes = layer_bytes(self.model_dir, self.config.num_hidden_layers)
@@ -201,21 +200,14 @@ class PipelineSession:
     def transport(self) -> WorkerTransport:
         """The scheduler's way through the current workers (made anew after each re-plan)."""
         if self._transport is None or self._transport.clients != self.clients:
-            self._transport = WorkerTransport(self.clients)
+            if self._transport is not None:
+                self._transport.close()
+            self._transport = WorkerTransport(self.clients, self.channel.step_timeout)
         return self._transport
 
     def prepare(self) -> None:
         """The scheduler calls this between requests."""
         self.ensure_ready()
-
-    def raw_trunk(self) -> PipelineTrunk:
-        """A plain pipeline trunk for one sequence (no recovery)."""
-        return PipelineTrunk(self.clients, chain=self.chain, rewind=self.rewind)
-
-    def trunk(self):
-        """A trunk for one sequence that recovers from losing workers."""
-        from .resilience import ResilientTrunk
-        return ResilientTrunk(self)
 
     def alive(self, addresses: Sequence[str], timeout: float = 2.0) -> dict[str, WorkerInfo]:
         """The workers among `addresses` that answer Describe within `timeout`, in order."""
@@ -253,5 +245,7 @@ class PipelineSession:
             self.attach(list(infos))
 
     def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
         for c in self.clients:
             c.close()

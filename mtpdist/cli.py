@@ -142,13 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _in_process():
+    """The in-process stage for runs without workers: this module is where the coordinator
+    and the worker are composed (neither imports the other)."""
+    from .worker.in_process import LocalTransport
+    return LocalTransport
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `mtpdist` command."""
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
-            from .commands import run_generate
-            return run_generate(args)
+            from .coordinator.commands import run_generate
+            return run_generate(args, _in_process())
         if args.command == "convert":
             from .model.convert import ConvertOptions, convert
             out = convert(args.hf_path, args.mlx_path, ConvertOptions(
@@ -161,12 +168,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_worker(args)
         if args.command == "coordinator":
             from .coordinator.main import run_coordinator
-            return run_coordinator(args)
+            return run_coordinator(args, make_transport=_in_process())
         if args.command == "demo":
             from .coordinator.demo import run_demo
             return run_demo(args)
         if args.command == "status":
-            from .commands import run_status
+            from .coordinator.commands import run_status
             return run_status(args)
         if args.command == "doctor":
             from .doctor import run_doctor
@@ -187,14 +194,14 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "bench" and args.scenario != "single":
             from .coordinator.bench_streams import run_scenario
-            result = run_scenario(args)
+            result = run_scenario(args, _in_process())
             if args.out:
                 Path(args.out).write_text(json.dumps(result, indent=2))
             print(json.dumps(result, indent=2))
             return 0
         if args.command == "bench":
-            from .bench import run_bench
-            result = run_bench(args)
+            from .coordinator.bench_local import run_bench
+            result = run_bench(args, _in_process())
             prompt_ids = result.pop("prompt_ids")
             if args.workers or args.worker:
                 from .coordinator.bench_pipeline import add_pipeline_figures

@@ -37,7 +37,7 @@ def check_backend() -> Check:
     try:
         import mlx.core as mx
 
-        from .engine.devices import backend_name
+        from .model.backend import backend_name
         b = backend_name()
         x = mx.ones((64, 64))
         mx.eval(x @ x)

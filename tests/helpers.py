@@ -1,34 +1,59 @@
-"""Test helpers: run token streams, and an oracle drafter that knows the greedy answer."""
+"""Test helpers: decode through the scheduler (the path the server runs), and an oracle
+drafter that knows the greedy answer."""
 
 from __future__ import annotations
 
 import mlx.core as mx
 
+from mtpdist.coordinator.local_session import LocalSession
 from mtpdist.engine.depth import FixedDepth
-from mtpdist.engine.sampling import Sampler, SamplingParams
-from mtpdist.engine.speculative import MTPDrafter, Pipeline, plain_tokens, speculative_tokens
-from mtpdist.engine.trunk import LocalTrunk
+from mtpdist.engine.driver import generate
+from mtpdist.engine.generate import GenerationRequest, Generator
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
+from mtpdist.worker.in_process import LocalTransport
 
 
-def take(gen, n):
-    out = []
-    for step in gen:
-        out.extend(step)
-        if len(out) >= n:
-            gen.close()
-            return out[:n]
+class InProcess:
+    """A Backend with every layer in this process (a worker's store, no network)."""
+
+    def __init__(self, parts):
+        self.t = LocalTransport(parts.stack, parts.config.hidden_size)
+
+    def transport(self):
+        return self.t
+
+    def prepare(self):
+        pass
+
+    def recover(self):
+        raise AssertionError("an in-process backend has nothing to recover")
 
 
-def plain_greedy(parts, prompt, n, step=512, trunk=None):
-    pipe = Pipeline(parts.head, trunk or LocalTrunk(parts.stack))
-    return take(plain_tokens(pipe, prompt, Sampler(SamplingParams()), step), n)
+def local_session(path, mtp: bool = False, prefill_step: int = 512, tokenizer: bool = True) -> LocalSession:
+    """All layers in this process, composed as `mtpdist generate` does without workers."""
+    return LocalSession(path, LocalTransport, mtp=mtp, prefill_step=prefill_step, tokenizer=tokenizer)
 
 
-def spec_greedy(parts, prompt, n, step=512, drafter=None, post_norm=True, trunk=None, depth=1):
-    drafter = drafter or MTPDrafter(parts.head, parts.mtp, post_norm)
-    pipe = Pipeline(parts.head, trunk or LocalTrunk(parts.stack), drafter)
-    policy = depth if hasattr(depth, "choose") else FixedDepth(depth)
-    return take(speculative_tokens(pipe, prompt, Sampler(SamplingParams()), step, policy), n), pipe.stats
+def decode(parts, prompt, n, step=512, mtp=False, drafter=None, post_norm=True, backend=None, depth=1,
+           sampling=None, settings=SchedulerSettings(reuse_prefixes=False)):
+    """One request through a fresh scheduler: (tokens, GenerationResult)."""
+    policy = depth if hasattr(depth, "choose") else None
+    gen = Generator(parts, None, post_norm, step, make_drafter=(lambda req: drafter) if drafter else None,
+                    make_depth=(lambda req: policy) if policy else None)
+    req = GenerationRequest(tuple(prompt), n, mtp=mtp, mtp_depth=1 if policy else depth, ignore_eos=True,
+                            **({"sampling": sampling} if sampling else {}))
+    r = generate(Scheduler(gen, backend or InProcess(parts), settings), req, timeout=600)
+    return list(r.token_ids), r
+
+
+def plain_greedy(parts, prompt, n, step=512, backend=None):
+    return decode(parts, prompt, n, step, backend=backend)[0]
+
+
+def spec_greedy(parts, prompt, n, step=512, drafter=None, post_norm=True, backend=None, depth=1):
+    """Greedy MTP decoding; returns (tokens, result) where the result carries drafted/accepted."""
+    return decode(parts, prompt, n, step, mtp=True, drafter=drafter, post_norm=post_norm, backend=backend,
+                  depth=depth)
 
 
 class OracleDrafter:
@@ -52,3 +77,6 @@ class OracleDrafter:
 
     def rewind(self, n):
         self.n -= n
+
+
+__all__ = ["FixedDepth", "InProcess", "OracleDrafter", "decode", "local_session", "plain_greedy", "spec_greedy"]

@@ -56,7 +56,7 @@ def test_bf16_mtp_head_on_quantized_moe_through_workers(q4_moe_bf16_mtp, tmp_pat
     with workers(2, tmp_path) as procs:
         s = PipelineSession(q4_moe_bf16_mtp, [p.address for p in procs], mtp=True, progress=False, prefill_step=5)
         try:
-            got, stats = spec_greedy(s.parts, PROMPT, N, step=5, trunk=s.trunk())
+            got, stats = spec_greedy(s.parts, PROMPT, N, step=5, backend=s)
         finally:
             s.close()
     assert got == want and stats.drafted > 0

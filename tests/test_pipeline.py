@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 
 from mtpdist.coordinator.session import PipelineSession
-from mtpdist.engine.activations import to_activation
-from mtpdist.engine.shards import ShardSource
-from mtpdist.engine.trunk import LocalTrunk
+from mtpdist.wire.activations import to_activation
+from mtpdist.coordinator.shards import ShardSource
 from mtpdist.errors import WorkerCallError
 from mtpdist.model.loader import load_parts
 from mtpdist.wire.client import WorkerClient
@@ -41,32 +40,40 @@ def test_greedy_identical_through_workers(n, three_workers, tiny_dense, referenc
     parts, want = reference
     s = PipelineSession(tiny_dense[0], three_workers[:n], mtp=True, progress=False, prefill_step=4)
     assert s.placement.ranges[0][0] == 0 and s.placement.ranges[-1][1] == 8
-    assert plain_greedy(s.parts, PROMPT, N, step=4, trunk=s.trunk()) == want[:N]
-    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, trunk=s.trunk())  # random head: rejections
+    assert plain_greedy(s.parts, PROMPT, N, step=4, backend=s) == want[:N]
+    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, backend=s)  # random head: rejections
     assert got == want[:N] and stats.accepted < stats.drafted
     oracle = OracleDrafter(PROMPT + want, parts.config.vocab_size, wrong=lambda i: i % 3 == 0)
-    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, drafter=oracle, trunk=s.trunk())
+    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, drafter=oracle, backend=s)
     assert got == want[:N] and 0 < stats.accepted < stats.drafted
     s.close()
 
 
-@pytest.mark.parametrize("chain,rewind", [(False, "carry"), (True, "broadcast"), (False, "broadcast")])
-def test_star_and_broadcast_modes_identical(chain, rewind, three_workers, tiny_dense, reference):
+def test_batched_sequences_through_workers_identical(three_workers, tiny_dense, reference):
+    """Several sequences in one scheduler, mixed heads and depths, through 2 workers: each the
+    same as alone."""
+    from mtpdist.engine.driver import run_all
+    from mtpdist.engine.generate import GenerationRequest, Generator
+    from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
     parts, want = reference
-    s = PipelineSession(tiny_dense[0], three_workers[:2], mtp=True, progress=False, chain=chain, rewind=rewind)
-    oracle = OracleDrafter(PROMPT + want, parts.config.vocab_size, wrong=lambda i: i % 3 == 1)
-    got, stats = spec_greedy(s.parts, PROMPT, N, drafter=oracle, trunk=s.trunk())
-    assert got == want[:N] and 0 < stats.accepted < stats.drafted
+    s = PipelineSession(tiny_dense[0], three_workers[:2], mtp=True, progress=False, prefill_step=4)
+    prompts = [PROMPT, PROMPT[3:], PROMPT[:7] + [9, 9]]
+    alone = [plain_greedy(parts, p, N, step=4) for p in prompts]
+    sched = Scheduler(Generator(s.parts, None, True, 4), s, SchedulerSettings(reuse_prefixes=False))
+    reqs = [GenerationRequest(tuple(p), N, mtp=i > 0, mtp_depth=i, ignore_eos=True) for i, p in enumerate(prompts)]
+    got = [list(x.wait().token_ids) for x in run_all(sched, reqs, timeout=300)]
+    assert got == alone and sched.stats["max_unit_sequences"] > 1
     s.close()
 
 
 def test_logits_close_to_single_process(three_workers, tiny_dense, reference):
+    from mtpdist.wire.activations import from_activation
     parts, _ = reference
     s = PipelineSession(tiny_dense[0], three_workers, progress=False)
-    x = parts.head.embed(mx.array([PROMPT]))
-    remote = s.trunk().forward(x)
-    local = LocalTrunk(parts.stack).forward(x)
-    np.testing.assert_allclose(np.asarray(remote), np.asarray(local), atol=1e-5)
+    x = parts.head.embed(mx.array(PROMPT))
+    r = s.clients[0].forward(ForwardCall.single("cmp", 0, to_activation(x), next=tuple(s.addresses[1:])))
+    local = parts.stack.ragged(x[None], [(parts.stack.make_caches(), len(PROMPT), ())])[0]
+    np.testing.assert_allclose(np.asarray(from_activation(r.hidden)), np.asarray(local), atol=1e-5)
     s.close()
 
 
@@ -82,7 +89,7 @@ def test_bad_calls_get_the_right_status_and_worker_keeps_serving(three_workers, 
 
     assert c.forward(ForwardCall.single("seq-a", 0, h)).position == 2
     assert code(ForwardCall.single("seq-a", 5, h)) == "FAILED_PRECONDITION"     # wrong position
-    assert code(ForwardCall.single("seq-a", 1, h, rewind=1)) == "FAILED_PRECONDITION"  # no snapshot to rewind to
+    assert code(ForwardCall.single("seq-a", 1, h, undo=1)) == "FAILED_PRECONDITION"  # no snapshot to undo to
     assert code(ForwardCall.single("never-seen", 3, h)) == "NOT_FOUND"
     assert c.release("seq-a") and not c.release("seq-a")
     assert code(ForwardCall.single("seq-a", 2, h)) == "NOT_FOUND"              # released
@@ -90,7 +97,7 @@ def test_bad_calls_get_the_right_status_and_worker_keeps_serving(three_workers, 
     assert code(ForwardCall.single("x", 0, type(bad)(bad.data[:-4], bad.dtype, bad.shape))) == "INVALID_ARGUMENT"
     assert code(ForwardCall.single("x", 0, type(bad)(bad.data, "int8", bad.shape))) == "INVALID_ARGUMENT"
     assert code(ForwardCall.single("x", 0, to_activation(mx.zeros((2, 63))))) == "INVALID_ARGUMENT"
-    assert code(ForwardCall.single("x", 0, h, keep=(5,))) == "INVALID_ARGUMENT"
+    assert code(ForwardCall.single("x", 0, h, snapshots=(5,))) == "INVALID_ARGUMENT"
     assert c.health() == "serving"
     assert c.forward(ForwardCall.single("seq-b", 0, h)).position == 2   # still serving
     c.release("seq-b")
@@ -152,7 +159,7 @@ def test_evicted_sequence_gets_a_clear_error(tmp_path, tiny_dense):
             c.forward(ForwardCall.single(seq, 0, h))
         with pytest.raises(WorkerCallError) as e:
             c.forward(ForwardCall.single("a", 2, h))
-        assert e.value.code == "RESOURCE_EXHAUSTED" and "evicted (too many sequences)" in e.value.details
+        assert e.value.code == "NOT_FOUND" and "evicted (too many sequences)" in e.value.details
         assert c.forward(ForwardCall.single("b", 2, h)).position == 4   # the others are untouched
         assert c.describe().sequences == 2
     finally:
@@ -166,13 +173,13 @@ def test_depth_k_through_workers_with_agreeing_and_failing_heads(n, depth, three
     parts, _ = reference
     want = plain_greedy(parts, PROMPT, N + 2 * depth + 2, step=4)
     s = PipelineSession(tiny_dense[0], three_workers[:n], mtp=True, progress=False, prefill_step=4)
-    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, trunk=s.trunk(), depth=depth)
+    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, backend=s, depth=depth)
     assert got == want[:N] and stats.accepted < stats.drafted
     always = OracleDrafter(PROMPT + want, parts.config.vocab_size)
-    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, drafter=always, trunk=s.trunk(), depth=depth)
+    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, drafter=always, backend=s, depth=depth)
     assert got == want[:N] and stats.accepted == stats.drafted
     assert stats.verify_passes <= N // (depth + 1) + 2
     mixed = OracleDrafter(PROMPT + want, parts.config.vocab_size, wrong=lambda i: i % 5 in (0, 3))
-    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, drafter=mixed, trunk=s.trunk(), depth=depth)
+    got, stats = spec_greedy(s.parts, PROMPT, N, step=4, drafter=mixed, backend=s, depth=depth)
     assert got == want[:N] and 0 < stats.accepted < stats.drafted
     s.close()

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from mtpdist.coordinator.local_cluster import LocalWorker
-from mtpdist.engine.activations import to_activation
+from mtpdist.wire.activations import to_activation
 from mtpdist.errors import WorkerCallError
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import ForwardCall

@@ -18,8 +18,8 @@ import pytest
 
 from mtpdist.coordinator.local_cluster import LocalCluster, LocalWorker
 from mtpdist.coordinator.session import FORWARD_TOKEN_MARGIN, PipelineSession
-from mtpdist.engine.activations import to_activation
-from mtpdist.engine.shards import ShardSource
+from mtpdist.wire.activations import to_activation
+from mtpdist.coordinator.shards import ShardSource
 from mtpdist.errors import MtpdistError, WorkerCallError
 from mtpdist.security import node_identity
 from mtpdist.wire.client import ChannelSettings, WorkerClient
@@ -130,7 +130,7 @@ def test_wiretap_sees_no_secret_weights_or_requests_with_mtls(secure, tmp_path, 
     tap = Relay(w.address)
     try:
         s = PipelineSession(model, [tap.address], progress=False, channel=channel() if secure else ChannelSettings())
-        plain_greedy(s.parts, PROMPT, 4, trunk=s.trunk())
+        plain_greedy(s.parts, PROMPT, 4, backend=s)
         s.close()
     finally:
         w.stop()
@@ -245,7 +245,7 @@ def test_tampered_cached_shard_is_refused_deleted_and_sent_again(tmp_path, tiny_
     model = tiny_dense[0]
     w = LocalWorker(tmp_path, token=SECRET)
     s = PipelineSession(model, [w.address], progress=False, channel=channel())
-    want = plain_greedy(s.parts, PROMPT, 6, trunk=s.trunk())
+    want = plain_greedy(s.parts, PROMPT, 6, backend=s)
     s.close()
     w.stop()
     shard = tmp_path / "shards" / s.model_hash / "0-8" / "model.safetensors"
@@ -267,7 +267,7 @@ def test_tampered_cached_shard_is_refused_deleted_and_sent_again(tmp_path, tiny_
             s = PipelineSession(model, [w.address], progress=False, channel=channel())
         resend = [r.getMessage() for r in caplog.records if "sending them again" in r.getMessage()]
         assert len(resend) == 1 and w.address in resend[0] and f"tensor {name} does not match its sha256" in resend[0]
-        assert plain_greedy(s.parts, PROMPT, 6, trunk=s.trunk()) == want
+        assert plain_greedy(s.parts, PROMPT, 6, backend=s) == want
         assert shard.read_bytes() == original             # the cache holds the true bytes again
         s.close()
     finally:

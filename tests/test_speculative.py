@@ -72,7 +72,7 @@ def test_depth_k_always_agreeing_accepts_whole_chains(dense, depth):
     assert got == want[:N]
     assert stats.accepted == stats.drafted
     assert stats.verify_passes <= N // (depth + 1) + 2   # k+1 tokens per pass
-    assert stats.acceptance_by_depth() == [1.0] * depth
+    assert list(stats.acceptance_by_depth) == [1.0] * depth
 
 
 @pytest.mark.parametrize("depth", [2, 3, 4])
@@ -83,7 +83,7 @@ def test_depth_k_rewinds_every_length_identically(dense, depth):
     got, stats = spec_greedy(dense, PROMPT, N, step=4, depth=depth, drafter=drafter)
     assert got == want[:N]
     assert 0 < stats.accepted < stats.drafted
-    by_depth = stats.acceptance_by_depth()
+    by_depth = list(stats.acceptance_by_depth)
     assert len(by_depth) == depth and by_depth == sorted(by_depth, reverse=True)
 
 

@@ -108,7 +108,7 @@ class ComputeLoop:
 
     def _ready(self, stage, rows) -> bool:
         queued = self.queued_end.get(rows.sequence_id)
-        return stage.ready(rows) or (queued is not None and queued - rows.rewind >= rows.position)
+        return stage.ready(rows) or (queued is not None and queued - rows.undo >= rows.position)
 
     def _enqueue(self, task: _Task) -> None:
         if task.call is not None:
@@ -168,7 +168,7 @@ class ComputeLoop:
                     self.cond.notify_all()  # wakes Forwards waiting for this work
 
     def _forward(self, batch: list[_Task]) -> None:
-        from mtpdist.engine.activations import from_activation
+        from mtpdist.wire.activations import from_activation
         stage = batch[0].stage
         start = time.perf_counter()
         inputs = []
@@ -200,7 +200,7 @@ class ComputeLoop:
 
     def _run_together(self, stage, inputs, rows: int) -> None:
         import mlx.core as mx
-        from mtpdist.engine.activations import to_activation
+        from mtpdist.wire.activations import to_activation
         seqs = [s for t, _ in inputs for s in t.call.sequences]
         x = inputs[0][1] if len(inputs) == 1 else mx.concatenate([x for _, x in inputs], axis=0)
         try:

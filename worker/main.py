@@ -136,7 +136,7 @@ def run_worker(args) -> int:
     advertiser = None
     if not args.no_advertise:
         ifaces = mdns_interfaces(args.host, args.mdns_interface)
-        from mtpdist.engine.devices import backend_name
+        from mtpdist.model.backend import backend_name
         import platform
         advertiser = Advertiser(Advert(
             worker_id=service.worker_id, port=port, links=links_for(ifaces), protocol=PROTOCOL_VERSION,

@@ -9,7 +9,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from mtpdist import __version__
 from mtpdist.errors import ModelLoadError, RequestError, WorkerCallError
@@ -86,22 +86,22 @@ class WorkerService:
         bad = [h for h in hops if h not in self.downstream]
         if bad:
             log.warning("refused a Forward to %s: not a planned worker after this stage", bad[0])
-            raise RequestError("PERMISSION_DENIED", f"next hop {bad[0]} is not a planned worker after this stage")
+            raise RequestError("denied", f"next hop {bad[0]} is not a planned worker after this stage")
 
     def _check_tokens(self, tokens: int) -> None:
         """Refuse a Forward larger than the coordinator's prefill chunk (with a margin), before any compute."""
         if tokens > self.max_forward_tokens:
-            raise RequestError("INVALID_ARGUMENT", f"a Forward carries at most {self.max_forward_tokens} tokens "
+            raise RequestError("invalid", f"a Forward carries at most {self.max_forward_tokens} tokens "
                                                    f"on this worker, got {tokens}")
 
     def _stage(self):
         if self.stage is None:
-            raise RequestError("FAILED_PRECONDITION", "no shard loaded; the coordinator must call LoadShard first")
+            raise RequestError("state_lost", "no shard loaded; the coordinator must call LoadShard first")
         return self.stage
 
     # -- WorkerHandler ---------------------------------------------------------------
     def describe(self) -> WorkerInfo:
-        from mtpdist.engine.devices import backend_name, mlx_version
+        from mtpdist.model.backend import backend_name, mlx_version
         stage = self.stage
         return WorkerInfo(
             worker_id=self.worker_id, version=__version__, protocol_version=PROTOCOL_VERSION,
@@ -116,7 +116,7 @@ class WorkerService:
 
     def _read_speed(self) -> float:
         if self.read_gbps is None:  # measured once, on the MLX thread
-            from mtpdist.engine.devices import measure_read_gbps
+            from .devices import measure_read_gbps
             self.read_gbps = self._on_mlx(measure_read_gbps)
         return self.read_gbps
 
@@ -132,7 +132,7 @@ class WorkerService:
     def load_shard(self, spec: ShardSpec, chunks: Iterator[bytes]) -> LoadResult:
         """Hold `spec`'s layers (already held, own copy, verified cache, or the stream); a failure keeps the old shard."""
         if not 0 <= spec.layer_start < spec.layer_end:
-            raise RequestError("INVALID_ARGUMENT", f"bad layer range [{spec.layer_start}, {spec.layer_end})")
+            raise RequestError("invalid", f"bad layer range [{spec.layer_start}, {spec.layer_end})")
         _check_config(spec)
         check_manifest(spec)
         ok, source = self.has_shard(spec)
@@ -163,7 +163,7 @@ class WorkerService:
     def _load(self, path: Path, spec: ShardSpec) -> None:
         from mlx.utils import tree_flatten
 
-        from mtpdist.engine.stage import Stage
+        from .sequences import SequenceStore
         from mtpdist.model.loader import load_parts
         incoming = sum(t.nbytes for t in spec.tensors)
         if self.stage is not None and self.weight_bytes + incoming > self.usable:
@@ -174,14 +174,17 @@ class WorkerService:
         try:
             parts = load_parts(path, layers=(spec.layer_start, spec.layer_end), head=False)
         except (ModelLoadError, ValueError, KeyError, TypeError) as e:
-            raise RequestError("FAILED_PRECONDITION", f"cannot load shard: {e}") from e
+            raise RequestError("exhausted", f"cannot load shard: {e}") from e
         weight_bytes = sum(v.nbytes for _, v in tree_flatten(parts.stack.parameters()))
         budget = max(self.usable - weight_bytes, 64 << 20)
         # Swap only now: until the new shard is built, the old one (and its sequences) stays.
-        self.stage = Stage(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
+        self.stage = SequenceStore(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
         self.spec, self.weight_bytes = spec, weight_bytes
 
-    def forward(self, call: ForwardCall, deadline: float | None = None) -> ForwardResult:
+    def forward(self, call: ForwardCall, deadline: float | None = None,
+                active: Callable[[], bool] | None = None) -> ForwardResult:
+        """Run our layers, then pass the rows on to the next hop and wait for its answer (while
+        our caller still waits: `active()` turns False when it gives up)."""
         self._check_route(call.next)
         self._check_tokens(call.hidden.shape[0] if call.hidden.shape else 0)
         stage = self._stage()
@@ -194,8 +197,7 @@ class WorkerService:
         # worker further down is reported by name before our caller gives up on us.
         left = None if deadline is None else max(0.2, (deadline - (time.monotonic() - start)) * 0.8)
         try:
-            downstream = self._client(call.next[0]).forward(
-                ForwardCall(call.sequences, out.hidden, call.next[1:]), left)
+            downstream = self._pass_on(call.next[0], ForwardCall(call.sequences, out.hidden, call.next[1:]), left, active)
         except WorkerCallError as e:
             if e.code == "UNAVAILABLE":  # a fresh channel next time: this one may sit in reconnect backoff
                 self._drop_client(call.next[0])
@@ -203,14 +205,25 @@ class WorkerService:
         return ForwardResult(downstream.hidden, downstream.positions, (out.compute_us, *downstream.compute_us),
                              (out.batch_rows, *downstream.batch_rows))
 
-    def rewind(self, sequence_id: str, n: int, position: int) -> int:
-        return self._on_mlx(self._stage().rewind, sequence_id, n, position)
+    def _pass_on(self, address: str, call: ForwardCall, timeout: float | None, active) -> ForwardResult:
+        """Forward to the next hop; give up as soon as our own caller has (it may have declared the
+        next hop lost), so that no thread here waits on a stopped worker for a whole deadline."""
+        done = threading.Event()
+        box: list = []
+        fut = self._client(address).forward_async(call, lambda r: (box.append(r), done.set()), timeout)
+        while not done.wait(0.25):
+            if active is not None and not active():
+                fut.cancel()
+                raise RequestError("internal", "the caller gave up on this Forward")
+        if isinstance(box[0], Exception):
+            raise box[0]
+        return box[0]
 
     def release(self, sequence_id: str) -> bool:
         return self._on_mlx(self._stage().release, sequence_id) if self.stage else False
 
-    def keep(self, sequence_id: str, rewind: int, name: str) -> int:
-        return self._on_mlx(self._stage().keep, sequence_id, rewind, name)
+    def keep(self, sequence_id: str, undo: int, name: str) -> int:
+        return self._on_mlx(self._stage().keep, sequence_id, undo, name)
 
     def fork(self, prefix: str, sequence_id: str) -> int:
         return self._on_mlx(self._stage().fork, prefix, sequence_id)
@@ -232,7 +245,7 @@ def _check_config(spec: ShardSpec) -> None:
     try:
         config = ModelConfig.from_dict(json.loads(spec.config_json))
     except (ModelLoadError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise RequestError("INVALID_ARGUMENT", f"the shard's config_json is not a model config: {e}") from None
+        raise RequestError("invalid", f"the shard's config_json is not a model config: {e}") from None
     if spec.layer_end > config.num_hidden_layers:
-        raise RequestError("INVALID_ARGUMENT", f"layers [{spec.layer_start}, {spec.layer_end}) are beyond the "
+        raise RequestError("invalid", f"layers [{spec.layer_start}, {spec.layer_end}) are beyond the "
                                                f"model's {config.num_hidden_layers}")

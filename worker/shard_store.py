@@ -35,19 +35,19 @@ def check_manifest(spec: ShardSpec) -> dict:
     for t in spec.tensors:
         m = _LAYER.match(t.name)
         if not m or not spec.layer_start <= int(m.group(1)) < spec.layer_end:
-            raise RequestError("INVALID_ARGUMENT", f"tensor {t.name} is outside layers "
+            raise RequestError("invalid", f"tensor {t.name} is outside layers "
                                                    f"[{spec.layer_start}, {spec.layer_end})")
         n = 1
         for d in t.shape:
             n *= d
         if t.dtype not in ITEMSIZE or n * ITEMSIZE[t.dtype] != t.nbytes:
-            raise RequestError("INVALID_ARGUMENT", f"tensor {t.name}: bad dtype/shape/size")
+            raise RequestError("invalid", f"tensor {t.name}: bad dtype/shape/size")
         if len(t.sha256) != 32:
-            raise RequestError("INVALID_ARGUMENT", f"tensor {t.name}: the manifest must carry its sha256")
+            raise RequestError("invalid", f"tensor {t.name}: the manifest must carry its sha256")
         header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [total, total + t.nbytes]}
         total += t.nbytes
     if not header:
-        raise RequestError("INVALID_ARGUMENT", "the shard manifest is empty")
+        raise RequestError("invalid", "the shard manifest is empty")
     return header
 
 
@@ -62,7 +62,7 @@ class ShardStore:
 
     def path(self, spec: ShardSpec) -> Path:
         if not re.fullmatch(r"[0-9a-f]{8,64}", spec.model_hash):
-            raise RequestError("INVALID_ARGUMENT", "model_hash must be hex")
+            raise RequestError("invalid", "model_hash must be hex")
         return self.root / spec.model_hash / f"{spec.layer_start}-{spec.layer_end}"
 
     def has(self, spec: ShardSpec) -> bool:
@@ -113,7 +113,7 @@ class ShardStore:
             for c in chunks:
                 got += len(c)
                 if got > total:
-                    raise RequestError("INVALID_ARGUMENT", f"stream sent more than the manifest's {total} bytes")
+                    raise RequestError("invalid", f"stream sent more than the manifest's {total} bytes")
                 f.write(c)
                 bar.update(len(c))
                 view = memoryview(c)
@@ -127,7 +127,7 @@ class ShardStore:
                     if left == 0:
                         _check(h, cur, "as received")
         if got != total:
-            raise RequestError("INVALID_ARGUMENT", f"stream ended after {got} of {total} bytes")
+            raise RequestError("invalid", f"stream ended after {got} of {total} bytes")
         for t in tensors:  # zero-byte tensors at the end
             _check(hashlib.sha256(), t, "as received")
         return got
@@ -158,7 +158,7 @@ class ShardStore:
             why = e if isinstance(e, _Mismatch) else f"unreadable ({e})"
             log.warning("cached layers %d-%d of model %s failed the content check: %s; deleted",
                         spec.layer_start, spec.layer_end - 1, spec.model_hash[:12], why)
-            raise RequestError("DATA_LOSS", f"cached shard layers {spec.layer_start}-{spec.layer_end - 1} failed the "
+            raise RequestError("data_loss", f"cached shard layers {spec.layer_start}-{spec.layer_end - 1} failed the "
                                             f"content check ({why}); deleted it, send the shard again") from None
 
     def shards(self) -> list[tuple[float, int, Path]]:
@@ -202,4 +202,4 @@ class _Mismatch(Exception):
 def _check(h, t, when: str) -> None:
     if h.digest() != t.sha256:
         log.warning("refused a shard: tensor %s does not match its sha256 %s", t.name, when)
-        raise RequestError("DATA_LOSS", f"tensor {t.name} does not match its sha256 {when}; shard refused")
+        raise RequestError("data_loss", f"tensor {t.name} does not match its sha256 {when}; shard refused")

@@ -1,17 +1,17 @@
 """One sequence's decoding as a state machine: what to send next, and what a result means.
 
 `next_step()` says which token rows the backbone must run next (a prefill chunk, a plain
-decode step, or a verify pass over [pending, d1..dk]); `on_result()` takes the backbone's
-hidden states for that step and returns the tokens it confirms. A synchronous loop over a
-trunk (`drive`) and the coordinator's scheduler (many sequences in flight) run the same
-machine, so their output is the same. The algorithm is REFERENCE.md section 3 at depth k.
+decode step, or a verify pass over [pending, d1..dk]). Prefill results come back through
+`prefilled()`; every other result is resolved for a whole unit at once by
+`rounds.resolve_unit`, which calls `confirm()` and then drafts. The decoder's state changes
+only through these methods, so one sequence alone and many in a batch run the same code.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import mlx.core as mx
 import numpy as np
@@ -58,12 +58,12 @@ class SpecStats:
 
 @dataclass(frozen=True)
 class Step:
-    """One forward of one sequence: rows to run, snapshots wanted, rewind carried first."""
+    """One forward of one sequence: rows to run, where snapshots are wanted, tokens undone first."""
     kind: str                  # "prefill" | "decode" | "verify"
     tokens: tuple[int, ...]
-    keep: tuple[int, ...]
-    position: int              # where the cache stands after `rewind`, before these rows
-    rewind: int = 0
+    snapshots: tuple[int, ...]  # row counts after which the workers snapshot recurrent state
+    position: int              # where the cache stands after `undo`, before these rows
+    undo: int = 0              # tokens of the last verify pass rejected, dropped before these rows
     index: int = 0             # prefill chunk number
     drafts: tuple[int, ...] = ()
 
@@ -83,12 +83,12 @@ class SequenceDecoder:
         self.body = len(self.prompt) - 1  # the last prompt token is the first decode input
         self.chunk, self.start = chunk, start
         self.chunks: list[tuple[int, int]] = []  # prefill chunks sent, as prompt ranges
-        self.done = 0                # prefill chunks processed (in order)
+        self.chunks_done = 0         # prefill chunks processed (in order)
         self.early: dict[int, mx.array] = {}  # prefill results that came back out of order
         self.position = start        # cache position after everything sent so far
         self.confirmed: list[int] = []  # every token confirmed (may run past what the caller keeps)
-        self.rewind = 0              # tokens to undo before the next step (a rejected draft)
-        self.waiting = False         # a non-prefill step is in flight
+        self.undo = 0                # rejected draft rows to drop before the next step
+        self.awaiting = False        # a decode/verify step is in flight
         self.pending = self.prompt[-1]
         self.drafts: list[int] = []
         self.qs: list[np.ndarray | None] = []
@@ -97,7 +97,7 @@ class SequenceDecoder:
         # running the MTP head; the head catches up in one pass when drafting resumes.
         self.backlog: list[tuple[mx.array, mx.array, list[int]]] = []
         self.stats = SpecStats()
-        self._round_start = 0.0
+        self.round_start = 0.0
 
     @property
     def sent_prefill(self) -> int:
@@ -105,13 +105,13 @@ class SequenceDecoder:
 
     @property
     def prefilling(self) -> bool:
-        return self.done < len(self.chunks) or self.sent_prefill < self.body
+        return self.chunks_done < len(self.chunks) or self.sent_prefill < self.body
 
     def peek(self) -> tuple[str, int] | None:
         """(kind, rows) of the step `next_step` would send now, without sending it."""
         if self.sent_prefill < self.body:
             return "prefill", min(self.chunk, self.body - self.sent_prefill)
-        if self.prefilling or self.waiting:
+        if self.prefilling or self.awaiting:
             return None
         return ("verify", 1 + len(self.drafts)) if self.drafts else ("decode", 1)
 
@@ -125,42 +125,49 @@ class SequenceDecoder:
             self.chunks.append((s, e))
             self.position += e - s
             return step
-        if self.prefilling or self.waiting:
+        if self.prefilling or self.awaiting:
             return None
-        if self.drafts:
-            tokens, kind = (self.pending, *self.drafts), "verify"
-            self._round_start = time.perf_counter()
-        else:
-            tokens, kind = (self.pending,), "decode"
-            self._round_start = time.perf_counter()
-        step = Step(kind, tokens, tuple(range(1, len(tokens))), self.position - self.rewind, self.rewind,
+        tokens = (self.pending, *self.drafts)
+        kind = "verify" if self.drafts else "decode"
+        self.round_start = time.perf_counter()
+        step = Step(kind, tokens, tuple(range(1, len(tokens))), self.position - self.undo, self.undo,
                     drafts=tuple(self.drafts))
         self.position = step.position + len(tokens)
-        self.rewind = 0
-        self.waiting = True
+        self.undo = 0
+        self.awaiting = True
         return step
 
-    def on_result(self, step: Step, hidden: mx.array) -> list[int]:
-        """Take the backbone's pre-norm hidden [1, T, H] for `step`; return confirmed tokens."""
-        if step.kind == "prefill":
-            self.early[step.index] = hidden
-            while self.done in self.early:
-                self._prefilled(self.done, self.early.pop(self.done))
-                self.done += 1
-            return []
-        self.waiting = False
-        normed = self.head.norm(hidden)
+    def prefilled(self, step: Step, hidden: mx.array) -> None:
+        """Take a prefill chunk's pre-norm hidden [1, T, H]; chunks are applied in order."""
+        self.early[step.index] = hidden
+        while self.chunks_done in self.early:
+            i = self.chunks_done
+            hidden = self.early.pop(i)
+            out = [hidden]
+            if self.drafter is not None:  # evaluating the logits settles the MTP cache chunk by chunk
+                s, e = self.chunks[i]
+                out.append(self.drafter.extend(hidden, self.head.norm(hidden), self.prompt[s + 1:e + 1]))
+            mx.eval(*out)
+            self.chunks_done += 1
+
+    def confirm(self, step: Step, out: list[int], accepted: int) -> tuple[int, int] | None:
+        """Record a decode/verify step's confirmed tokens; returns the (depth, accepted) the depth
+        policy should learn from, or None."""
+        self.awaiting = False
+        observe = None
         if step.kind == "verify":
-            out = self._verified(step, hidden, normed)
-        else:
-            out = [self.sampler.sample(self.head.logits(normed[0, -1]))]
-            self.pending = out[0]
-            if self.drafter is not None:
-                if self.stats.verify_passes or self.confirmed:  # a round without drafts (depth 0 chosen)
-                    self.depth.observe(0, 0, time.perf_counter() - self._round_start)
-                self._extend_and_draft(hidden, normed, out)
+            k = len(step.drafts)
+            self.stats.record(k, accepted)
+            self.undo = k - accepted
+            # The head's own (speculative) entries go; the backbone's verified hiddens replace them.
+            self.drafter.rewind(self.speculative)
+            self.speculative = 0
+            observe = (k, accepted)
+        elif self.drafter is not None and (self.stats.verify_passes or self.confirmed):
+            observe = (0, 0)                # a round without drafts (depth 0 chosen)
+        self.pending = out[-1]
         self.confirmed.extend(out)
-        return out
+        return observe
 
     def take_backlog(self) -> tuple[mx.array, mx.array, list[int]]:
         """The rows that rounds without drafts left for the MTP head, as one (hidden, normed, tokens)."""
@@ -168,14 +175,6 @@ class SequenceDecoder:
         self.backlog = []
         cat = (lambda xs: xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=1))
         return cat(h), cat(n), [x for toks in t for x in toks]
-
-    def _extend_and_draft(self, hidden: mx.array, normed: mx.array, tokens: list[int]) -> None:
-        self.backlog.append((hidden, normed, list(tokens)))
-        k = self.depth.choose()
-        if k == 0:
-            self.drafts, self.qs = [], []
-            return
-        self._draft(self.drafter.extend(*self.take_backlog()), k)
 
     def settle_drafter(self) -> None:
         """Bring the drafter's cache to where the backbone's ends: speculative entries go, rows
@@ -188,59 +187,3 @@ class SequenceDecoder:
         if self.backlog:
             self.drafter.extend(*self.take_backlog())
         self.drafts, self.qs = [], []
-
-    def _prefilled(self, i: int, hidden: mx.array) -> None:
-        out = [hidden]
-        if self.drafter is not None:  # evaluating the logits settles the MTP cache chunk by chunk
-            s, e = self.chunks[i]
-            out.append(self.drafter.extend(hidden, self.head.norm(hidden), self.prompt[s + 1:e + 1]))
-        mx.eval(*out)
-
-    def _verified(self, step: Step, hidden: mx.array, normed: mx.array) -> list[int]:
-        drafts, k = list(step.drafts), len(step.drafts)
-        logits = self.head.logits(normed[0])            # [k+1, V]: target at pending, d1, ..., dk
-        if self.sampler.params.greedy:
-            target = mx.argmax(logits, axis=-1).tolist()
-            a = next((j for j in range(k) if target[j] != drafts[j]), k)
-            out = drafts[:a] + [target[a]]
-        else:
-            a, out = k, None
-            for j in range(k):
-                ok, tok = self.sampler.verify(self.sampler.probs(logits[j]), drafts[j], self.qs[j])
-                if not ok:
-                    a, out = j, drafts[:j] + [tok]
-                    break
-            if out is None:
-                out = drafts + [self.sampler.sample(logits[k])]
-        self.stats.record(k, a)
-        self.rewind = k - a
-        self.pending = out[-1]
-        # The head's own (speculative) entries go; the backbone's verified hiddens replace them.
-        self.drafter.rewind(self.speculative)
-        self.speculative = 0
-        self._extend_and_draft(hidden[:, :a + 1], normed[:, :a + 1], out)
-        self.depth.observe(k, a, time.perf_counter() - self._round_start)
-        return out
-
-    def _draft(self, logits: mx.array, k: int) -> None:
-        self.drafts, self.qs = [], []
-        for j in range(k):
-            if self.sampler.params.greedy:
-                d, q = int(mx.argmax(logits).item()), None
-            else:
-                q = self.sampler.probs(logits)
-                d = self.sampler.draw(q)
-            self.drafts.append(d)
-            self.qs.append(q)
-            if j + 1 < k:
-                logits = self.drafter.chain(d)
-                self.speculative += 1
-
-
-def drive(decoder: SequenceDecoder, forward: Callable[[Step], mx.array]) -> Iterator[list[int]]:
-    """Run a decoder one step at a time; `forward(step)` returns the backbone's hidden [1, T, H]."""
-    while True:
-        step = decoder.next_step()
-        out = decoder.on_result(step, forward(step))
-        if out:
-            yield out

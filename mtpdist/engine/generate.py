@@ -1,17 +1,17 @@
-"""Text-level generation over any trunk: prompt in, streamed text and statistics out."""
+"""Requests and results, the coordinator-side model parts (`Generator`), and one request's
+confirmed tokens turned into streamed text (`Output`)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
-
+from typing import Callable, Sequence
 
 from ..model.loader import ModelParts
-from .sampling import Sampler, SamplingParams
-from .depth import DepthPolicy, make_policy
-from .speculative import MTPDrafter, Pipeline, plain_tokens, speculative_tokens
-from .trunk import Trunk
+from .decoder import Drafter
+from .depth import DepthPolicy
+from .drafter import MTPDrafter
+from .sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     mtp: bool = False
     mtp_depth: int | str = 1    # 1..8, or "auto"
+    ignore_eos: bool = False    # run to max_tokens (benchmarks, tests)
 
 
 @dataclass(frozen=True)
@@ -69,11 +70,18 @@ class Delta:
 
 
 class Generator:
-    """Owns the coordinator-side model parts and a tokenizer; runs requests over a trunk."""
+    """The coordinator-side model parts (embedding, final norm, lm_head, MTP head) and the
+    tokenizer; the scheduler decodes every request with them."""
 
-    def __init__(self, parts: ModelParts, tokenizer, post_norm: bool = True, prefill_step: int = 512):
+    def __init__(self, parts: ModelParts, tokenizer, post_norm: bool = True, prefill_step: int = 512,
+                 make_drafter: Callable[[GenerationRequest], Drafter | None] | None = None,
+                 make_depth: Callable[[GenerationRequest], DepthPolicy] | None = None):
+        """`tokenizer` None: token ids only (no text). `make_drafter` replaces the MTP head as the
+        source of drafts, `make_depth` the request's depth setting (tests use oracles and scripted
+        depths)."""
         self.parts, self.tokenizer = parts, tokenizer
         self.post_norm, self.prefill_step = post_norm, prefill_step
+        self.make_drafter, self.make_depth = make_drafter, make_depth
         eos = set(parts.config.eos_token_ids)
         eos.update(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.eos = frozenset(eos)
@@ -86,43 +94,16 @@ class Generator:
         """Refuse a request this generator cannot run."""
         if not req.prompt_ids:
             raise ValueError("the prompt is empty")
-        if req.mtp and self.parts.mtp is None:
+        if req.mtp and self.parts.mtp is None and self.make_drafter is None:
             raise ValueError("MTP was requested but the MTP head is not loaded")
 
-    def drafter(self, req: GenerationRequest) -> MTPDrafter | None:
-        """A fresh MTP drafter for one sequence (None without MTP)."""
-        return MTPDrafter(self.parts.head, self.parts.mtp, self.post_norm) if req.mtp else None
-
-    def stream(self, req: GenerationRequest, trunk: Trunk, depth: DepthPolicy | None = None) -> Iterator[Delta]:
-        """Yield text as it is confirmed; the last Delta carries the GenerationResult."""
-        self.check(req)
-        pipe = Pipeline(self.parts.head, trunk, self.drafter(req))
-        sampler = Sampler(req.sampling)
-        if req.mtp:
-            gen = speculative_tokens(pipe, list(req.prompt_ids), sampler, self.prefill_step,
-                                     depth or make_policy(req.mtp_depth))
-        else:
-            gen = plain_tokens(pipe, list(req.prompt_ids), sampler, self.prefill_step)
-        out = Output(self, req)
-        try:
-            for step in gen:
-                delta = out.add(step)
-                if delta is not None:
-                    yield delta
-                if out.done:
-                    break
-        finally:
-            gen.close()
-            trunk.close()
-        yield out.finish(pipe.stats)
-
-    def generate(self, req: GenerationRequest, trunk: Trunk) -> GenerationResult:
-        """Run a request to completion and return its result."""
-        for d in self.stream(req, trunk):
-            if d.result is not None:
-                return d.result
-        raise RuntimeError("generation ended without a result")
-
+    def drafter(self, req: GenerationRequest) -> Drafter | None:
+        """A fresh drafter for one sequence (None without MTP)."""
+        if not req.mtp:
+            return None
+        if self.make_drafter is not None:
+            return self.make_drafter(req)
+        return MTPDrafter(self.parts.head, self.parts.mtp, self.post_norm)
 
 class Output:
     """One request's confirmed tokens -> text deltas (EOS, max tokens, stop strings), then its result."""
@@ -148,7 +129,7 @@ class Output:
         for tok in step:
             if len(self.tokens) >= self.req.max_tokens:
                 break
-            if tok in self.eos:
+            if tok in self.eos and not self.req.ignore_eos:
                 self.finish_reason = "stop"
                 break
             self.tokens.append(tok)
@@ -196,6 +177,8 @@ class _TextTail:
         self.hit = False
 
     def _advance(self, final: bool = False) -> None:
+        if self.tokenizer is None:   # token ids only
+            return
         before = self.tokenizer.decode(self.ids[self.prefix:self.read])
         after = self.tokenizer.decode(self.ids[self.prefix:])
         if len(after) > len(before) and (final or not after.endswith("\ufffd")):

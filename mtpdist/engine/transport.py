@@ -1,21 +1,34 @@
-"""Where the scheduler's units run: a chain of workers, or a stage in this process.
+"""Where the scheduler's units run: a chain of workers (or, through the same protocol, a
+worker's store in this process; see worker/in_process.py).
 
 `send` starts a unit and returns at once; `done(result)` is called later (on any thread)
-with a `UnitResult` or the exception. `forward` runs one unit and waits (exact replays).
+with a `UnitResult` or the exception. Keeping and forking kept states are asynchronous too,
+so the thread that owns MLX never waits on the network.
+
+A worker that is busy is not a lost worker: a unit has no short deadline. Instead, while
+a unit is out for longer than `ChannelSettings.step_timeout`, every worker of the chain is
+asked whether it is alive (Health, answered off the worker's compute thread); a worker
+that does not answer in time is declared lost and the units in flight fail with its name.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import mlx.core as mx
 
-from ..errors import RequestError, WorkerCallError
+from ..errors import WorkerCallError
+from ..wire.activations import from_activation, to_activation
 from ..wire.client import WorkerClient
+from ..wire.errors import worker_error
 from ..wire.types import Activation, ForwardCall, ForwardResult, SequenceRows
-from .activations import from_activation, to_activation
-from .stage import Stage
+
+log = logging.getLogger("mtpdist.engine")
 
 
 @dataclass(frozen=True)
@@ -31,75 +44,88 @@ class UnitResult:
         return self.hidden if isinstance(self.hidden, mx.array) else from_activation(self.hidden)
 
 
+Done = Callable[[object], None]
+
+
 class Transport(Protocol):
     """Runs units of several sequences' rows through the backbone layers."""
     stages: int
-    def send(self, rows: Sequence[SequenceRows], hidden: mx.array, done: Callable[[object], None]) -> None: ...
-    def forward(self, rows: Sequence[SequenceRows], hidden: mx.array) -> UnitResult: ...
+    def send(self, rows: Sequence[SequenceRows], hidden: mx.array, done: Done) -> None: ...
     def release(self, sequence_ids: Sequence[str]) -> None: ...
-    def keep(self, sequence_id: str, rewind: int, name: str) -> int | None: ...
-    def fork(self, prefix: str, sequence_id: str) -> int | None: ...
-
-
-class LocalTransport:
-    """All layers in this process: a unit runs at once on the calling (MLX) thread."""
-    stages = 1
-
-    def __init__(self, stage: Stage):
-        self.stage = stage
-
-    def send(self, rows, hidden, done) -> None:
-        try:
-            out = self.forward(rows, hidden)
-        except (RequestError, ValueError) as e:
-            done(e)
-            return
-        done(out)
-
-    def forward(self, rows, hidden) -> UnitResult:
-        out = self.stage.forward(list(rows), hidden)
-        return UnitResult(out.hidden, tuple(out.positions), (out.compute_us,), (hidden.shape[0],))
-
-    def release(self, sequence_ids) -> None:
-        for s in sequence_ids:
-            self.stage.release(s)
-
-    def keep(self, sequence_id, rewind, name) -> int | None:
-        try:
-            return self.stage.keep(sequence_id, rewind, name)
-        except RequestError:
-            return None
-
-    def fork(self, prefix, sequence_id) -> int | None:
-        try:
-            return self.stage.fork(prefix, sequence_id)
-        except RequestError:
-            return None
+    def keep_async(self, sequence_id: str, undo: int, name: str, done: Callable[[int | None], None]) -> None: ...
+    def fork_async(self, prefix: str, sequence_id: str, done: Callable[[int | None], None]) -> None: ...
+    def close(self) -> None: ...
 
 
 class WorkerTransport:
     """A chain of workers: the first gets the unit, each passes its output to the next, and the
     last stage's rows come back up the chain."""
 
-    def __init__(self, clients: Sequence[WorkerClient]):
+    def __init__(self, clients: Sequence[WorkerClient], step_timeout: float = 5.0, hard_timeout: float = 900.0):
+        """`step_timeout`: how long a worker may leave a liveness probe unanswered; `hard_timeout`:
+        the most one unit may take however alive its workers say they are."""
         self.clients = list(clients)
         self.stages = len(self.clients)
         self.rest = tuple(c.address for c in self.clients[1:])
+        self.step_timeout, self.hard_timeout = step_timeout, hard_timeout
         self.sent_bytes = 0
-
-    def _call(self, rows, hidden: mx.array) -> ForwardCall:
-        act = to_activation(hidden)
-        self.sent_bytes += 2 * self.stages * len(act.data)
-        return ForwardCall(tuple(rows), act, self.rest)
+        self.pool = ThreadPoolExecutor(max(2, self.stages), thread_name_prefix="mtpdist-control")
+        self.lock = threading.Lock()
+        self.inflight: dict[int, tuple[float, object]] = {}   # unit -> (sent at, gRPC future)
+        self.units = 0
+        self.closed = threading.Event()
+        self.watchdog = threading.Thread(target=self._watch, name="mtpdist-liveness", daemon=True)
+        self.watchdog.start()
 
     def send(self, rows, hidden, done) -> None:
-        def finished(r: ForwardResult | WorkerCallError) -> None:
-            done(r if isinstance(r, Exception) else UnitResult(r.hidden, r.positions, r.compute_us, r.batch_rows))
-        self.clients[0].forward_async(self._call(rows, hidden), finished)
+        act = to_activation(hidden)
+        self.sent_bytes += 2 * self.stages * len(act.data)
+        with self.lock:
+            uid, self.units = self.units, self.units + 1
 
-    def forward(self, rows, hidden) -> UnitResult:
-        r = self.clients[0].forward(self._call(rows, hidden))
-        return UnitResult(r.hidden, r.positions, r.compute_us, r.batch_rows)
+        def finished(r: ForwardResult | WorkerCallError) -> None:
+            with self.lock:
+                entry = self.inflight.pop(uid, None)
+            lost = getattr(entry[1], "lost", None) if entry else None
+            if isinstance(r, WorkerCallError) and lost is not None:
+                r = lost        # we abandoned it: say why, not "cancelled"
+            done(r if isinstance(r, Exception) else UnitResult(r.hidden, r.positions, r.compute_us, r.batch_rows))
+        with self.lock:
+            fut = self.clients[0].forward_async(ForwardCall(tuple(rows), act, self.rest), finished,
+                                                timeout=self.hard_timeout)
+            if not fut.done():
+                self.inflight[uid] = (time.monotonic(), fut)
+
+    def _watch(self) -> None:
+        """Probe the chain while a unit is out longer than a step may take; fail the units if a
+        worker does not answer."""
+        while not self.closed.wait(min(1.0, self.step_timeout / 2)):
+            with self.lock:
+                oldest = min((t for t, _ in self.inflight.values()), default=None)
+            if oldest is None or time.monotonic() - oldest < self.step_timeout:
+                continue
+            silent = self._silent_worker()
+            if silent is None:
+                continue
+            err = worker_error(silent, "UNAVAILABLE", f"no answer to a liveness probe within "
+                                                      f"{self.step_timeout:g} s (stopped, hung or unreachable)")
+            log.warning("%s", err)
+            with self.lock:
+                futures = [f for _, f in self.inflight.values()]
+            for f in futures:
+                f.lost = err
+                f.cancel()
+
+    def _silent_worker(self) -> str | None:
+        """The first worker of the chain that does not answer Health within the step timeout."""
+        def probe(c: WorkerClient) -> bool:
+            try:
+                c.health(timeout=self.step_timeout)
+                return True
+            except WorkerCallError:
+                return False
+        answers = list(self.pool.map(probe, self.clients))
+        return next((c.address for c, ok in zip(self.clients, answers) if not ok), None)
 
     def release(self, sequence_ids) -> None:
         """Fire and forget, with a short deadline: a stalled worker must not hold anyone up."""
@@ -107,26 +133,38 @@ class WorkerTransport:
             for s in sequence_ids:
                 c.release_nowait(s)
 
-    def keep(self, sequence_id, rewind, name) -> int | None:
-        """Every worker keeps the sequence's state under `name`; None if any could not."""
-        lengths = set()
-        for c in self.clients:
-            try:
-                lengths.add(c.keep(sequence_id, rewind, name))
-            except WorkerCallError:
-                c.release_nowait(sequence_id)
-                return None
-        return lengths.pop() if len(lengths) == 1 else None
+    def keep_async(self, sequence_id, undo, name, done) -> None:
+        """Every worker keeps the sequence's state under `name`; `done(length)`, or None if any could not."""
+        def run():
+            lengths = set()
+            for c in self.clients:
+                try:
+                    lengths.add(c.keep(sequence_id, undo, name))
+                except WorkerCallError:
+                    c.release_nowait(sequence_id)
+                    return None
+            return lengths.pop() if len(lengths) == 1 else None
+        self._later(run, done)
 
-    def fork(self, prefix, sequence_id) -> int | None:
-        """Start `sequence_id` from `prefix` on every worker; None (and nothing left behind) if any lacks it."""
-        lengths = set()
-        for i, c in enumerate(self.clients):
-            try:
-                lengths.add(c.fork(prefix, sequence_id))
-            except WorkerCallError:
-                for done in self.clients[:i]:
-                    done.release_nowait(sequence_id)
-                return None
-        return lengths.pop() if len(lengths) == 1 else None
+    def fork_async(self, prefix, sequence_id, done) -> None:
+        """Start `sequence_id` from `prefix` on every worker; `done(length)`, or None (and nothing
+        left behind) if any lacks it."""
+        def run():
+            lengths = set()
+            for i, c in enumerate(self.clients):
+                try:
+                    lengths.add(c.fork(prefix, sequence_id))
+                except WorkerCallError:
+                    for earlier in self.clients[:i]:
+                        earlier.release_nowait(sequence_id)
+                    return None
+            return lengths.pop() if len(lengths) == 1 else None
+        self._later(run, done)
 
+    def _later(self, fn, done) -> None:
+        fut = self.pool.submit(fn)
+        fut.add_done_callback(lambda f: done(f.result() if f.exception() is None else None))
+
+    def close(self) -> None:
+        self.closed.set()
+        self.pool.shutdown(wait=False)

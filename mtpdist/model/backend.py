@@ -45,3 +45,15 @@ def experts_to_supported_dtype(module: nn.Module) -> list[str]:
     if cast:
         mx.eval(module.parameters())
     return cast
+
+
+def backend_name() -> str:
+    """"metal", "cuda" or "cpu": where MLX runs by default here."""
+    if mx.default_device() == mx.cpu:
+        return "cpu"
+    return "metal" if mx.metal.is_available() else "cuda"
+
+
+def mlx_version() -> str:
+    """The installed MLX version."""
+    return mx.__version__

@@ -10,6 +10,7 @@ import grpc
 
 from ..errors import MtpdistError, WorkerCallError
 from . import convert as cv
+from .errors import call_error, worker_error
 from .auth import TlsIdentity, channel_credentials, is_loopback
 from .auth import channel_options as tls_channel_options
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
@@ -69,19 +70,6 @@ class ChannelSettings:
         return self.step_timeout if tokens <= 16 else self.timeout
 
 
-class PendingCall:
-    """A call started without waiting; `wait()` returns its reply or raises WorkerCallError."""
-
-    def __init__(self, address: str, future):
-        self.address, self.future = address, future
-
-    def wait(self):
-        try:
-            return self.future.result()
-        except grpc.RpcError as e:
-            raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
-
-
 class WorkerClient:
     """Calls one worker over mutual TLS (or plaintext without an identity). Every call has a deadline."""
 
@@ -106,7 +94,7 @@ class WorkerClient:
         try:
             return method(request, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
-            raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
+            raise call_error(self.address, e) from None
 
     def describe(self) -> WorkerInfo:
         return cv.info_from_pb(self._call(self.stub.Describe, pb.DescribeRequest()))
@@ -143,7 +131,7 @@ class WorkerClient:
         try:
             return cv.load_result_from_pb(fut.result())
         except grpc.RpcError as e:
-            raise WorkerCallError(self.address, e.code().name, e.details() or "") from None
+            raise call_error(self.address, e) from None
 
     def _forward_timeout(self, call: ForwardCall, timeout: float | None) -> float:
         return timeout or self.settings.forward_timeout(call.rows)
@@ -163,28 +151,19 @@ class WorkerClient:
             try:
                 out = cv.result_from_pb(f.result())
             except grpc.RpcError as e:
-                out = WorkerCallError(self.address, e.code().name, e.details() or "")
+                out = call_error(self.address, e)
             except grpc.FutureCancelledError:
-                out = WorkerCallError(self.address, "CANCELLED", "abandoned by the caller")
+                out = worker_error(self.address, "CANCELLED", getattr(fut, "reason", "") or "abandoned by the caller")
             done(out)
         fut.add_done_callback(finished)
         return fut
 
-    def rewind(self, sequence_id: str, n: int, position: int) -> int:
-        req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)
-        return self._call(self.stub.Rewind, req).position
-
-    def rewind_async(self, sequence_id: str, n: int, position: int) -> "PendingCall":
-        """Start a rewind without waiting; `.wait()` raises WorkerCallError on failure."""
-        req = pb.RewindRequest(sequence_id=sequence_id, n=n, position=position)
-        return PendingCall(self.address, self.stub.Rewind.future(req, timeout=self.timeout, metadata=self.md))
-
     def release(self, sequence_id: str) -> bool:
         return self._call(self.stub.Release, pb.ReleaseRequest(sequence_id=sequence_id)).released
 
-    def keep(self, sequence_id: str, rewind: int, name: str, timeout: float = 5.0) -> int:
-        """End a sequence but keep its state under `name`; returns the kept length."""
-        req = pb.ReleaseRequest(sequence_id=sequence_id, rewind=rewind, keep_as=name)
+    def keep(self, sequence_id: str, undo: int, name: str, timeout: float = 5.0) -> int:
+        """End a sequence but keep its state (after undoing `undo` rows) under `name`; the kept length."""
+        req = pb.ReleaseRequest(sequence_id=sequence_id, undo=undo, keep_as=name)
         return self._call(self.stub.Release, req, timeout).position
 
     def fork(self, prefix: str, sequence_id: str, timeout: float = 5.0) -> int:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from concurrent import futures
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Protocol
 
 import grpc
 
 from ..errors import RequestError, WorkerCallError
 from . import convert as cv
+from .errors import status_of
 from .auth import TlsIdentity, server_credentials
 from .client import KEEPALIVE_MS, server_options
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
@@ -24,10 +25,10 @@ class WorkerHandler(Protocol):
     def describe(self) -> WorkerInfo: ...
     def has_shard(self, spec: ShardSpec) -> tuple[bool, str]: ...
     def load_shard(self, spec: ShardSpec, chunks: Iterator[bytes]) -> LoadResult: ...
-    def forward(self, call: ForwardCall, deadline: float | None = None) -> ForwardResult: ...
-    def rewind(self, sequence_id: str, n: int, position: int) -> int: ...
+    def forward(self, call: ForwardCall, deadline: float | None = None,
+                active: Callable[[], bool] | None = None) -> ForwardResult: ...
     def release(self, sequence_id: str) -> bool: ...
-    def keep(self, sequence_id: str, rewind: int, name: str) -> int: ...
+    def keep(self, sequence_id: str, undo: int, name: str) -> int: ...
     def fork(self, prefix: str, sequence_id: str) -> int: ...
     def health(self) -> str: ...
 
@@ -42,7 +43,7 @@ def _guard(fn):
         try:
             return fn(self, request, context)
         except RequestError as e:
-            context.abort(getattr(grpc.StatusCode, e.code), str(e))
+            context.abort(status_of(e.kind), str(e))
         except WorkerCallError as e:  # a downstream worker failed: pass its status on
             context.abort(getattr(grpc.StatusCode, e.code, grpc.StatusCode.UNAVAILABLE), str(e))
         except (ValueError, TypeError) as e:
@@ -68,23 +69,19 @@ class _Servicer(pbg.WorkerServicer):
     def LoadShard(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "spec":
-            raise RequestError("INVALID_ARGUMENT", "LoadShard must start with a ShardSpec")
+            raise RequestError("invalid", "LoadShard must start with a ShardSpec")
         chunks = (r.data for r in request_iterator if r.WhichOneof("part") == "data")
         return cv.load_result_to_pb(self.h.load_shard(cv.spec_from_pb(first.spec), chunks))
 
     @_guard
     def Forward(self, request, context):
-        return cv.result_to_pb(self.h.forward(cv.forward_from_pb(request), context.time_remaining()))
-
-    @_guard
-    def Rewind(self, request, context):
-        return pb.RewindReply(position=self.h.rewind(request.sequence_id, request.n, request.position))
+        return cv.result_to_pb(self.h.forward(cv.forward_from_pb(request), context.time_remaining(), context.is_active))
 
     @_guard
     def Release(self, request, context):
         if request.keep_as:
             return pb.ReleaseReply(released=True,
-                                   position=self.h.keep(request.sequence_id, request.rewind, request.keep_as))
+                                   position=self.h.keep(request.sequence_id, request.undo, request.keep_as))
         return pb.ReleaseReply(released=self.h.release(request.sequence_id))
 
     @_guard

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -76,9 +76,9 @@ class SequenceRows:
     sequence_id: str
     position: int
     tokens: int
-    rewind: int = 0
-    keep: tuple[int, ...] = ()
-    save_as: str = ""
+    undo: int = 0                    # rejected draft rows of the last pass, dropped first
+    snapshots: tuple[int, ...] = ()  # row counts after which recurrent state is snapshotted
+    keep_as: str = ""                 # after these rows, also keep a copy of the state under this name
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,11 @@ class ForwardCall:
         return sum(s.tokens for s in self.sequences)
 
     @classmethod
-    def single(cls, sequence_id: str, position: int, hidden: Activation, rewind: int = 0,
-               keep: tuple[int, ...] = (), next: tuple[str, ...] = ()) -> "ForwardCall":
+    def single(cls, sequence_id: str, position: int, hidden: Activation, undo: int = 0,
+               snapshots: tuple[int, ...] = (), next: tuple[str, ...] = ()) -> "ForwardCall":
         """A Forward of one sequence's rows (all of `hidden`)."""
         rows = max(hidden.shape[0], 0) if hidden.shape else 0
-        return cls((SequenceRows(sequence_id, position, rows, rewind, tuple(keep)),), hidden, tuple(next))
+        return cls((SequenceRows(sequence_id, position, rows, undo, tuple(snapshots)),), hidden, tuple(next))
 
 
 @dataclass(frozen=True)

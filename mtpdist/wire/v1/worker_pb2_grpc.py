@@ -54,11 +54,6 @@ class WorkerStub:
                 request_serializer=mtpdist_dot_v1_dot_worker__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=mtpdist_dot_v1_dot_worker__pb2.ForwardReply.FromString,
                 _registered_method=True)
-        self.Rewind = channel.unary_unary(
-                '/mtpdist.v1.Worker/Rewind',
-                request_serializer=mtpdist_dot_v1_dot_worker__pb2.RewindRequest.SerializeToString,
-                response_deserializer=mtpdist_dot_v1_dot_worker__pb2.RewindReply.FromString,
-                _registered_method=True)
         self.Release = channel.unary_unary(
                 '/mtpdist.v1.Worker/Release',
                 request_serializer=mtpdist_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
@@ -98,12 +93,6 @@ class WorkerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Forward(self, request, context):
-        """Missing associated documentation comment in .proto file."""
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Rewind(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -149,11 +138,6 @@ def add_WorkerServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=mtpdist_dot_v1_dot_worker__pb2.ForwardRequest.FromString,
                     response_serializer=mtpdist_dot_v1_dot_worker__pb2.ForwardReply.SerializeToString,
-            ),
-            'Rewind': grpc.unary_unary_rpc_method_handler(
-                    servicer.Rewind,
-                    request_deserializer=mtpdist_dot_v1_dot_worker__pb2.RewindRequest.FromString,
-                    response_serializer=mtpdist_dot_v1_dot_worker__pb2.RewindReply.SerializeToString,
             ),
             'Release': grpc.unary_unary_rpc_method_handler(
                     servicer.Release,
@@ -279,33 +263,6 @@ class Worker:
             '/mtpdist.v1.Worker/Forward',
             mtpdist_dot_v1_dot_worker__pb2.ForwardRequest.SerializeToString,
             mtpdist_dot_v1_dot_worker__pb2.ForwardReply.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Rewind(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/mtpdist.v1.Worker/Rewind',
-            mtpdist_dot_v1_dot_worker__pb2.RewindRequest.SerializeToString,
-            mtpdist_dot_v1_dot_worker__pb2.RewindReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,4 +1,4 @@
-"""One pipeline stage's compute: a LayerStack and the sequences it keeps state for.
+"""A worker's sequence store: its LayerStack and the state it keeps for each sequence.
 
 Called from the worker's single MLX thread only. Every request is checked before any
 state changes, so a bad request leaves the sequence as it was.
@@ -13,31 +13,44 @@ from typing import Sequence
 
 import mlx.core as mx
 
-from ..errors import RequestError
-from ..model.cache import GDNCache, cache_arrays, copy_caches
-from ..model.qwen35 import LayerStack
-from ..wire.types import SequenceRows
-from .trunk import LocalTrunk
+from mtpdist.errors import RequestError
+from mtpdist.model.cache import GDNCache, cache_arrays, copy_caches, rewind_all
+from mtpdist.model.qwen35 import LayerStack
+from mtpdist.wire.types import SequenceRows
 
 MAX_KEEP = 16
 
 
+class _State:
+    """One sequence's caches for this worker's layers."""
+
+    def __init__(self, stack: LayerStack):
+        self.caches = stack.make_caches()
+
+    @property
+    def offset(self) -> int:
+        return self.caches[0].offset
+
+    def rewind(self, n: int) -> None:
+        rewind_all(self.caches, n)
+
+
 @dataclass
-class StageOutput:
+class StoreOutput:
     """One stage's output rows, each sequence's cache position after, and compute time."""
     hidden: mx.array
     positions: list[int]
     compute_us: int
 
 
-class Stage:
+class SequenceStore:
     """Layers [start, end) and per-sequence state with LRU eviction under a byte budget."""
 
     def __init__(self, stack: LayerStack, hidden_size: int, max_sequences: int = 64,
                  state_budget_bytes: int = 8 << 30):
         self.stack, self.hidden_size = stack, hidden_size
         self.max_sequences, self.state_budget = max_sequences, state_budget_bytes
-        self.seqs: OrderedDict[str, LocalTrunk] = OrderedDict()
+        self.seqs: OrderedDict[str, _State] = OrderedDict()
         self.evicted: OrderedDict[str, str] = OrderedDict()
         # Kept states that new sequences can start from (a finished turn, a prompt), LRU.
         self.prefixes: OrderedDict[str, list] = OrderedDict()
@@ -57,17 +70,17 @@ class Stage:
             self.evicted.popitem(last=False)
         return stale
 
-    def _existing(self, seq_id: str, position: int) -> LocalTrunk | None:
+    def _existing(self, seq_id: str, position: int) -> _State | None:
         """The sequence's state; None for a valid new sequence; raises otherwise. Changes nothing."""
         if seq_id in self.seqs:
             return self.seqs[seq_id]
         if seq_id in self.evicted:
-            raise RequestError("RESOURCE_EXHAUSTED", f"sequence {seq_id!r} was evicted ({self.evicted[seq_id]}); "
+            raise RequestError("state_lost", f"sequence {seq_id!r} was evicted ({self.evicted[seq_id]}); "
                                                      "start it again from position 0")
         if position != 0:
-            raise RequestError("NOT_FOUND", f"unknown or released sequence {seq_id!r} (a new sequence starts at 0)")
+            raise RequestError("state_lost", f"unknown or released sequence {seq_id!r} (a new sequence starts at 0)")
         if not seq_id or len(seq_id) > 128:
-            raise RequestError("INVALID_ARGUMENT", "sequence_id must be 1-128 characters")
+            raise RequestError("invalid", "sequence_id must be 1-128 characters")
         return None
 
     def ready(self, rows: SequenceRows) -> bool:
@@ -76,7 +89,7 @@ class Stage:
         trunk = self.seqs.get(rows.sequence_id)
         if trunk is None:
             return rows.position == 0 or rows.sequence_id in self.evicted
-        return trunk.offset - rows.rewind >= rows.position
+        return trunk.offset - rows.undo >= rows.position
 
     def _evict(self, keep: set[str]) -> None:
         # Kept prefixes go first: losing one costs a prefill later, never a request.
@@ -109,7 +122,7 @@ class Stage:
 
     def _name_ok(self, name: str) -> None:
         if not name or len(name) > 160:
-            raise RequestError("INVALID_ARGUMENT", "a prefix name must be 1-160 characters")
+            raise RequestError("invalid", "a prefix name must be 1-160 characters")
 
     def save(self, seq_id: str, name: str) -> None:
         """Keep a copy of a sequence's current state under `name`."""
@@ -118,12 +131,12 @@ class Stage:
         self._keep_prefix(name, copy_caches(trunk.caches))
         self._evict(keep={seq_id})
 
-    def keep(self, seq_id: str, rewind: int, name: str) -> int:
-        """End a sequence but keep its state (after undoing `rewind`) under `name`; its length."""
+    def keep(self, seq_id: str, undo: int, name: str) -> int:
+        """End a sequence but keep its state (after undoing `undo` rows) under `name`; its length."""
         self._name_ok(name)
         trunk = self._lookup_existing(seq_id)
-        self._check_rewind(seq_id, trunk, rewind)
-        trunk.rewind(rewind)
+        self._check_rewind(seq_id, trunk, undo)
+        trunk.rewind(undo)
         del self.seqs[seq_id]
         self.last_used.pop(seq_id, None)
         self._keep_prefix(name, copy_caches(trunk.caches))
@@ -133,11 +146,11 @@ class Stage:
     def fork(self, name: str, seq_id: str) -> int:
         """Start sequence `seq_id` from the kept state `name`; returns where it stands."""
         if name not in self.prefixes:
-            raise RequestError("NOT_FOUND", f"no kept prefix {name!r} (evicted or never kept)")
+            raise RequestError("state_lost", f"no kept prefix {name!r} (evicted or never kept)")
         if seq_id in self.seqs:
-            raise RequestError("ALREADY_EXISTS", f"sequence {seq_id!r} exists")
+            raise RequestError("exists", f"sequence {seq_id!r} exists")
         self._existing(seq_id, 0)  # checks the id
-        trunk = LocalTrunk(self.stack)
+        trunk = _State(self.stack)
         trunk.caches = copy_caches(self.prefixes[name])
         self.prefixes.move_to_end(name)
         self.seqs[seq_id] = trunk
@@ -148,21 +161,21 @@ class Stage:
     def check(self, sequences: Sequence[SequenceRows], rows: int) -> None:
         """Refuse a malformed Forward before anything runs."""
         if not sequences:
-            raise RequestError("INVALID_ARGUMENT", "a Forward must name at least one sequence")
+            raise RequestError("invalid", "a Forward must name at least one sequence")
         if len({s.sequence_id for s in sequences}) != len(sequences):
-            raise RequestError("INVALID_ARGUMENT", "a sequence appears twice in one Forward")
+            raise RequestError("invalid", "a sequence appears twice in one Forward")
         if any(s.tokens < 1 for s in sequences) or sum(s.tokens for s in sequences) != rows:
-            raise RequestError("INVALID_ARGUMENT", f"the sequences' token counts must add up to the {rows} "
+            raise RequestError("invalid", f"the sequences' token counts must add up to the {rows} "
                                                    "rows of hidden, each at least 1")
         for s in sequences:
-            if s.save_as:
-                self._name_ok(s.save_as)
-            if len(s.keep) > MAX_KEEP or any(k < 1 or k >= s.tokens for k in s.keep):
-                raise RequestError("INVALID_ARGUMENT",
-                                   f"keep positions {list(s.keep)} must lie in [1, {s.tokens - 1}]")
+            if s.keep_as:
+                self._name_ok(s.keep_as)
+            if len(s.snapshots) > MAX_KEEP or any(k < 1 or k >= s.tokens for k in s.snapshots):
+                raise RequestError("invalid",
+                                   f"snapshot positions {list(s.snapshots)} must lie in [1, {s.tokens - 1}]")
 
-    def forward(self, sequences: Sequence[SequenceRows], x: mx.array) -> StageOutput:
-        """Run several sequences' rows [N, H] as one forward; each first undoes its `rewind` and
+    def forward(self, sequences: Sequence[SequenceRows], x: mx.array) -> StoreOutput:
+        """Run several sequences' rows [N, H] as one forward; each first undoes its `undo` rows and
         must then stand at its `position`. Every check comes before any state changes."""
         self.check(sequences, x.shape[0])
         trunks = []
@@ -170,53 +183,44 @@ class Stage:
             trunk = self._existing(s.sequence_id, s.position)
             offset = 0 if trunk is None else trunk.offset
             if trunk is not None:
-                self._check_rewind(s.sequence_id, trunk, s.rewind)
-            elif s.rewind:
-                raise RequestError("FAILED_PRECONDITION", f"sequence {s.sequence_id!r} is new; nothing to rewind")
-            if offset - s.rewind != s.position:
-                raise RequestError("FAILED_PRECONDITION",
-                                   f"sequence {s.sequence_id!r}: cache stands at {offset - s.rewind}"
-                                   f"{f' after rewinding {s.rewind}' if s.rewind else ''}, "
+                self._check_rewind(s.sequence_id, trunk, s.undo)
+            elif s.undo:
+                raise RequestError("conflict", f"sequence {s.sequence_id!r} is new; nothing to rewind")
+            if offset - s.undo != s.position:
+                raise RequestError("conflict",
+                                   f"sequence {s.sequence_id!r}: cache stands at {offset - s.undo}"
+                                   f"{f' after rewinding {s.undo}' if s.undo else ''}, "
                                    f"request expects {s.position}")
             trunks.append(trunk)
         for i, s in enumerate(sequences):
             if trunks[i] is None:
-                trunks[i] = self.seqs[s.sequence_id] = LocalTrunk(self.stack)
+                trunks[i] = self.seqs[s.sequence_id] = _State(self.stack)
             self.seqs.move_to_end(s.sequence_id)
             self.last_used[s.sequence_id] = time.monotonic()
-            trunks[i].rewind(s.rewind)
+            trunks[i].rewind(s.undo)
         t0 = time.perf_counter()
-        out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.keep) for t, s in zip(trunks, sequences)])[0]
+        out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.snapshots) for t, s in zip(trunks, sequences)])[0]
         mx.eval(out, *(a for t in trunks for a in cache_arrays(t.caches)))
         us = int((time.perf_counter() - t0) * 1e6)
         for s in sequences:
-            if s.save_as:
-                self.save(s.sequence_id, s.save_as)
+            if s.keep_as:
+                self.save(s.sequence_id, s.keep_as)
         self._evict(keep={s.sequence_id for s in sequences})
-        return StageOutput(out, [t.offset for t in trunks], us)
+        return StoreOutput(out, [t.offset for t in trunks], us)
 
-    def rewind(self, seq_id: str, n: int, position: int) -> int:
-        trunk = self._lookup_existing(seq_id)
-        self._check_rewind(seq_id, trunk, n)
-        if trunk.offset - n != position:
-            raise RequestError("FAILED_PRECONDITION", f"sequence {seq_id!r}: rewinding {n} from {trunk.offset} "
-                                                      f"lands at {trunk.offset - n}, not {position}")
-        trunk.rewind(n)
-        return trunk.offset
-
-    def _lookup_existing(self, seq_id: str) -> LocalTrunk:
+    def _lookup_existing(self, seq_id: str) -> _State:
         if seq_id not in self.seqs:
             self._existing(seq_id, position=-1)  # raises the right error
         return self.seqs[seq_id]
 
     @staticmethod
-    def _check_rewind(seq_id: str, trunk: LocalTrunk, n: int) -> None:
+    def _check_rewind(seq_id: str, trunk: _State, n: int) -> None:
         if n == 0:
             return
         gdn = next((c for c in trunk.caches if isinstance(c, GDNCache)), None)
         ok = n <= trunk.offset and (gdn is None or (gdn.pass_len - n) in gdn.snapshots)
         if not ok:
-            raise RequestError("FAILED_PRECONDITION",
+            raise RequestError("conflict",
                                f"sequence {seq_id!r}: cannot rewind {n} tokens (no snapshot for that position)")
 
     def release(self, seq_id: str) -> bool:

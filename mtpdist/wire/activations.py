@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import RequestError
-from ..wire.types import ACTIVATION_DTYPES, Activation
+from .types import ACTIVATION_DTYPES, Activation
 
 _MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -24,16 +24,16 @@ def to_activation(x: mx.array) -> Activation:
 def from_activation(a: Activation, hidden_size: int | None = None, max_tokens: int = 1 << 16) -> mx.array:
     """Decode, refusing wrong dtypes, shapes that don't match the bytes, or the model."""
     if a.dtype not in ACTIVATION_DTYPES:
-        raise RequestError("INVALID_ARGUMENT", f"activation dtype {a.dtype!r} is not one of {ACTIVATION_DTYPES}")
+        raise RequestError("invalid", f"activation dtype {a.dtype!r} is not one of {ACTIVATION_DTYPES}")
     if len(a.shape) != 2 or min(a.shape, default=0) < 1:
-        raise RequestError("INVALID_ARGUMENT", f"activation shape must be [tokens, hidden], got {list(a.shape)}")
+        raise RequestError("invalid", f"activation shape must be [tokens, hidden], got {list(a.shape)}")
     if hidden_size is not None and a.shape[1] != hidden_size:
-        raise RequestError("INVALID_ARGUMENT", f"activation hidden size {a.shape[1]} != model's {hidden_size}")
+        raise RequestError("invalid", f"activation hidden size {a.shape[1]} != model's {hidden_size}")
     if a.shape[0] > max_tokens:
-        raise RequestError("INVALID_ARGUMENT", f"{a.shape[0]} tokens in one chunk exceeds the limit {max_tokens}")
+        raise RequestError("invalid", f"{a.shape[0]} tokens in one chunk exceeds the limit {max_tokens}")
     n = a.shape[0] * a.shape[1]
     if len(a.data) != n * _ITEMSIZE[a.dtype]:
-        raise RequestError("INVALID_ARGUMENT", f"activation has {len(a.data)} bytes, shape {list(a.shape)} "
+        raise RequestError("invalid", f"activation has {len(a.data)} bytes, shape {list(a.shape)} "
                                                f"of {a.dtype} needs {n * _ITEMSIZE[a.dtype]}")
     if a.dtype == "bfloat16":
         arr = mx.array(np.frombuffer(a.data, dtype=np.uint16)).view(mx.bfloat16)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
-from .engine.generate import GenerationRequest
-from .engine.sampling import SamplingParams
-from .errors import MtpdistError
+from mtpdist.engine.driver import generate
+from mtpdist.engine.generate import GenerationRequest
+from mtpdist.engine.sampling import SamplingParams
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
+from mtpdist.errors import MtpdistError
 
 
 def sampling_from(args) -> SamplingParams:
@@ -21,8 +23,8 @@ def sampling_from(args) -> SamplingParams:
 
 def channel_from(args):
     """How to reach workers (this node's mutual-TLS identity, deadlines) from CLI flags."""
-    from .security import check_insecure_hosts, resolve_identity
-    from .wire.client import ChannelSettings
+    from mtpdist.security import check_insecure_hosts, resolve_identity
+    from mtpdist.wire.client import ChannelSettings
     identity = resolve_identity(args.token, args.token_file, args.insecure, role="coordinator")
     plaintext_network = getattr(args, "allow_insecure_network", False)
     if identity is None:  # fail at once for the static workers; discovered ones are refused when dialed
@@ -33,7 +35,7 @@ def channel_from(args):
 
 def membership_from(args):
     """Static and discovered workers from CLI flags."""
-    from .coordinator.cluster import ClusterOptions, Membership
+    from .cluster import ClusterOptions, Membership
     return Membership(ClusterOptions(workers=max(args.workers, len(args.worker)), static=tuple(args.worker),
                                      cluster=args.cluster, mdns_interfaces=tuple(args.mdns_interface),
                                      discover_timeout=args.discover_timeout))
@@ -41,7 +43,7 @@ def membership_from(args):
 
 def run_status(args) -> int:
     """`mtpdist status`: every worker found, what it holds and how it is reached."""
-    from .wire.client import WorkerClient
+    from mtpdist.wire.client import WorkerClient
     channel = channel_from(args)
     if not args.worker and not args.workers:
         args.workers = 1  # discover whoever answers within the timeout
@@ -62,7 +64,7 @@ def run_status(args) -> int:
                            layers=f"{i.layer_start}-{i.layer_end - 1}" if i.layer_end else "none",
                            sequences=i.sequences, state_mib=round(i.state_bytes / 2**20, 1))
             except MtpdistError as e:
-                from .wire.auth import is_handshake_failure
+                from mtpdist.wire.auth import is_handshake_failure
                 refused = is_handshake_failure(getattr(e, "code", ""), getattr(e, "details", ""))
                 row["error"] = "did not prove it holds the cluster secret (mutual TLS refused)" if refused else str(e)
             rows.append(row)
@@ -79,13 +81,13 @@ def run_status(args) -> int:
     return 0 if rows and not any("error" in r for r in rows) else 1
 
 
-def run_generate(args) -> int:
+def run_generate(args, make_transport) -> int:
     """`mtpdist generate`: one completion, printed as text or as one JSON object."""
     if args.max_tokens < 1:
         raise MtpdistError("--max-tokens must be at least 1")
     post_norm = args.mtp_hidden == "post-norm"
     if args.worker or args.workers:
-        from .coordinator.session import PipelineSession
+        from .session import PipelineSession
         membership = membership_from(args)
         try:
             addresses = membership.wait()
@@ -94,19 +96,19 @@ def run_generate(args) -> int:
         session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
                                   prefill_step=args.prefill_step, channel=channel_from(args))
     else:
-        from .engine.local import LocalSession
-        session = LocalSession(args.model, mtp=args.mtp, post_norm=post_norm, prefill_step=args.prefill_step)
+        from .local_session import LocalSession
+        session = LocalSession(args.model, make_transport, mtp=args.mtp, post_norm=post_norm,
+                               prefill_step=args.prefill_step)
     gen = session.generator
     req = GenerationRequest(prompt_ids=gen.encode(args.prompt), max_tokens=args.max_tokens,
                             sampling=sampling_from(args), stop=tuple(args.stop), mtp=args.mtp,
                             mtp_depth=getattr(args, "mtp_depth", 1))
+    def show(delta) -> None:
+        if not args.json and delta.text:
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
     try:
-        for delta in gen.stream(req, session.trunk()):
-            if not args.json and delta.text:
-                sys.stdout.write(delta.text)
-                sys.stdout.flush()
-            if delta.result is not None:
-                result = delta.result
+        result = generate(Scheduler(gen, session, SchedulerSettings(reuse_prefixes=False)), req, on_delta=show)
     finally:
         close = getattr(session, "close", None)
         if close:

@@ -21,7 +21,7 @@ class PrefixEntry:
     name: str
     tokens: tuple[int, ...]
     log: tuple[Step, ...]        # the steps (as sent) that built it, for exact replay
-    rewind: int                  # undone after the last step of the log
+    undo: int                    # rows undone after the last step of the log
     mtp_caches: list | None      # the MTP head's cache at the same point (None: plain)
 
 

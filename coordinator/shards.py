@@ -9,9 +9,9 @@ from typing import Iterator
 import mlx.core as mx
 import numpy as np
 
-from ..model.hashing import tensor_hashes
-from ..model.weights import Checkpoint
-from ..wire.types import TensorInfo
+from mtpdist.model.hashing import tensor_hashes
+from mtpdist.model.weights import Checkpoint
+from mtpdist.wire.types import TensorInfo
 
 ST_CODES = {mx.float32: "F32", mx.float16: "F16", mx.bfloat16: "BF16", mx.uint32: "U32",
             mx.int32: "I32", mx.uint8: "U8", mx.int8: "I8", mx.uint16: "U16", mx.int16: "I16"}

@@ -13,11 +13,15 @@ from pathlib import Path
 
 import mlx.core as mx
 
-from . import __version__
-from .engine.generate import GenerationRequest
-from .engine.local import LocalSession
-from .engine.sampling import SamplingParams
-from .engine.speculative import MTPDrafter, Pipeline, prefill
+from mtpdist import __version__
+from mtpdist.engine.driver import generate
+from mtpdist.engine.drafter import MTPDrafter
+from mtpdist.engine.generate import GenerationRequest
+from mtpdist.engine.sampling import SamplingParams
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
+from mtpdist.model.cache import rewind_all
+
+from .local_session import LocalSession
 
 
 def mlx_lm_tps(model, tokenizer, prompt_ids, max_tokens) -> float:
@@ -45,26 +49,31 @@ def timed(fn, n: int, warmup: int = 1) -> float:
 
 
 def pass_costs(session: LocalSession, prompt_ids, cycles: int) -> dict:
-    """Milliseconds of one plain step, one 2-token verify pass and one MTP draft."""
-    head = session.parts.head
-    trunk = session.trunk()
+    """Milliseconds of one plain step, one 2-token verify pass and one MTP draft (model passes
+    alone, no scheduling: what the cost model's A, verify and draft terms stand for)."""
+    head, stack = session.parts.head, session.parts.stack
+    caches = stack.make_caches()
     drafter = MTPDrafter(head, session.parts.mtp) if session.parts.mtp is not None else None
-    pipe = Pipeline(head, trunk, drafter)
-    prefill(pipe, list(prompt_ids), 512)
+
+    def run(tokens, snapshots=()):
+        h = stack.ragged(head.embed(mx.array([list(tokens)])), [(caches, len(tokens), tuple(snapshots))])
+        return h, head.norm(h)
+    for s in range(0, len(prompt_ids) - 1, 512):
+        mx.eval(run(prompt_ids[s:min(s + 512, len(prompt_ids) - 1)])[0])
     tok = prompt_ids[-1]
 
     def step():
-        _, n = pipe.run([tok])
+        _, n = run([tok])
         mx.eval(mx.argmax(head.logits(n[0, -1])))
 
     def verify():
-        _, n = pipe.run([tok, tok], keep=(1,))
+        _, n = run([tok, tok], snapshots=(1,))
         mx.eval(mx.argmax(head.logits(n[0]), axis=-1))
-        trunk.rewind(1)
+        rewind_all(caches, 1)
 
     out = {"step_ms": timed(step, cycles), "verify_ms": timed(verify, cycles)}
     if drafter is not None:
-        h, n = pipe.run([tok])
+        h, n = run([tok])
         mx.eval(h, n)
         out["draft_ms"] = timed(lambda: mx.eval(mx.argmax(drafter.extend(h, n, [tok]))), cycles)
         s = out["step_ms"]
@@ -76,15 +85,15 @@ def pass_costs(session: LocalSession, prompt_ids, cycles: int) -> dict:
     return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in out.items()}
 
 
-def run_bench(args) -> dict:
+def run_bench(args, make_transport) -> dict:
     """`mtpdist bench`: interleaved runs of mlx-lm, plain and MTP in this process, as a dict
-    (the CLI adds the figures through workers)."""
+    (the CLI adds the figures through workers). `make_transport` builds the in-process stage."""
     has_mtp = True
     try:
-        session = LocalSession(args.model, mtp=True)
+        session = LocalSession(args.model, make_transport, mtp=True)
     except Exception:
         has_mtp = False
-        session = LocalSession(args.model, mtp=False)
+        session = LocalSession(args.model, make_transport, mtp=False)
     gen = session.generator
     prompt_ids = gen.encode(args.prompt)
     greedy = SamplingParams()
@@ -93,9 +102,10 @@ def run_bench(args) -> dict:
         from mlx_lm.utils import load as mlx_lm_load
         ref = mlx_lm_load(args.model)
 
+    sched = Scheduler(gen, session, SchedulerSettings(reuse_prefixes=False))
+
     def ours(mtp: bool):
-        r = gen.generate(GenerationRequest(prompt_ids, args.max_tokens, greedy, mtp=mtp), session.trunk())
-        return r
+        return generate(sched, GenerationRequest(prompt_ids, args.max_tokens, greedy, mtp=mtp, ignore_eos=True))
 
     runs = {"mlx_lm": [], "plain": [], "mtp": []}
     acceptance = []

@@ -1,18 +1,6 @@
-"""Which accelerator backend MLX runs on here."""
+"""How fast this machine reads weights (placement balances stages by it)."""
 
 import mlx.core as mx
-
-
-def backend_name() -> str:
-    """"metal", "cuda" or "cpu": where MLX runs by default here."""
-    if mx.default_device() == mx.cpu:
-        return "cpu"
-    return "metal" if mx.metal.is_available() else "cuda"
-
-
-def mlx_version() -> str:
-    """The installed MLX version."""
-    return mx.__version__
 
 
 def measure_read_gbps(mib: int = 64, repeats: int = 5) -> float:

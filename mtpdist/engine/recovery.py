@@ -1,0 +1,87 @@
+"""After a lost worker or lost state: re-plan over the workers still alive, then replay.
+
+Every live sequence gets a fresh id on the workers and its log of confirmed steps (from
+position 0: the same chunks, the same undos, so the same arithmetic) queued for replay
+ahead of the steps that failed; the scheduler sends them through its ordinary path, one
+step of a sequence at a time, and only the failed steps' results are used. Greedy output is
+then identical to an undisturbed run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass
+
+from ..errors import MtpdistError, WorkerCallError
+from .decoder import Step
+
+log = logging.getLogger("mtpdist.engine")
+
+
+@dataclass
+class Replay:
+    """Steps a sequence must send again; `use` marks those whose results are delivered."""
+    steps: deque[tuple[Step, bool]]
+    inflight: bool = False
+
+
+class Recovery:
+    """Collects failed units until every unit is back, then re-plans and queues replays."""
+
+    def __init__(self, max_recoveries: int = 3):
+        self.max_recoveries = max_recoveries
+        self.failed: list[tuple[list[tuple[str, Step]], BaseException]] = []
+        self.attempts = 0   # consecutive recoveries without a unit coming back in between
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.failed)
+
+    def unit_failed(self, members: list[tuple[str, Step]], err: BaseException) -> None:
+        log.warning("lost a worker or its state (%s); pausing to re-plan", err)
+        self.failed.append((members, err))
+
+    def unit_succeeded(self) -> None:
+        self.attempts = 0
+
+    def recover(self, backend, live: dict) -> Exception | None:
+        """Re-plan and queue each live sequence's replay; returns the error that ends every live
+        sequence when recovery gives up, else None."""
+        failed, self.failed = self.failed, []
+        retry: dict[str, list[Step]] = {}
+        for members, _ in failed:
+            for key, step in members:
+                retry.setdefault(key, []).append(step)
+        last: BaseException = failed[-1][1]
+        while True:
+            self.attempts += 1
+            if self.attempts > self.max_recoveries:
+                return MtpdistError(f"gave up after {self.max_recoveries} recoveries; last failure: {last}")
+            if self.attempts > 1:  # let restarting workers and reconnecting channels settle
+                time.sleep(min(0.25 * 2 ** (self.attempts - 2), 2.0))
+            try:
+                backend.recover()
+            except MtpdistError as e:
+                if isinstance(e, WorkerCallError) and not e.recoverable:
+                    return e
+                last = e
+                log.warning("recovery failed (%s); trying again", e)
+                continue
+            transport = backend.transport()
+            for s in live.values():
+                if s.ended or s.decoder is None:
+                    continue
+                transport.release([s.wire_id])      # a surviving worker may still hold the old state
+                s.wire_id = uuid.uuid4().hex
+                # Steps whose results are still owed: those of failed units (not replays of the
+                # log) and those an interrupted replay had not delivered yet.
+                owed = [st for st in retry.get(s.key, []) if st not in s.log]
+                if s.replay is not None:
+                    owed += [st for st, use in s.replay.steps if use and st not in owed]
+                again = sorted(owed, key=lambda st: (st.position, st.index))
+                log.info("replaying %d steps of a sequence", len(s.log))
+                s.replay = Replay(deque([(st, False) for st in s.log] + [(st, True) for st in again]))
+            return None
