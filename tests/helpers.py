@@ -80,3 +80,22 @@ class OracleDrafter:
 
 
 __all__ = ["FixedDepth", "InProcess", "OracleDrafter", "decode", "local_session", "plain_greedy", "spec_greedy"]
+
+
+class Layers:
+    """A LayerStack with one sequence's caches (model-level tests of passes and rewinds)."""
+
+    def __init__(self, stack):
+        from mtpdist.model.cache import rewind_all
+        self.stack, self._rewind = stack, rewind_all
+        self.caches = stack.make_caches()
+
+    def forward(self, hidden, keep=()):
+        return self.stack.ragged(hidden, [(self.caches, hidden.shape[1], tuple(keep))])
+
+    def rewind(self, n):
+        self._rewind(self.caches, n)
+
+    @property
+    def offset(self):
+        return self.caches[0].offset

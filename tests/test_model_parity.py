@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from mlx_lm.utils import load_model
 
-from mtpdist.engine.trunk import LocalTrunk
+from helpers import Layers
 from mtpdist.model.convert import ConvertOptions, convert
 from mtpdist.model.loader import load_parts
 from mtpdist.model.weights import Checkpoint
@@ -17,7 +17,7 @@ TOKENS = mx.array([[5, 17, 9, 3, 42, 8, 20, 11, 7, 30, 12, 13, 2, 1, 0, 31]])
 
 def our_logits(path, layers=None):
     parts = load_parts(path)
-    h = LocalTrunk(parts.stack).forward(parts.head.embed(TOKENS))
+    h = Layers(parts.stack).forward(parts.head.embed(TOKENS))
     return parts.head.logits(parts.head.norm(h))
 
 
@@ -99,7 +99,7 @@ def test_decode_steps_match_mlx_lm_with_caches(fixture, request):
     ref, _ = load_model(path)
     ref_cache = ref.make_cache()
     parts = load_parts(path)
-    trunk = LocalTrunk(parts.stack)
+    trunk = Layers(parts.stack)
     steps = [TOKENS[:, :10], TOKENS[:, 10:11], TOKENS[:, 11:13], TOKENS[:, 13:14], TOKENS[:, 14:16]]
     for x in steps:
         want = ref(x, cache=ref_cache)

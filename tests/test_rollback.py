@@ -6,7 +6,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from mtpdist.engine.trunk import LocalTrunk
+from helpers import Layers
 from mtpdist.model.cache import GDNCache
 from mtpdist.model.loader import load_parts
 
@@ -29,14 +29,14 @@ def test_rewind_equals_recompute(tiny_dense, rejected):
     prefix, verify, after = [3, 9, 27, 81, 5], [6, 7, 8, 9], [10]
     keep = len(verify) - rejected
 
-    spec = LocalTrunk(parts.stack)
+    spec = Layers(parts.stack)
     spec.forward(embed(prefix))
     spec.forward(embed(verify), keep=tuple(range(1, len(verify))))
     spec.rewind(rejected)
     assert spec.offset == len(prefix) + keep
     h_spec = spec.forward(embed(after))
 
-    fresh = LocalTrunk(parts.stack)
+    fresh = Layers(parts.stack)
     h_fresh = fresh.forward(embed(prefix + verify[:keep] + after))
     np.testing.assert_allclose(np.asarray(h_spec[0, -1]), np.asarray(h_fresh[0, -1]), atol=1e-5)
     for a, b in zip(states(spec), states(fresh)):
@@ -45,7 +45,7 @@ def test_rewind_equals_recompute(tiny_dense, rejected):
 
 def test_rewind_without_snapshot_is_refused(tiny_dense):
     parts = load_parts(tiny_dense[0])
-    t = LocalTrunk(parts.stack)
+    t = Layers(parts.stack)
     t.forward(parts.head.embed(mx.array([[1, 2, 3]])))
     with pytest.raises(ValueError, match="no snapshot"):
         t.rewind(1)

@@ -8,10 +8,29 @@ import numpy as np
 import pytest
 from scipy.stats import chisquare
 
+from mtpdist.engine.driver import run_all
+from mtpdist.engine.generate import GenerationRequest, Generator
 from mtpdist.engine.sampling import Sampler, SamplingParams, filtered_probs
-from mtpdist.engine.speculative import MTPDrafter, Pipeline, speculative_tokens
-from mtpdist.engine.trunk import LocalTrunk
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
 from mtpdist.model.loader import load_parts
+
+from helpers import InProcess, Layers
+
+
+def sample_through_scheduler(parts, prompt, n, params: dict, depth: int, draws: int, batch: int = 16):
+    """`draws` sampled MTP requests (seeds 0..draws-1) of n tokens, `batch` at a time in one
+    scheduler (so their rows share units): the tuples drawn, and drafts accepted/made."""
+    sched = Scheduler(Generator(parts, None), InProcess(parts), SchedulerSettings(reuse_prefixes=False))
+    out, accepted, drafted = [], 0, 0
+    for start in range(0, draws, batch):
+        reqs = [GenerationRequest(tuple(prompt), n, SamplingParams(**params, seed=seed), mtp=True, mtp_depth=depth,
+                                  ignore_eos=True) for seed in range(start, min(start + batch, draws))]
+        for sink in run_all(sched, reqs, timeout=600):
+            r = sink.wait()
+            out.append(tuple(r.token_ids[:n]))
+            accepted, drafted = accepted + r.accepted, drafted + r.drafted
+    assert sched.stats["max_unit_sequences"] > 1     # the requests really were batched
+    return out, accepted, drafted
 
 
 def test_filters_keep_what_they_should():
@@ -45,25 +64,17 @@ def test_speculative_sampling_matches_target_joint(tiny_vocab32, params):
     V = parts.config.vocab_size
 
     def dist(ids):
-        t = LocalTrunk(parts.stack)
+        t = Layers(parts.stack)
         h = t.forward(parts.head.embed(mx.array([ids])))
         return np.asarray(filtered_probs(parts.head.logits(parts.head.norm(h[0, -1])), sp), dtype=np.float64)
 
     p1 = dist(prompt)
     joint = np.array([p1[a] * dist(prompt + [a]) for a in range(V)]).ravel()
     counts = np.zeros(V * V)
-    draws, accepted, drafted = 1200, 0, 0
-    for seed in range(draws):
-        pipe = Pipeline(parts.head, LocalTrunk(parts.stack), MTPDrafter(parts.head, parts.mtp))
-        out = []
-        gen = speculative_tokens(pipe, prompt, Sampler(SamplingParams(**params, seed=seed)))
-        for step in gen:
-            out += step
-            if len(out) >= 2:
-                break
-        gen.close()
+    draws = 1200
+    drawn, accepted, drafted = sample_through_scheduler(parts, prompt, 2, params, 1, draws)
+    for out in drawn:
         counts[out[0] * V + out[1]] += 1
-        accepted, drafted = accepted + pipe.stats.accepted, drafted + pipe.stats.drafted
     assert 0 < accepted < drafted  # both paths were exercised
     # Pool cells with small expectations so the chi-square approximation holds.
     expected = joint * draws
@@ -73,18 +84,17 @@ def test_speculative_sampling_matches_target_joint(tiny_vocab32, params):
     assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("depth", [2, 3])
+@pytest.mark.parametrize("depth", [1, 3])
 def test_depth_k_sampling_matches_target_joint(tiny_vocab32, depth):
     """The first depth+1 tokens (the bootstrap token, then one whole chain) follow the target
     joint. top_k=3 keeps the support small enough to compute that joint exactly."""
-    from mtpdist.engine.depth import FixedDepth
     parts = load_parts(tiny_vocab32, mtp=True)
     sp = SamplingParams(temperature=1.0, top_k=3)
     prompt = [3, 1, 4, 1, 5]
     n = depth + 1
 
     def dist(ids):
-        t = LocalTrunk(parts.stack)
+        t = Layers(parts.stack)
         h = t.forward(parts.head.embed(mx.array([ids])))
         return np.asarray(filtered_probs(parts.head.logits(parts.head.norm(h[0, -1])), sp), dtype=np.float64)
 
@@ -99,21 +109,11 @@ def test_depth_k_sampling_matches_target_joint(tiny_vocab32, depth):
             expand(prefix + (int(tok),), prob * p[tok])
     expand((), 1.0)
     counts: dict[tuple, int] = {}
-    draws, accepted, drafted = 900, 0, 0
-    for seed in range(draws):
-        pipe = Pipeline(parts.head, LocalTrunk(parts.stack), MTPDrafter(parts.head, parts.mtp))
-        out = []
-        gen = speculative_tokens(pipe, prompt, Sampler(SamplingParams(temperature=1.0, top_k=3, seed=seed)),
-                                 depth=FixedDepth(depth))
-        for step in gen:
-            out += step
-            if len(out) >= n:
-                break
-        gen.close()
-        key = tuple(out[:n])
+    draws = 900
+    drawn, accepted, drafted = sample_through_scheduler(parts, prompt, n, dict(temperature=1.0, top_k=3), depth, draws)
+    for key in drawn:
         assert key in joint, f"drew {key}, which the target gives probability 0"
         counts[key] = counts.get(key, 0) + 1
-        accepted, drafted = accepted + pipe.stats.accepted, drafted + pipe.stats.drafted
     assert 0 < accepted < drafted
     keys = sorted(joint)
     expected = np.array([joint[k] * draws for k in keys])

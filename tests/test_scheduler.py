@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 
 from mtpdist.engine.generate import GenerationRequest
-from mtpdist.engine.local import LocalSession
+from mtpdist.coordinator.local_session import LocalSession
 from mtpdist.engine.plan import Candidate, PlanLimits, plan_units
-from mtpdist.engine.scheduler import Scheduler, SchedulerSettings, run_all
-from mtpdist.engine.trunk import LocalTrunk
+from mtpdist.engine.driver import run_all
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
+from mtpdist.engine.driver import generate
+
+from helpers import local_session  # noqa: E402
 
 PROMPTS = [
     [5, 17, 99, 3, 42, 8, 200, 11, 7, 300, 12, 13, 14],
@@ -50,11 +53,11 @@ def test_plan_one_sequence_per_unit_when_alone():
 
 @pytest.fixture(scope="module")
 def local(tiny_dense):
-    return LocalSession(tiny_dense[0], mtp=True, prefill_step=8)
+    return local_session(tiny_dense[0], mtp=True, prefill_step=8)
 
 
 def solo(session: LocalSession, req: GenerationRequest) -> tuple[int, ...]:
-    return session.generator.generate(req, LocalTrunk(session.parts.stack)).token_ids
+    return generate(Scheduler(session.generator, session, SchedulerSettings(reuse_prefixes=False)), req).token_ids
 
 
 def test_concurrent_requests_equal_solo_runs_local(local):
@@ -64,7 +67,7 @@ def test_concurrent_requests_equal_solo_runs_local(local):
     sched = Scheduler(local.generator, local, SchedulerSettings(prefill_budget=8))
     sinks = run_all(sched, reqs, timeout=120)
     assert [s.wait().token_ids for s in sinks] == want
-    assert sched.live == {} and local.transport().stage.seqs == {}       # everything released
+    assert sched.live == {} and local.transport().store.seqs == {}       # everything released
 
 
 def test_joining_and_leaving_mid_generation(local):
@@ -103,8 +106,8 @@ def test_second_turn_continues_from_the_first_and_matches_a_fresh_prefill(local,
 
 
 def test_kept_prefixes_are_evicted_under_memory_pressure_without_harm(tiny_dense):
-    session = LocalSession(tiny_dense[0], prefill_step=8)
-    stage = session.transport().stage
+    session = local_session(tiny_dense[0], prefill_step=8)
+    stage = session.transport().store
     sched = Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8))
     a = run_all(sched, [GenerationRequest(tuple(PROMPTS[2]), 8)])[0].wait()
     assert len(stage.prefixes) == 2                                      # end of prompt, end of turn
@@ -132,7 +135,7 @@ def test_trained_head_accepts_and_rejects_within_one_batch():
     """The bundled model's trained head: in one batch some drafts hold and some fail, at
     depth 2, and every sequence still equals its solo greedy output."""
     from mtpdist.coordinator.demo import DEMO_MODEL
-    demo = LocalSession(DEMO_MODEL, mtp=True, prefill_step=16)
+    demo = local_session(DEMO_MODEL, mtp=True, prefill_step=16)
     prompts = ["def fibonacci(n):\n", "import os\n\n\ndef main(", "class Stack:\n    def push(self, x):\n",
                "for i in range(10):\n"]
     reqs = [GenerationRequest(demo.generator.encode(p), 24, mtp=True, mtp_depth=2) for p in prompts]

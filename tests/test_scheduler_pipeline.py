@@ -11,11 +11,13 @@ import pytest
 
 from mtpdist.coordinator.session import PipelineSession
 from mtpdist.engine.generate import GenerationRequest
-from mtpdist.engine.local import LocalSession
-from mtpdist.engine.scheduler import CollectingSink, Scheduler, SchedulerSettings, run_all
-from mtpdist.engine.trunk import LocalTrunk
+from mtpdist.coordinator.local_session import LocalSession
+from mtpdist.engine.driver import CollectingSink, run_all
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
+from mtpdist.engine.driver import generate
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 
+from helpers import local_session
 from workers import workers
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 200, 11, 7, 300, 12, 13, 14], [7], list(range(30, 75)), [401, 402, 9, 9, 9, 1, 2]]
@@ -23,10 +25,11 @@ PROMPTS = [[5, 17, 99, 3, 42, 8, 200, 11, 7, 300, 12, 13, 14], [7], list(range(3
 
 @pytest.fixture(scope="module")
 def reference(tiny_dense):
-    local = LocalSession(tiny_dense[0], prefill_step=8)
+    local = local_session(tiny_dense[0], prefill_step=8)
 
     def solo(prompt, n):
-        return local.generator.generate(GenerationRequest(tuple(prompt), n), LocalTrunk(local.parts.stack)).token_ids
+        return generate(Scheduler(local.generator, local, SchedulerSettings(reuse_prefixes=False)),
+                        GenerationRequest(tuple(prompt), n)).token_ids
     return solo
 
 

@@ -73,7 +73,7 @@ class _Live:
     log: list[Step] = field(default_factory=list)  # confirmed steps from position 0, for exact replay
     inflight: int = 0
     ended: bool = False
-    undo_carry: int = 0              # a kept prefix's final undo, folded into the first own step
+    undo_carry: int = 0              # a kept prefix's final undo, folded into the first logged own step
     prompt_state: str = ""           # the name the end-of-prompt state is kept under, until it is
     kept: bool = False               # its state was kept for reuse instead of released
     wire_id: str = ""                # the sequence's id on the workers (new after each recovery)
@@ -245,10 +245,7 @@ class Scheduler:
         if s.replay is not None:
             s.replay.inflight = True
             return s.replay.steps[0]
-        step = s.decoder.next_step(rows)
-        if s.undo_carry:
-            step, s.undo_carry = replace(step, undo=step.undo + s.undo_carry), 0
-        return step, True
+        return s.decoder.next_step(rows), True
 
     def _launch(self, unit: list[tuple[str, int]]) -> None:
         members = [(key, *self._take(self.live[key], rows)) for key, rows in unit]
@@ -307,6 +304,8 @@ class Scheduler:
                     s.replay = None
                 if not use:
                     continue
+            if s.undo_carry:    # the kept state was stored undone; a replay from 0 must undo it here
+                step, s.undo_carry = replace(step, undo=step.undo + s.undo_carry), 0
             s.log.append(step)
             if step.kind == "prefill":
                 self._guard(s, lambda s=s, step=step, rows=rows: s.decoder.prefilled(step, rows) or [])
