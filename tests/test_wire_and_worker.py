@@ -3,6 +3,8 @@ expiry, fire-and-forget releases, and the classification of worker failures."""
 
 from __future__ import annotations
 
+import pytest
+
 import subprocess
 import sys
 import textwrap
@@ -31,52 +33,62 @@ def test_idle_connection_keepalive_pings_are_accepted():
 # -- worker failures: lost worker (recover) or deterministic failure (report once) ----------------
 
 def test_worker_failure_classification():
-    from mtpdist.coordinator.resilience import is_worker_loss
+    from mtpdist.wire.errors import kind_of
     lost = [("UNAVAILABLE", "failed to connect to all addresses"), ("DEADLINE_EXCEEDED", "Deadline Exceeded"),
             ("NOT_FOUND", "unknown or released sequence 'ab' (a new sequence starts at 0)"),
-            ("FAILED_PRECONDITION", "no shard loaded; the coordinator must call LoadShard first"),
-            ("RESOURCE_EXHAUSTED", "sequence 'ab' was evicted (idle for more than 600 s); start it again"),
+            ("NOT_FOUND", "no shard loaded; the coordinator must call LoadShard first"),
+            ("NOT_FOUND", "sequence 'ab' was evicted (idle for more than 600 s); start it again"),
             ("CANCELLED", "Cancelled"), ("INTERNAL", "Received RST_STREAM with error code 2")]
     deterministic = [("UNKNOWN", "Exception calling application: [matmul] shapes (1,64) and (32,64) differ"),
-                     ("INVALID_ARGUMENT", "keep positions [9] must lie in [1, 3]"),
+                     ("INVALID_ARGUMENT", "snapshot positions [9] must lie in [1, 3]"),
+                     ("FAILED_PRECONDITION", "sequence 'ab': cache stands at 5, request expects 7"),
                      ("RESOURCE_EXHAUSTED", "Received message larger than max (90000000 vs. 67108864)"),
                      ("INTERNAL", "Exception deserializing request!"), ("UNAUTHENTICATED", "bad token")]
-    assert all(is_worker_loss(c, d) for c, d in lost)
-    assert not any(is_worker_loss(c, d) for c, d in deterministic)
+    assert all(kind_of(c, d) in ("lost", "state_lost") for c, d in lost)
+    assert not any(kind_of(c, d) in ("lost", "state_lost") for c, d in deterministic)
 
 
-def test_deterministic_compute_error_is_reported_once_without_replanning(tmp_path):
-    import mlx.core as mx
-    import pytest
-
-    from mtpdist.coordinator.resilience import ResilientTrunk
-    from mtpdist.engine.remote import PipelineTrunk
-    from mtpdist.errors import WorkerCallError
+@pytest.mark.parametrize("failure", ["compute", "position"])
+def test_deterministic_failure_is_reported_once_without_replanning(tmp_path, tiny_dense, failure):
+    """A compute error, or a coordinator-side position bug (the worker's cache is not where the
+    request says), fails its request once through the scheduler: no re-plan, no replay."""
+    from mtpdist.engine.driver import generate
+    from mtpdist.engine.generate import GenerationRequest, Generator
+    from mtpdist.engine.scheduler import Scheduler
+    from mtpdist.engine.transport import WorkerTransport
+    from mtpdist.errors import MtpdistError, RequestError
+    from mtpdist.model.loader import load_parts
     from mtpdist.wire.client import WorkerClient
     from mtpdist.wire.server import serve
     from mtpdist.worker.service import WorkerService
 
-    class BrokenKernel(WorkerService):  # a worker whose compute fails the same way every time
-        def forward(self, call, deadline=None):
+    class Broken(WorkerService):  # a worker that fails the same way every time
+        def forward(self, call, deadline=None, active=None):
+            if failure == "position":
+                raise RequestError("conflict", "sequence 'x': cache stands at 5, request expects 7")
             raise RuntimeError("[matmul] shapes (1,64) and (32,64) differ")
 
-    class Session:  # the ResilientTrunk's view of the coordinator session: count re-plans
+    class Backend:  # counts re-plans
         recovers = 0
 
-        def raw_trunk(self):
-            return PipelineTrunk([client])
+        def transport(self):
+            return transport
+
+        def prepare(self):
+            pass
 
         def recover(self):
-            Session.recovers += 1
+            Backend.recovers += 1
 
-    server, port = serve(BrokenKernel(tmp_path), "127.0.0.1", 0)
+    server, port = serve(Broken(tmp_path), "127.0.0.1", 0)
     client = WorkerClient(f"127.0.0.1:{port}")
+    transport = WorkerTransport([client])
+    parts = load_parts(tiny_dense[0], layers=(0, 0), head=True)
     try:
-        trunk = ResilientTrunk(Session())
-        with pytest.raises(WorkerCallError) as e:
-            trunk.forward(mx.zeros((1, 3, 64)))
-        assert e.value.code == "UNKNOWN" and "shapes (1,64)" in str(e.value)
-        assert Session.recovers == 0 and trunk.recoveries == 0
+        with pytest.raises(MtpdistError) as e:
+            generate(Scheduler(Generator(parts, None), Backend()), GenerationRequest((1, 2, 3), 4), timeout=60)
+        want = "cache stands at 5" if failure == "position" else "shapes (1,64)"
+        assert want in str(e.value) and Backend.recovers == 0
     finally:
         client.close()
         server.stop(None)
@@ -90,7 +102,7 @@ def test_release_to_a_stalled_worker_returns_at_once(tmp_path):
     import time
 
     from mtpdist.coordinator.local_cluster import LocalWorker
-    from mtpdist.engine.remote import PipelineTrunk
+    from mtpdist.engine.transport import WorkerTransport
     from mtpdist.wire.client import WorkerClient
 
     w = LocalWorker(tmp_path / "w")
@@ -99,7 +111,7 @@ def test_release_to_a_stalled_worker_returns_at_once(tmp_path):
         assert client.health() == "idle"
         os.kill(w.proc.pid, signal.SIGSTOP)
         t0 = time.monotonic()
-        PipelineTrunk([client]).close()
+        WorkerTransport([client]).release(["some-sequence"])
         assert time.monotonic() - t0 < 2.0
     finally:
         os.kill(w.proc.pid, signal.SIGCONT)
@@ -177,15 +189,14 @@ def test_stage_expire_idle_drops_only_idle_sequences(tiny_dense):
     import mlx.core as mx
     import pytest
 
-    from mtpdist.coordinator.resilience import is_worker_loss
-    from mtpdist.engine.stage import Stage
+    from mtpdist.worker.sequences import SequenceStore
     from mtpdist.wire.types import SequenceRows
     from mtpdist.errors import RequestError
     from mtpdist.model.loader import load_parts
 
     parts = load_parts(tiny_dense[0], layers=(0, 2), head=False)
     hidden = parts.config.hidden_size
-    stage = Stage(parts.stack, hidden)
+    stage = SequenceStore(parts.stack, hidden)
     x = mx.ones((3, hidden))
 
     def rows(seq, position):
@@ -197,6 +208,5 @@ def test_stage_expire_idle_drops_only_idle_sequences(tiny_dense):
     assert list(stage.seqs) == ["new"] and stage.expire_idle(time.monotonic(), ttl=60) == []
     with pytest.raises(RequestError) as e:
         stage.forward(rows("old", 3), x)
-    assert e.value.code == "RESOURCE_EXHAUSTED" and "idle for more than 60 s" in str(e.value)
-    assert is_worker_loss(e.value.code, str(e.value))  # the coordinator replays it on a fresh sequence
+    assert e.value.kind == "state_lost" and "idle for more than 60 s" in str(e.value)  # replayed afresh
     assert stage.forward(rows("new", 3), x).positions == [6]   # the live one is untouched
