@@ -1,1 +1,1 @@
-"""Coordinator: discovery, placement, the pipeline trunk, and the HTTP API."""
+"""Coordinator: the cluster session (discovery, placement, shards), benchmarks and the HTTP API."""

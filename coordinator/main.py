@@ -93,7 +93,7 @@ def run_coordinator(args, on_ready=None, make_transport=None) -> int:
     settings = SchedulerSettings(max_inflight=args.max_inflight, prefill_budget=args.prefill_step,
                                  reuse_prefixes=not getattr(args, "no_prefix_reuse", False))
     engine = EngineThread(session.generator, session, settings,
-                          on_result=lambda result: metrics.record_generation(result, None),
+                          on_result=metrics.record_generation,
                           on_unit=metrics.record_unit)
     engine.start()
     max_ctx = args.max_context or int(config.text_config.get("max_position_embeddings", 32768))

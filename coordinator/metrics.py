@@ -44,8 +44,8 @@ class Metrics:
         """Record one request's latency under its bounded endpoint label."""
         self.request_seconds.labels(endpoint_label(path)).observe(seconds)
 
-    def record_generation(self, result, trunk) -> None:
-        """Account one finished generation (tokens, MTP statistics, pipeline overhead)."""
+    def record_generation(self, result) -> None:
+        """Account one finished generation (tokens, MTP statistics)."""
         self.prompt_tokens.inc(result.prompt_tokens)
         self.generated_tokens.inc(result.generation_tokens)
         self.drafted.inc(result.drafted)
@@ -56,9 +56,6 @@ class Metrics:
             self.depth_rounds.labels(str(depth)).inc(rounds)
             self.depth_held.labels(str(depth)).inc(held)
         self.tps.set(result.generation_tps)
-        t = getattr(trunk, "timings", None)
-        if t is not None and t.forwards:
-            self.hop_latency.observe((t.wall_us - t.compute_us) / t.forwards / 1e6)
 
     def record_unit(self, wall_s: float, result) -> None:
         """One unit back from the pipeline: its time outside worker compute, per stage."""

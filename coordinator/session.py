@@ -134,7 +134,7 @@ class PipelineSession:
             return info
         except WorkerCallError as e:
             if self.channel.identity is None and "socket closed" in e.details.lower():
-                raise WorkerCallError(client.address, e.code, e.details + " (a worker that closes a plaintext "
+                raise WorkerCallError(client.address, e.kind, e.code, e.details + " (a worker that closes a plaintext "
                                       "connection most likely requires mutual TLS: use the cluster secret, not "
                                       "--insecure)") from None
             if not is_handshake_failure(e.code, e.details):

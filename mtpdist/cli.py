@@ -33,7 +33,7 @@ def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--discover-timeout", type=float, default=15.0, help="seconds to wait for --workers")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline (s) of each call to a worker")
     p.add_argument("--step-timeout", type=float, default=5.0,
-                   help="deadline (s) of one decode step through all workers: a hung worker is noticed this fast")
+                   help="a worker that leaves a liveness probe unanswered this long (s) is lost; a busy one is not")
     add_security_arguments(p)
 
 

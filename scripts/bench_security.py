@@ -16,25 +16,30 @@ import platform
 import statistics
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 import mlx.core as mx
 
 from mtpdist.coordinator.local_cluster import LocalCluster
 from mtpdist.coordinator.session import PipelineSession
-from mtpdist.engine.activations import to_activation
+from mtpdist.wire.activations import to_activation
+from mtpdist.wire.types import ForwardCall
 from mtpdist.security import node_identity
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 
 SECRET = "bench-cluster-secret"
 
 
-def overhead_us(trunk, hidden: mx.array) -> float:
-    """Wall minus compute of one forward, in microseconds."""
-    t = trunk.timings
-    wall, compute = t.wall_us, t.compute_us
-    trunk.forward(hidden)
-    return (t.wall_us - wall) - (t.compute_us - compute)
+def overhead_us(session, hidden: mx.array) -> float:
+    """Wall minus compute of one forward of a fresh sequence through the chain, in microseconds."""
+    act = to_activation(hidden[0])
+    call = ForwardCall.single(uuid.uuid4().hex, 0, act, next=tuple(session.addresses[1:]))
+    t = time.perf_counter()
+    r = session.clients[0].forward(call)
+    wall = (time.perf_counter() - t) * 1e6
+    session.transport().release([call.sequences[0].sequence_id])
+    return wall - sum(r.compute_us)
 
 
 def handshake_ms(address: str, settings: ChannelSettings) -> float:
@@ -75,14 +80,10 @@ def main() -> None:
                 for _ in range(5):
                     res[name]["handshake_ms"].append(handshake_ms(s.addresses[0], settings))
                 for n in (1, 2):
-                    trunk = s.raw_trunk()
                     h = mx.random.normal((1, n, hidden_size))
-                    res[name][str(n)] += [overhead_us(trunk, h) for _ in range(args.steps)]
-                    trunk.close()
+                    res[name][str(n)] += [overhead_us(s, h) for _ in range(args.steps)]
                 for _ in range(args.chunks):
-                    trunk = s.raw_trunk()
-                    res[name][str(args.chunk)].append(overhead_us(trunk, mx.random.normal((1, args.chunk, hidden_size))))
-                    trunk.close()
+                    res[name][str(args.chunk)].append(overhead_us(s, mx.random.normal((1, args.chunk, hidden_size))))
         hops = 2
         out = {"model": args.model, "workers": 2, "hops_per_forward": hops, "machine": platform.platform(),
                "per_hop_overhead_us": {}, "first_call_ms": {}, "first_attach_s": {k: round(v, 3) for k, v in load_s.items()},

@@ -78,20 +78,23 @@ def acceptance_by_depth(model_dir, data, depth: int = 4, prompts: int = 24, prom
     chain drafts d_1..d_depth from the MTP cache of confirmed depth-1 pairs (speculative
     entries trimmed afterwards). Cumulative: drafts 1..j all equal the greedy tokens.
     """
+    from mtpdist.coordinator.local_session import LocalSession
+    from mtpdist.engine.driver import generate
     from mtpdist.engine.generate import GenerationRequest
-    from mtpdist.engine.local import LocalSession
-    from mtpdist.engine.trunk import LocalTrunk
+    from mtpdist.engine.scheduler import Scheduler
+    from mtpdist.worker.in_process import LocalTransport
 
     held = np.load(data / "heldout.npy").astype(np.int64)
     rng = np.random.default_rng(1)
-    s = LocalSession(model_dir, mtp=True)
+    s = LocalSession(model_dir, LocalTransport, mtp=True)
+    sched = Scheduler(s.generator, s)
     head, mtp = s.parts.head, s.parts.mtp
     hits = np.zeros(depth, dtype=np.int64)
     positions = 0
     for start in rng.integers(0, len(held) - prompt_len - 1, prompts):
         ids = [int(t) for t in held[start : start + prompt_len]]
-        seq = ids + list(s.generator.generate(GenerationRequest(tuple(ids), gen, mtp=False), s.trunk()).token_ids)
-        n = head.norm(LocalTrunk(s.parts.stack).forward(head.embed(mx.array([seq]))))
+        seq = ids + list(generate(sched, GenerationRequest(tuple(ids), gen, mtp=False)).token_ids)
+        n = head.norm(s.parts.stack.ragged(head.embed(mx.array([seq])), [(s.parts.stack.make_caches(), len(seq), ())]))
         caches = mtp.make_caches()
         # confirmed depth-1 pairs (n_i, seq[i+1]) for the prompt's positions before the first draft
         first = prompt_len - 1

@@ -22,9 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 
-from mtpdist.engine.sampling import Sampler, SamplingParams  # noqa: E402
-from mtpdist.engine.speculative import MTPDrafter, Pipeline, plain_tokens, speculative_tokens  # noqa: E402
-from mtpdist.engine.trunk import LocalTrunk  # noqa: E402
+from mtpdist.engine.driver import generate  # noqa: E402
+from mtpdist.engine.generate import GenerationRequest, Generator  # noqa: E402
+from mtpdist.engine.scheduler import Scheduler, SchedulerSettings  # noqa: E402
+from mtpdist.worker.in_process import LocalTransport  # noqa: E402
 from mtpdist.model.config import ModelConfig  # noqa: E402
 from mtpdist.model.convert import ConvertOptions, convert  # noqa: E402
 from mtpdist.model.loader import load_parts  # noqa: E402
@@ -90,18 +91,21 @@ def model_level(layers: int, size: str, tmp: Path) -> dict:
                       parts.mtp.make_caches())
         r["old_call_lm_head_on_1d_row"] = attempt(lambda: lm_head(z[0, -1]))
         r["fixed_call_head_logits_on_1d_row"] = attempt(lambda: head.logits(z[0, -1]))
-        greedy = Sampler(SamplingParams())
-        prompt = [t % parts.config.vocab_size for t in PROMPT]
+        prompt = tuple(t % parts.config.vocab_size for t in PROMPT)
+
+        class Local:  # every layer in this process, through the scheduler the server runs
+            t = LocalTransport(parts.stack, parts.config.hidden_size)
+            transport, prepare, recover = (lambda self: self.t), (lambda self: None), (lambda self: None)
+        sched = Scheduler(Generator(parts, None), Local(), SchedulerSettings(reuse_prefixes=False))
         try:
             t = time.time()
-            plain = take(plain_tokens(Pipeline(parts.head, LocalTrunk(parts.stack)), prompt, greedy), N)
+            plain = generate(sched, GenerationRequest(prompt, N, ignore_eos=True)).token_ids
             r["plain_s"] = round(time.time() - t, 2)
-            pipe = Pipeline(parts.head, LocalTrunk(parts.stack), MTPDrafter(parts.head, parts.mtp))
             t = time.time()
-            spec = take(speculative_tokens(pipe, prompt, greedy), N)
+            spec = generate(sched, GenerationRequest(prompt, N, mtp=True, ignore_eos=True))
             r["mtp_s"] = round(time.time() - t, 2)
-            r["mtp_equals_plain"] = spec == plain
-            r["drafted"], r["accepted"] = pipe.stats.drafted, pipe.stats.accepted
+            r["mtp_equals_plain"] = spec.token_ids == plain
+            r["drafted"], r["accepted"] = spec.drafted, spec.accepted
         except Exception:
             r["mtp_error"] = traceback.format_exc()[-1500:]
         del parts

@@ -220,17 +220,21 @@ def main() -> int:
 
 def measure(model_dir: Path, data: Path, prompts: int = 24, prompt_len: int = 48, gen: int = 48) -> dict:
     """Held-out greedy draft acceptance and plain-vs-MTP agreement, through the product's own path."""
+    from mtpdist.coordinator.local_session import LocalSession
+    from mtpdist.engine.driver import generate
     from mtpdist.engine.generate import GenerationRequest
-    from mtpdist.engine.local import LocalSession
+    from mtpdist.engine.scheduler import Scheduler
+    from mtpdist.worker.in_process import LocalTransport
     held = np.load(data / "heldout.npy").astype(np.int64)
     rng = np.random.default_rng(1)
-    s = LocalSession(model_dir, mtp=True)
+    s = LocalSession(model_dir, LocalTransport, mtp=True)
+    sched = Scheduler(s.generator, s)
     drafted = accepted = 0
     identical = True
     for start in rng.integers(0, len(held) - prompt_len - 1, prompts):
         ids = tuple(int(t) for t in held[start : start + prompt_len])
-        spec = s.generator.generate(GenerationRequest(ids, gen, mtp=True), s.trunk())
-        plain = s.generator.generate(GenerationRequest(ids, gen, mtp=False), s.trunk())
+        spec = generate(sched, GenerationRequest(ids, gen, mtp=True))
+        plain = generate(sched, GenerationRequest(ids, gen, mtp=False))
         identical &= spec.token_ids == plain.token_ids
         drafted, accepted = drafted + spec.drafted, accepted + spec.accepted
     return {"heldout_prompts": prompts, "prompt_tokens": prompt_len, "generated_tokens": gen,

@@ -105,3 +105,20 @@ def test_decode_steps_match_mlx_lm_with_caches(fixture, request):
         want = ref(x, cache=ref_cache)
         got = parts.head.logits(parts.head.norm(trunk.forward(parts.head.embed(x))))
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_dense", "tiny_moe"])
+def test_64_decoded_tokens_match_mlx_lm_generate(fixture, request):
+    """An independent oracle for the whole path: mlx-lm's own greedy generation from its own
+    qwen3_5 model, against ours through the scheduler (plain, and MTP depth 2)."""
+    from mlx_lm.generate import generate_step
+
+    from helpers import decode
+    path, _ = request.getfixturevalue(fixture)
+    ref, _ = load_model(path)
+    prompt = [5, 17, 9, 3, 42, 8, 20, 11, 7, 30, 12, 13]
+    want = [int(t) for t, _ in zip((tok for tok, _ in generate_step(mx.array(prompt), ref, max_tokens=64)),
+                                   range(64))]
+    parts = load_parts(path, mtp=True)
+    assert decode(parts, prompt, 64, step=5)[0] == want
+    assert decode(parts, prompt, 64, step=5, mtp=True, depth=2)[0] == want

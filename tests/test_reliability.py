@@ -201,3 +201,25 @@ def test_short_soak_leaks_nothing():
     assert r["failed"] == 0, r["failures"]
     assert r["completed"] > 0 and r["hung_up"] > 0
     assert r["leaked_sequences"] == [0, 0]
+
+
+def test_a_busy_worker_is_not_a_lost_one(tmp_path, tiny_dense):
+    """A long prompt keeps both stages busy; short requests arrive every 0.5 s and their steps
+    wait behind prefill chunks far longer than the liveness timeout (1 s here): nothing is
+    declared lost, nothing is re-planned, every request is answered."""
+    import concurrent.futures as cf
+    with pipeline(tmp_path, tiny_dense[0], 2, "--step-timeout", "1", "--prefill-step", "64",
+                  worker_args=("--emulate-ms", "700,1")) as (c, _):
+        client = openai.OpenAI(base_url=c.url, api_key="x", timeout=300, max_retries=0)
+        long_prompt = " ".join(f"w{i}" for i in range(500))
+        with cf.ThreadPoolExecutor(6) as pool:
+            jobs = [pool.submit(client.completions.create, model=tiny_dense[0].name, prompt=long_prompt, max_tokens=2,
+                                temperature=0)]
+            for i in range(5):
+                time.sleep(0.5)
+                jobs.append(pool.submit(client.completions.create, model=tiny_dense[0].name, prompt=f"x{i}", max_tokens=2,
+                                        temperature=0))
+            results = [j.result() for j in jobs]
+        assert all(r.choices[0].text is not None for r in results)
+        assert results[0].usage.prompt_tokens > 500
+        assert "lost a worker" not in c.log and "re-planning" not in c.log, c.log[-3000:]

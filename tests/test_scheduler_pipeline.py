@@ -11,7 +11,6 @@ import pytest
 
 from mtpdist.coordinator.session import PipelineSession
 from mtpdist.engine.generate import GenerationRequest
-from mtpdist.coordinator.local_session import LocalSession
 from mtpdist.engine.driver import CollectingSink, run_all
 from mtpdist.engine.scheduler import Scheduler, SchedulerSettings
 from mtpdist.engine.driver import generate

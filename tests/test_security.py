@@ -303,7 +303,7 @@ def test_stream_with_wrong_bytes_is_refused_and_the_old_shard_kept(tmp_path, tin
         bad_load = ShardSpec(s.model_hash, 2, 5, json.dumps(wrong_shapes), spec.tensors)
         with pytest.raises(WorkerCallError) as e:
             c.load_shard(bad_load, ShardSource(model, 2, 5).chunks())
-        assert e.value.code == "FAILED_PRECONDITION"
+        assert e.value.code == "INVALID_ARGUMENT" and "cannot load shard" in e.value.details
         assert not (store / "2-5").exists()                             # the shard that cannot load is not cached
         after = c.describe()                                             # and the live shard is still there
         assert (after.layer_start, after.layer_end, after.shard_digest) == (0, 8, held.shard_digest)

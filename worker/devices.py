@@ -8,7 +8,6 @@ def measure_read_gbps(mib: int = 64, repeats: int = 5) -> float:
     A stage's forward time is about its weight bytes over this, so placement can balance stages."""
     import time
 
-    import mlx.core as mx
     rows = (mib << 20) // (2 * 4096)
     w = mx.random.normal((rows, 4096)).astype(mx.float16)
     x = mx.random.normal((1, 4096)).astype(mx.float16)

@@ -86,10 +86,10 @@ class SequenceStore:
     def ready(self, rows: SequenceRows) -> bool:
         """Whether the work before these rows has been applied (chunks of one sequence can
         reach a stage out of order); a request that can never run counts as ready and fails."""
-        trunk = self.seqs.get(rows.sequence_id)
-        if trunk is None:
+        state = self.seqs.get(rows.sequence_id)
+        if state is None:
             return rows.position == 0 or rows.sequence_id in self.evicted
-        return trunk.offset - rows.undo >= rows.position
+        return state.offset - rows.undo >= rows.position
 
     def _evict(self, keep: set[str]) -> None:
         # Kept prefixes go first: losing one costs a prefill later, never a request.
@@ -127,21 +127,21 @@ class SequenceStore:
     def save(self, seq_id: str, name: str) -> None:
         """Keep a copy of a sequence's current state under `name`."""
         self._name_ok(name)
-        trunk = self._lookup_existing(seq_id)
-        self._keep_prefix(name, copy_caches(trunk.caches))
+        state = self._lookup_existing(seq_id)
+        self._keep_prefix(name, copy_caches(state.caches))
         self._evict(keep={seq_id})
 
     def keep(self, seq_id: str, undo: int, name: str) -> int:
         """End a sequence but keep its state (after undoing `undo` rows) under `name`; its length."""
         self._name_ok(name)
-        trunk = self._lookup_existing(seq_id)
-        self._check_rewind(seq_id, trunk, undo)
-        trunk.rewind(undo)
+        state = self._lookup_existing(seq_id)
+        self._check_rewind(seq_id, state, undo)
+        state.rewind(undo)
         del self.seqs[seq_id]
         self.last_used.pop(seq_id, None)
-        self._keep_prefix(name, copy_caches(trunk.caches))
+        self._keep_prefix(name, copy_caches(state.caches))
         self._evict(keep=set())
-        return trunk.offset
+        return state.offset
 
     def fork(self, name: str, seq_id: str) -> int:
         """Start sequence `seq_id` from the kept state `name`; returns where it stands."""
@@ -150,13 +150,13 @@ class SequenceStore:
         if seq_id in self.seqs:
             raise RequestError("exists", f"sequence {seq_id!r} exists")
         self._existing(seq_id, 0)  # checks the id
-        trunk = _State(self.stack)
-        trunk.caches = copy_caches(self.prefixes[name])
+        state = _State(self.stack)
+        state.caches = copy_caches(self.prefixes[name])
         self.prefixes.move_to_end(name)
-        self.seqs[seq_id] = trunk
+        self.seqs[seq_id] = state
         self.last_used[seq_id] = time.monotonic()
         self._evict(keep={seq_id})
-        return trunk.offset
+        return state.offset
 
     def check(self, sequences: Sequence[SequenceRows], rows: int) -> None:
         """Refuse a malformed Forward before anything runs."""
@@ -178,12 +178,12 @@ class SequenceStore:
         """Run several sequences' rows [N, H] as one forward; each first undoes its `undo` rows and
         must then stand at its `position`. Every check comes before any state changes."""
         self.check(sequences, x.shape[0])
-        trunks = []
+        states = []
         for s in sequences:
-            trunk = self._existing(s.sequence_id, s.position)
-            offset = 0 if trunk is None else trunk.offset
-            if trunk is not None:
-                self._check_rewind(s.sequence_id, trunk, s.undo)
+            state = self._existing(s.sequence_id, s.position)
+            offset = 0 if state is None else state.offset
+            if state is not None:
+                self._check_rewind(s.sequence_id, state, s.undo)
             elif s.undo:
                 raise RequestError("conflict", f"sequence {s.sequence_id!r} is new; nothing to rewind")
             if offset - s.undo != s.position:
@@ -191,22 +191,22 @@ class SequenceStore:
                                    f"sequence {s.sequence_id!r}: cache stands at {offset - s.undo}"
                                    f"{f' after rewinding {s.undo}' if s.undo else ''}, "
                                    f"request expects {s.position}")
-            trunks.append(trunk)
+            states.append(state)
         for i, s in enumerate(sequences):
-            if trunks[i] is None:
-                trunks[i] = self.seqs[s.sequence_id] = _State(self.stack)
+            if states[i] is None:
+                states[i] = self.seqs[s.sequence_id] = _State(self.stack)
             self.seqs.move_to_end(s.sequence_id)
             self.last_used[s.sequence_id] = time.monotonic()
-            trunks[i].rewind(s.undo)
+            states[i].rewind(s.undo)
         t0 = time.perf_counter()
-        out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.snapshots) for t, s in zip(trunks, sequences)])[0]
-        mx.eval(out, *(a for t in trunks for a in cache_arrays(t.caches)))
+        out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.snapshots) for t, s in zip(states, sequences)])[0]
+        mx.eval(out, *(a for t in states for a in cache_arrays(t.caches)))
         us = int((time.perf_counter() - t0) * 1e6)
         for s in sequences:
             if s.keep_as:
                 self.save(s.sequence_id, s.keep_as)
         self._evict(keep={s.sequence_id for s in sequences})
-        return StoreOutput(out, [t.offset for t in trunks], us)
+        return StoreOutput(out, [t.offset for t in states], us)
 
     def _lookup_existing(self, seq_id: str) -> _State:
         if seq_id not in self.seqs:
@@ -214,11 +214,11 @@ class SequenceStore:
         return self.seqs[seq_id]
 
     @staticmethod
-    def _check_rewind(seq_id: str, trunk: _State, n: int) -> None:
+    def _check_rewind(seq_id: str, state: _State, n: int) -> None:
         if n == 0:
             return
-        gdn = next((c for c in trunk.caches if isinstance(c, GDNCache)), None)
-        ok = n <= trunk.offset and (gdn is None or (gdn.pass_len - n) in gdn.snapshots)
+        gdn = next((c for c in state.caches if isinstance(c, GDNCache)), None)
+        ok = n <= state.offset and (gdn is None or (gdn.pass_len - n) in gdn.snapshots)
         if not ok:
             raise RequestError("conflict",
                                f"sequence {seq_id!r}: cannot rewind {n} tokens (no snapshot for that position)")

@@ -174,7 +174,7 @@ class WorkerService:
         try:
             parts = load_parts(path, layers=(spec.layer_start, spec.layer_end), head=False)
         except (ModelLoadError, ValueError, KeyError, TypeError) as e:
-            raise RequestError("exhausted", f"cannot load shard: {e}") from e
+            raise RequestError("invalid", f"cannot load shard: {e}") from e
         weight_bytes = sum(v.nbytes for _, v in tree_flatten(parts.stack.parameters()))
         budget = max(self.usable - weight_bytes, 64 << 20)
         # Swap only now: until the new shard is built, the old one (and its sequences) stays.

@@ -5,7 +5,7 @@ about N units in flight keep every stage busy: each unit holds a share of the ac
 sequences, so the groups spread over the stages instead of moving as one block. Decode and
 verify steps go first (they are short and a user waits on each); prefill rows fill a
 per-unit token budget, shortest remaining prompt first, so a short request is not stuck
-behind a long one. See REFERENCE.md section 8.
+behind a long one.
 """
 
 from __future__ import annotations

@@ -60,3 +60,22 @@ class PrefixIndex:
 
     def clear(self) -> None:
         self.entries.clear()
+
+
+def prompt_entry(name: str, prompt: Sequence[int], decoder, log: Sequence[Step]) -> PrefixEntry:
+    """The end-of-prompt state a sequence kept while prefilling (its rows carried `keep_as`)."""
+    return PrefixEntry(name, tuple(prompt[:decoder.body]), tuple(log), 0, mtp_copy(decoder))
+
+
+def turn_entry(name: str, prompt: Sequence[int], decoder, log: Sequence[Step]) -> PrefixEntry:
+    """A finished turn's state: the prompt and every confirmed token but the last (the next
+    turn's input), undone past its last verify pass's rejected rows."""
+    decoder.settle_drafter()
+    return PrefixEntry(name, (*prompt, *decoder.confirmed[:-1]), tuple(log), decoder.undo, mtp_copy(decoder))
+
+
+def mtp_copy(decoder):
+    """A copy of the decoder's MTP-head cache (None without one)."""
+    from ..model.cache import copy_caches
+    caches = getattr(decoder.drafter, "caches", None)
+    return copy_caches(caches) if caches is not None else None

@@ -16,8 +16,8 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol
+from dataclasses import replace
+from typing import Callable
 
 import mlx.core as mx
 
@@ -26,61 +26,16 @@ from ..model.cache import copy_caches
 from ..wire.types import SequenceRows
 from .decoder import SequenceDecoder, Step
 from .depth import BatchDepth, FixedDepth
-from .generate import Delta, GenerationRequest, GenerationResult, Generator, Output
+from .generate import GenerationRequest, GenerationResult, Generator, Output
 from .plan import Candidate, PlanLimits, plan_units
-from .prefix_cache import PrefixEntry, PrefixIndex
-from .recovery import Recovery, Replay
+from .prefix_cache import PrefixEntry, PrefixIndex, prompt_entry, turn_entry
+from .live import Backend, LiveSequence, SchedulerSettings, Sink
+from .recovery import Recovery
 from .rounds import resolve_unit
 from .sampling import Sampler
 from .transport import Transport, UnitResult
 
 log = logging.getLogger("mtpdist.engine")
-
-
-class Sink(Protocol):
-    """Where a request's output goes: Deltas, then an exception or None at the end."""
-    def emit(self, item: Delta | Exception | None) -> None: ...
-    def cancelled(self) -> bool: ...
-
-
-class Backend(Protocol):
-    """The layers' side: the current transport, membership changes, recovery."""
-    def transport(self) -> Transport: ...
-    def prepare(self) -> None: ...
-    def recover(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class SchedulerSettings:
-    """Limits of the scheduler."""
-    max_inflight: int = 0            # units in flight; 0 = one per stage
-    prefill_budget: int = 512        # prefill rows per unit
-    max_unit_sequences: int = 64
-    max_recoveries: int = 3          # consecutive failed recoveries before giving up
-    reuse_prefixes: bool = True      # keep finished turns and prompts; continue later requests from them
-    prefix_min_tokens: int = 16      # shorter prompts are not worth keeping
-    prefix_capacity: int = 64
-
-
-@dataclass
-class _Live:
-    key: str
-    req: GenerationRequest
-    sink: Sink
-    order: int
-    decoder: SequenceDecoder | None = None      # None while its kept prefix is being forked
-    output: Output | None = None
-    log: list[Step] = field(default_factory=list)  # confirmed steps from position 0, for exact replay
-    inflight: int = 0
-    ended: bool = False
-    undo_carry: int = 0              # a kept prefix's final undo, folded into the first logged own step
-    prompt_state: str = ""           # the name the end-of-prompt state is kept under, until it is
-    kept: bool = False               # its state was kept for reuse instead of released
-    wire_id: str = ""                # the sequence's id on the workers (new after each recovery)
-    replay: Replay | None = None
-
-    def __post_init__(self):
-        self.wire_id = self.wire_id or self.key
 
 
 class Scheduler:
@@ -94,7 +49,7 @@ class Scheduler:
         self.on_unit = on_unit
         self.head = generator.parts.head
         self.events: queue.Queue = queue.Queue()
-        self.live: dict[str, _Live] = {}
+        self.live: dict[str, LiveSequence] = {}
         self.units: dict[int, list[tuple[str, Step]]] = {}
         self.sent_at: dict[int, float] = {}
         self.recovery = Recovery(settings.max_recoveries)
@@ -103,8 +58,8 @@ class Scheduler:
         self.order = itertools.count()
         self.unit_ids = itertools.count()
         self.queued = 0             # inserted, not yet admitted
-        self.stats = {"units": 0, "unit_sequences": 0, "max_unit_sequences": 0, "max_stage_rows": 0,
-                      "unit_wall_s": 0.0, "unit_compute_s": 0.0, "units_done": 0}
+        self.stats = dict.fromkeys(("units", "unit_sequences", "max_unit_sequences", "max_stage_rows",
+                                    "units_done"), 0) | {"unit_wall_s": 0.0, "unit_compute_s": 0.0}
         self.transport = backend.transport()
 
     # -- any thread ----------------------------------------------------------------------
@@ -173,7 +128,7 @@ class Scheduler:
         if not any(not s.ended for s in self.live.values()) and not self.units:
             self.backend.prepare()          # membership changes are picked up between requests
             self._use(self.backend.transport())
-        s = _Live(uuid.uuid4().hex, req, sink, next(self.order))
+        s = LiveSequence(uuid.uuid4().hex, req, sink, next(self.order))
         self.live[s.key] = s
         entry = self.prefixes.match(req.prompt_ids, need_mtp=req.mtp) if self.settings.reuse_prefixes else None
         if entry is None:
@@ -240,7 +195,7 @@ class Scheduler:
         self.auto_depth.active = active
         return plan_units(cands, len(self.units), active, limits)
 
-    def _take(self, s: _Live, rows: int) -> tuple[Step, bool]:
+    def _take(self, s: LiveSequence, rows: int) -> tuple[Step, bool]:
         """The step a planned unit carries for `s`, and whether its result is to be used."""
         if s.replay is not None:
             s.replay.inflight = True
@@ -323,7 +278,7 @@ class Scheduler:
         for (s, _, _), tokens in zip(rounds, outs):
             self._guard(s, lambda tokens=tokens: tokens)
 
-    def _guard(self, s: _Live, decode) -> None:
+    def _guard(self, s: LiveSequence, decode) -> None:
         """Run one sequence's part of a result and hand its new text to its sink."""
         try:
             tokens = decode()
@@ -340,21 +295,18 @@ class Scheduler:
             self._finish(s)
 
     # -- kept prefixes ------------------------------------------------------------------------
-    def _kept_prompt(self, s: _Live) -> None:
-        d = s.decoder
-        self.prefixes.add(PrefixEntry(s.prompt_state, tuple(s.req.prompt_ids[:d.body]), tuple(s.log), 0,
-                                      _mtp_copy(d)))
+    def _kept_prompt(self, s: LiveSequence) -> None:
+        self.prefixes.add(prompt_entry(s.prompt_state, s.req.prompt_ids, s.decoder, s.log))
         s.prompt_state = ""
 
-    def _keep_turn(self, s: _Live) -> None:
+    def _keep_turn(self, s: LiveSequence) -> None:
         """Keep a finished sequence's state, so that the next turn of a chat continues from it."""
         d = s.decoder
         length = d.position - d.undo
         if length < self.settings.prefix_min_tokens or d.awaiting or d.prefilling or s.replay is not None:
             return
-        d.settle_drafter()
         name = f"{s.key}:turn"
-        entry = PrefixEntry(name, (*s.req.prompt_ids, *d.confirmed[:-1]), tuple(s.log), d.undo, _mtp_copy(d))
+        entry = turn_entry(name, s.req.prompt_ids, d, s.log)
 
         def kept(n: int | None) -> None:
             self.events.put(("kept", name, entry if n == length else None))
@@ -362,7 +314,7 @@ class Scheduler:
         s.kept = True
 
     # -- endings ------------------------------------------------------------------------------
-    def _finish(self, s: _Live) -> None:
+    def _finish(self, s: LiveSequence) -> None:
         last = s.output.finish(s.decoder.stats)
         if self.settings.reuse_prefixes:
             self._keep_turn(s)
@@ -370,7 +322,7 @@ class Scheduler:
         self.on_result(last.result)
         self._end(s, None)
 
-    def _end(self, s: _Live, error: Exception | None) -> None:
+    def _end(self, s: LiveSequence, error: Exception | None) -> None:
         if s.ended:
             return
         if error is not None:
@@ -412,8 +364,3 @@ class Scheduler:
             return
         self.prefixes.clear()
         self.transport = self.backend.transport()
-
-
-def _mtp_copy(d: SequenceDecoder):
-    caches = getattr(d.drafter, "caches", None)
-    return copy_caches(caches) if caches is not None else None

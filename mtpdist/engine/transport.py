@@ -72,6 +72,7 @@ class WorkerTransport:
         self.pool = ThreadPoolExecutor(max(2, self.stages), thread_name_prefix="mtpdist-control")
         self.lock = threading.Lock()
         self.inflight: dict[int, tuple[float, object]] = {}   # unit -> (sent at, gRPC future)
+        self.lost: dict[int, WorkerCallError] = {}              # units abandoned, and why
         self.units = 0
         self.closed = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="mtpdist-liveness", daemon=True)
@@ -82,19 +83,21 @@ class WorkerTransport:
         self.sent_bytes += 2 * self.stages * len(act.data)
         with self.lock:
             uid, self.units = self.units, self.units + 1
+            self.inflight[uid] = (time.monotonic(), None)
 
         def finished(r: ForwardResult | WorkerCallError) -> None:
             with self.lock:
-                entry = self.inflight.pop(uid, None)
-            lost = getattr(entry[1], "lost", None) if entry else None
+                self.inflight.pop(uid, None)
+                lost = self.lost.pop(uid, None)
             if isinstance(r, WorkerCallError) and lost is not None:
                 r = lost        # we abandoned it: say why, not "cancelled"
             done(r if isinstance(r, Exception) else UnitResult(r.hidden, r.positions, r.compute_us, r.batch_rows))
+        # The lock is not held here: a call that fails at once runs `finished` on this thread.
+        fut = self.clients[0].forward_async(ForwardCall(tuple(rows), act, self.rest), finished,
+                                            timeout=self.hard_timeout)
         with self.lock:
-            fut = self.clients[0].forward_async(ForwardCall(tuple(rows), act, self.rest), finished,
-                                                timeout=self.hard_timeout)
-            if not fut.done():
-                self.inflight[uid] = (time.monotonic(), fut)
+            if uid in self.inflight:
+                self.inflight[uid] = (self.inflight[uid][0], fut)
 
     def _watch(self) -> None:
         """Probe the chain while a unit is out longer than a step may take; fail the units if a
@@ -111,9 +114,10 @@ class WorkerTransport:
                                                       f"{self.step_timeout:g} s (stopped, hung or unreachable)")
             log.warning("%s", err)
             with self.lock:
-                futures = [f for _, f in self.inflight.values()]
-            for f in futures:
-                f.lost = err
+                abandon = [(uid, f) for uid, (_, f) in self.inflight.items() if f is not None]
+                for uid, _ in abandon:
+                    self.lost[uid] = err
+            for _, f in abandon:
                 f.cancel()
 
     def _silent_worker(self) -> str | None:

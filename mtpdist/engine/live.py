@@ -1,0 +1,59 @@
+"""What the scheduler works with: its settings, the protocols of its two sides (where output
+goes, where layers run) and the record of each request it serves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .decoder import SequenceDecoder, Step
+from .generate import Delta, GenerationRequest, Output
+from .recovery import Replay
+from .transport import Transport
+
+
+class Sink(Protocol):
+    """Where a request's output goes: Deltas, then an exception or None at the end."""
+    def emit(self, item: Delta | Exception | None) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+class Backend(Protocol):
+    """The layers' side: the current transport, membership changes, recovery."""
+    def transport(self) -> Transport: ...
+    def prepare(self) -> None: ...
+    def recover(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class SchedulerSettings:
+    """Limits of the scheduler."""
+    max_inflight: int = 0            # units in flight; 0 = one per stage
+    prefill_budget: int = 512        # prefill rows per unit
+    max_unit_sequences: int = 64
+    max_recoveries: int = 3          # consecutive failed recoveries before giving up
+    reuse_prefixes: bool = True      # keep finished turns and prompts; continue later requests from them
+    prefix_min_tokens: int = 16      # shorter prompts are not worth keeping
+    prefix_capacity: int = 64
+
+
+@dataclass
+class LiveSequence:
+    """A request the scheduler is serving: its decoder, output, replay log and workers' id."""
+    key: str
+    req: GenerationRequest
+    sink: Sink
+    order: int
+    decoder: SequenceDecoder | None = None      # None while its kept prefix is being forked
+    output: Output | None = None
+    log: list[Step] = field(default_factory=list)  # confirmed steps from position 0, for exact replay
+    inflight: int = 0
+    ended: bool = False
+    undo_carry: int = 0              # a kept prefix's final undo, folded into the first logged own step
+    prompt_state: str = ""           # the name the end-of-prompt state is kept under, until it is
+    kept: bool = False               # its state was kept for reuse instead of released
+    wire_id: str = ""                # the sequence's id on the workers (new after each recovery)
+    replay: Replay | None = None
+
+    def __post_init__(self):
+        self.wire_id = self.wire_id or self.key
