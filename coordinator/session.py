@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -26,11 +27,15 @@ from mtpdist.wire.auth import is_handshake_failure
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import PROTOCOL_VERSION, ShardSpec, WorkerInfo
 
+from .vetting import reason_kind, refusal_reason
+
 log = logging.getLogger("mtpdist.coordinator")
 # Tokens a worker accepts per Forward beyond the prefill chunk: decode/verify rows that may
 # ride along (64 sequences x (1 + up to 8 drafts)) plus slack; never the tens of thousands an
 # abusive caller could send (8,192 held a worker's compute thread for 51 s).
 FORWARD_TOKEN_MARGIN = 64 * 9 + 64
+# A peer refused (no secret, no answer) is probed again at most this often, not before every request.
+REFUSED_RECHECK = 10.0
 
 
 def layer_bytes(model_dir: Path, num_layers: int) -> list[int]:
@@ -59,11 +64,12 @@ class PipelineSession:
                  prefill_step: int = 512, chain: bool = True, rewind: str = "carry", progress: bool = True,
                  channel: ChannelSettings = ChannelSettings(), headroom: float = 0.1,
                  candidates: Callable[[], list[str]] | None = None, label: Callable[[str], str] | None = None,
-                 balance_speed: bool = True):
+                 balance_speed: bool = True, refused: dict[str, str] | None = None):
         self.model_dir = Path(model_dir)
         self.prefill_step = prefill_step
         self.label = label or (lambda address: f"worker at {address}")  # e.g. the mDNS advert's name
-        self.refused: set[str] = set()
+        # address -> (when, why) it was refused; seeded with what discovery already refused (logged there)
+        self.refused: dict[str, tuple[float, str]] = {a: (time.monotonic(), r) for a, r in (refused or {}).items()}
         self.digests: dict[tuple[int, int], str] = {}   # planned shard digest by layer range
         self.chain, self.rewind, self.progress = chain, rewind, progress
         self.channel, self.headroom, self.balance_speed = channel, headroom, balance_speed
@@ -128,10 +134,12 @@ class PipelineSession:
             self._check_holds(c.address, info, start, end)
 
     def _describe_member(self, client: WorkerClient) -> WorkerInfo | None:
-        """Describe over mutual TLS; None (logged once, by name) for a peer without the cluster secret."""
+        """Describe over mutual TLS; None (logged once, by name, saying what happened) for a peer
+        whose handshake failed: one without the cluster secret, or one that never answered it."""
+        t0 = time.monotonic()
         try:
             info = client.describe()
-            self.refused.discard(client.address)  # log again if it is refused again later
+            self.refused.pop(client.address, None)  # log again if it is refused again later
             return info
         except WorkerCallError as e:
             if self.channel.identity is None and "socket closed" in e.details.lower():
@@ -140,15 +148,18 @@ class PipelineSession:
                                       "--insecure)") from None
             if not is_handshake_failure(e.code, e.details):
                 raise
-            self._refuse(client.address)
+            reason, _ = refusal_reason(e.code, e.details, time.monotonic() - t0, self.channel.identity is not None)
+            self._refuse(client.address, reason)
             return None
 
-    def _refuse(self, address: str) -> None:
-        if address not in self.refused:
-            self.refused.add(address)
-            log.warning("refusing %s: it did not prove it holds the cluster secret (mutual TLS handshake failed; "
-                        "either it or this coordinator has a different secret); it is sent nothing",
-                        self.label(address))
+    def _refuse(self, address: str, reason: str) -> None:
+        if reason_kind(self.refused.get(address, (0, ""))[1]) != reason_kind(reason):
+            log.warning("refusing %s: %s; it is sent nothing", self.label(address), reason)
+        self.refused[address] = (time.monotonic(), reason)
+
+    def _recently_refused(self, address: str) -> bool:
+        """Refused less than REFUSED_RECHECK s ago: not probed again before every request."""
+        return time.monotonic() - self.refused.get(address, (-1e9, ""))[0] < REFUSED_RECHECK
 
     def _spec(self, start: int, end: int, downstream: tuple[str, ...]) -> ShardSpec:
         src = ShardSource(self.model_dir, start, end)
@@ -227,6 +238,7 @@ class PipelineSession:
                 return None
             finally:
                 c.close()
+        addresses = [a for a in addresses if not self._recently_refused(a)]
         with ThreadPoolExecutor(max(1, len(addresses))) as pool:
             infos = list(pool.map(probe, addresses))
         return {a: i for a, i in zip(addresses, infos) if i is not None}

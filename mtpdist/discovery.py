@@ -159,7 +159,10 @@ class Browser:
                 self.found.pop(name, None)
                 self.changed.notify_all()
             return
-        info = zeroconf.get_service_info(service_type, name, timeout=3000)
+        try:
+            info = zeroconf.get_service_info(service_type, name, timeout=3000)
+        except Exception:  # noqa: BLE001 - the browser was closed while this lookup ran
+            return
         if info is None:
             return
         ad = parse_txt(info.properties, info.port, info.parsed_addresses())
