@@ -22,7 +22,7 @@ from mtpdist.model.config import read_config
 from mtpdist.model.hashing import model_hash
 from mtpdist.model.loader import load_parts
 from mtpdist.model.weights import Checkpoint, layer_of
-from mtpdist.placement import Placement, PlacementError, plan_layers
+from mtpdist.placement import Placement, PlacementError, plan_layers, share_host_budgets
 from mtpdist.wire.auth import is_handshake_failure
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import PROTOCOL_VERSION, ShardSpec, WorkerInfo
@@ -55,6 +55,16 @@ def _comparable_speeds(gbps: list[float]) -> list[float] | None:
         return None
     top = max(gbps)
     return [max(1, round(10 * g / top)) / 10 for g in gbps]
+
+
+def _host_shares(infos: list[WorkerInfo]) -> list[int]:
+    """Each worker's usable bytes, workers of one machine sharing its budget (logged when it binds)."""
+    usable = [i.usable_bytes for i in infos]
+    shared = share_host_budgets(usable, [i.host_id for i in infos], [i.memory_bytes for i in infos])
+    if shared != usable:
+        log.info("workers on one machine share its memory: usable %s GiB -> %s GiB",
+                 [round(u / 2**30, 1) for u in usable], [round(u / 2**30, 1) for u in shared])
+    return shared
 
 
 class PipelineSession:
@@ -116,8 +126,9 @@ class PipelineSession:
                 raise MtpdistError(f"worker {c.address} speaks protocol {info.protocol_version}, "
                                    f"this coordinator {PROTOCOL_VERSION}; upgrade mtpdist on both")
         speed = _comparable_speeds([i.read_gbps for i in infos]) if self.balance_speed else None
+        usable = _host_shares(infos)
         try:
-            placement = plan_layers([i.usable_bytes for i in infos], self.layer_bytes, self.headroom, speed)
+            placement = plan_layers(usable, self.layer_bytes, self.headroom, speed)
         except PlacementError as e:
             raise MtpdistError(f"the model does not fit: {e}") from e
         if speed:
@@ -125,7 +136,7 @@ class PipelineSession:
                      ", ".join(f"{s}-{e - 1}" for s, e in placement.ranges))
         addresses = [c.address for c in clients]
         for i, (c, (start, end)) in enumerate(zip(clients, placement.ranges)):
-            self._load_shard(c, start, end, tuple(addresses[i + 1:]))
+            self._load_shard(c, start, end, tuple(addresses[i + 1:]), budget=usable[i])
         for old in self.clients:
             old.close()
         self.clients, self.placement = clients, placement
@@ -161,14 +172,14 @@ class PipelineSession:
         """Refused less than REFUSED_RECHECK s ago: not probed again before every request."""
         return time.monotonic() - self.refused.get(address, (-1e9, ""))[0] < REFUSED_RECHECK
 
-    def _spec(self, start: int, end: int, downstream: tuple[str, ...]) -> ShardSpec:
+    def _spec(self, start: int, end: int, downstream: tuple[str, ...], budget: int = 0) -> ShardSpec:
         src = ShardSource(self.model_dir, start, end)
         try:
             manifest = src.manifest(self.model_hash)
         finally:
             src.ckpt.close()
         spec = ShardSpec(self.model_hash, start, end, json.dumps(self.raw_config), manifest,
-                         downstream=downstream, max_forward_tokens=self.forward_token_limit())
+                         downstream=downstream, max_forward_tokens=self.forward_token_limit(), budget_bytes=budget)
         self.digests[(start, end)] = spec.digest()
         return spec
 
@@ -176,8 +187,9 @@ class PipelineSession:
         """The most rows one Forward may carry, told to every worker with its shard."""
         return self.prefill_step + FORWARD_TOKEN_MARGIN
 
-    def _load_shard(self, client: WorkerClient, start: int, end: int, downstream: tuple[str, ...] = ()) -> None:
-        spec = self._spec(start, end, downstream)
+    def _load_shard(self, client: WorkerClient, start: int, end: int, downstream: tuple[str, ...] = (),
+                    budget: int = 0) -> None:
+        spec = self._spec(start, end, downstream, budget)
         for attempt in range(2):
             ok, _ = client.has_shard(spec)
             try:
