@@ -200,3 +200,26 @@ def test_stage_expire_idle_drops_only_idle_sequences(tiny_dense):
     assert e.value.code == "RESOURCE_EXHAUSTED" and "idle for more than 60 s" in str(e.value)
     assert is_worker_loss(e.value.code, str(e.value))  # the coordinator replays it on a fresh sequence
     assert stage.forward(rows("new", 3), x).positions == [6]   # the live one is untouched
+
+
+def test_stage_expire_prefixes_drops_only_unused_ones(tiny_dense):
+    import time
+
+    import mlx.core as mx
+
+    from mtpdist.engine.stage import Stage
+    from mtpdist.model.loader import load_parts
+    from mtpdist.wire.types import SequenceRows
+
+    parts = load_parts(tiny_dense[0], layers=(0, 2), head=False)
+    stage = Stage(parts.stack, parts.config.hidden_size)
+    x = mx.ones((3, parts.config.hidden_size))
+    for seq in ("a", "b"):
+        stage.forward([SequenceRows(seq, 0, 3)], x)
+        stage.keep(seq, 0, f"{seq}:turn")
+    stage.prefix_used["a:turn"] -= 100                    # kept 100 s ago and never forked since
+    assert stage.expire_prefixes(time.monotonic(), ttl=60) == ["a:turn"]
+    assert list(stage.prefixes) == ["b:turn"] and stage.prefix_bytes == sum(c.nbytes() for c in stage.prefixes["b:turn"])
+    stage.prefix_used["b:turn"] -= 100
+    stage.fork("b:turn", "c")                             # a fork counts as a use
+    assert stage.expire_prefixes(time.monotonic(), ttl=60) == [] and stage.prefixes

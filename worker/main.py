@@ -52,7 +52,11 @@ def add_arguments(p) -> None:
                         "never get more than 0.75 of it, or the largest single offer")
     p.add_argument("--max-sequences", type=int, default=64, help="live sequences before the oldest is evicted")
     p.add_argument("--sequence-ttl", type=float, default=600.0,
-                   help="drop a sequence unused this many seconds (its coordinator crashed; default 600)")
+                   help="drop a sequence unused this many seconds (its coordinator crashed, or its release was "
+                        "lost; default 600)")
+    p.add_argument("--prefix-ttl", type=float, default=3600.0,
+                   help="drop a kept prefix (a finished turn later requests may continue from) neither kept nor "
+                        "used this many seconds (its coordinator crashed; default 3600)")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline (s) for calls to the next worker")
     p.add_argument("--cluster", default="default", help="cluster name advertised on mDNS (default 'default')")
     p.add_argument("--no-advertise", action="store_true", help="do not advertise on mDNS")
@@ -154,7 +158,8 @@ def run_worker(args) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    threading.Thread(target=_expire_loop, args=(service, args.sequence_ttl, done), daemon=True).start()
+    threading.Thread(target=_expire_loop, args=(service, args.sequence_ttl, done, args.prefix_ttl),
+                     daemon=True).start()
     done.wait()
     if advertiser:
         advertiser.close()
@@ -162,18 +167,23 @@ def run_worker(args) -> int:
     return 0
 
 
-def _expire_loop(service: WorkerService, ttl: float, done: threading.Event) -> None:
-    """Drop sequences idle for longer than `ttl` (orphans of a crashed coordinator)."""
-    if ttl <= 0:
+def _expire_loop(service: WorkerService, ttl: float, done: threading.Event, prefix_ttl: float = 0) -> None:
+    """Drop sequences idle for longer than `ttl` and kept prefixes unused for longer than
+    `prefix_ttl` (orphans of a crashed coordinator, or of releases that never landed)."""
+    ttls = [t for t in (ttl, prefix_ttl) if t > 0]
+    if not ttls:
         return
-    while not done.wait(min(max(ttl / 4, 0.25), 30.0)):
+    while not done.wait(min(max(min(ttls) / 4, 0.25), 30.0)):
         try:
-            gone = service.expire_idle(ttl)
+            gone = service.expire_idle(ttl) if ttl > 0 else []
+            kept = service.expire_prefixes(prefix_ttl) if prefix_ttl > 0 else []
         except Exception:  # never let housekeeping take the worker down
             log.exception("expiring idle sequences failed")
             continue
         if gone:
             log.info("dropped %d sequence(s) idle for more than %g s", len(gone), ttl)
+        if kept:
+            log.info("dropped %d kept prefix(es) unused for more than %g s", len(kept), prefix_ttl)
 
 
 if __name__ == "__main__":

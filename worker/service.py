@@ -229,6 +229,11 @@ class WorkerService:
         stage = self.stage
         return self._on_mlx(stage.expire_idle, time.monotonic(), ttl) if stage else []
 
+    def expire_prefixes(self, ttl: float) -> list[str]:
+        """Drop kept prefixes unused for more than `ttl` seconds (on the MLX thread, between calls)."""
+        stage = self.stage
+        return self._on_mlx(stage.expire_prefixes, time.monotonic(), ttl) if stage else []
+
     def health(self) -> str:
         return "serving" if self.stage else "idle"
 
