@@ -119,8 +119,9 @@ class Membership:
                     done = not pending
                 elif self.opts.workers == 0:  # "whoever is there": until no one new turned up for `settle` s
                     quiet = now - max(last_new, first or now)
+                    busy = pending or self.browser.resolving   # still asking someone: not settled yet
                     done = first is not None and quiet >= self.opts.settle and (
-                        not pending or quiet >= 3 * self.opts.settle)
+                        not busy or quiet >= 3 * self.opts.settle)
                 else:
                     done = len(proven) >= want
                 if done or now >= end:
