@@ -36,49 +36,57 @@ def channel_from(args):
 def membership_from(args):
     """Static and discovered workers from CLI flags."""
     from .cluster import ClusterOptions, Membership
-    return Membership(ClusterOptions(workers=max(args.workers, len(args.worker)), static=tuple(args.worker),
+    return Membership(ClusterOptions(workers=args.workers, static=tuple(args.worker),
                                      cluster=args.cluster, mdns_interfaces=tuple(args.mdns_interface),
                                      discover_timeout=args.discover_timeout))
 
 
 def run_status(args) -> int:
-    """`mtpdist status`: every worker found, what it holds and how it is reached."""
-    from mtpdist.wire.client import WorkerClient
+    """`mtpdist status`: every worker found, what it holds and how it is reached.
+
+    Without --workers/--worker it lists whoever answers once discovery has settled (no new
+    advert for a couple of seconds, within --discover-timeout), and says so. Peers that do not
+    prove they belong to the cluster are listed with why, and never count toward --workers.
+    """
+    from .vetting import vet
     channel = channel_from(args)
-    if not args.worker and not args.workers:
-        args.workers = 1  # discover whoever answers within the timeout
     m = membership_from(args)
     try:
-        if m.browser:
-            m.browser.wait_for(args.workers, args.discover_timeout)
+        try:
+            m.wait(lambda a: vet(a, channel))
+        except MtpdistError:
+            pass  # fewer than asked for: list who was seen (rc 1 below)
         ads = {a.address: a for a in m.discovered()}
         where = m.where()
         rows = []
         for addr in m.current():
             row = {"address": addr, "link": next((k for ip, k in ads[addr].links if addr.startswith(ip + ":")), "")
                    if addr in ads else "static"}
-            try:
-                i = WorkerClient(addr, channel).describe()
+            i = m.proven.get(addr)
+            if i is not None:
                 row.update(worker_id=i.worker_id, backend=i.backend, chip=i.chip, version=i.version,
                            usable_gib=round(i.usable_bytes / 2**30, 2), weights_gib=round(i.weight_bytes / 2**30, 3),
                            layers=f"{i.layer_start}-{i.layer_end - 1}" if i.layer_end else "none",
                            sequences=i.sequences, state_mib=round(i.state_bytes / 2**20, 1))
-            except MtpdistError as e:
-                from mtpdist.wire.auth import is_handshake_failure
-                refused = is_handshake_failure(getattr(e, "code", ""), getattr(e, "details", ""))
-                row["error"] = "did not prove it holds the cluster secret (mutual TLS refused)" if refused else str(e)
+            else:
+                row["error"] = m.refused.get(addr) or "no answer yet"
             rows.append(row)
     finally:
         m.close()
+    short = len([r for r in rows if "error" not in r]) < max(args.workers, 1)
+    settled = (f"listed once discovery settled (no new worker for {m.opts.settle:g}s); a worker that was not yet "
+               "advertising may be missing: pass --workers N to wait for N") if not args.workers and m.browser else ""
     if args.json:
-        print(json.dumps({"workers": rows}, indent=2))
+        print(json.dumps({"workers": rows, **({"note": settled} if settled else {})}, indent=2))
     elif not rows:
         print(f"no workers found within {args.discover_timeout:g}s ({where}). Check that `mtpdist worker` "
               "runs on each Mac, the --cluster name and --mdns-interface.")
     else:
         for r in rows:
             print("  ".join(f"{k}={v}" for k, v in r.items()))
-    return 0 if rows and not any("error" in r for r in rows) else 1
+        if settled:
+            print(f"({settled})")
+    return 0 if rows and not short and not any("error" in r for r in rows) else 1
 
 
 def run_generate(args, make_transport) -> int:
@@ -88,13 +96,15 @@ def run_generate(args, make_transport) -> int:
     post_norm = args.mtp_hidden == "post-norm"
     if args.worker or args.workers:
         from .session import PipelineSession
+        from .vetting import vet
+        channel = channel_from(args)
         membership = membership_from(args)
         try:
-            addresses = membership.wait()
+            addresses = membership.wait(lambda a: vet(a, channel))
         finally:
             membership.close()
         session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
-                                  prefill_step=args.prefill_step, channel=channel_from(args))
+                                  prefill_step=args.prefill_step, channel=channel)
     else:
         from .local_session import LocalSession
         session = LocalSession(args.model, make_transport, mtp=args.mtp, post_norm=post_norm,

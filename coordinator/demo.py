@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib.resources
 import secrets
+import socket
 import tempfile
 from pathlib import Path
 
@@ -36,9 +37,24 @@ def model_path(arg: str | None) -> Path:
     return path
 
 
+def check_port(host: str, port: int) -> None:
+    """Fail at once, before any worker starts, when the HTTP port is taken."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise MtpdistError(f"cannot serve on {host}:{port}: {e.strerror} (another program uses it); "
+                               f"pick another port with --port, e.g. `mtpdist demo --port {port + 1}`") from None
+
+
 def run_demo(args) -> int:
     """Start local workers (found over mDNS on loopback), then serve, or run one completion with --once."""
     model = model_path(args.model)
+    if not args.once:
+        check_port("127.0.0.1", args.port)
     token = secrets.token_urlsafe(16)
     cluster = f"demo-{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="mtpdist-demo-") as tmp, \
@@ -50,10 +66,10 @@ def run_demo(args) -> int:
                       insecure=False, model=str(model), mtp=not args.no_mtp, mtp_hidden="post-norm",
                       prefill_step=512, mtp_depth=1)
         if args.once:
-            from mtpdist.commands import run_generate
+            from .commands import run_generate
             return run_generate(argparse.Namespace(**common, prompt=args.prompt, max_tokens=args.max_tokens,
                                                    json=args.json, temp=0.0, top_p=1.0, top_k=0, min_p=0.0,
-                                                   seed=None, stop=[]))
+                                                   seed=None, stop=[]), make_transport=None)
         from .main import run_coordinator
         return run_coordinator(argparse.Namespace(**common, host="127.0.0.1", port=args.port, api_key=None,
                                                   local=False, max_context=None, default_max_tokens=256,

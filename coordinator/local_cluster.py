@@ -20,7 +20,9 @@ class LocalWorker:
             env["MTPDIST_CACHE"] = str(cache)
             env["MTPDIST_CONFIG"] = str(cache / "config")
         env.pop("MTPDIST_TOKEN", None)
-        extra = (*extra, *((f"--token={token}",) if token else ("--insecure",)),  # "=": tokens may start with "-"
+        if token:  # in the environment, not on the command line, where `ps` would show it to every user
+            env["MTPDIST_TOKEN"] = token
+        extra = (*extra, *(() if token else ("--insecure",)),
                  *(("--mdns-interface", host) if advertise else ("--no-advertise",)))
         self.proc = subprocess.Popen([sys.executable, "-m", "mtpdist.cli", "worker", "--host", host, "--port", "0",
                                       *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,

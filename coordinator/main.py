@@ -70,11 +70,13 @@ def run_coordinator(args, on_ready=None, make_transport=None) -> int:
         cluster_info = lambda: {"mode": "local", "workers": []}  # noqa: E731
     else:
         from .session import PipelineSession
+        from .vetting import vet
+        channel = channel_from(args)
         membership = membership_from(args)
-        addresses = membership.wait()
+        addresses = membership.wait(lambda a: vet(a, channel))
         session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
-                                  prefill_step=args.prefill_step, channel=channel_from(args),
-                                  candidates=membership.current, label=membership.label)
+                                  prefill_step=args.prefill_step, channel=channel,
+                                  candidates=membership.current, label=membership.label, refused=membership.refused)
 
         def cluster_info():
             rows = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -20,16 +21,20 @@ from mtpdist.model.config import read_config
 from mtpdist.model.hashing import model_hash
 from mtpdist.model.loader import load_parts
 from mtpdist.model.weights import Checkpoint, layer_of
-from mtpdist.placement import Placement, PlacementError, plan_layers
+from mtpdist.placement import Placement, PlacementError, plan_layers, share_host_budgets
 from mtpdist.wire.auth import is_handshake_failure
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import PROTOCOL_VERSION, ShardSpec, WorkerInfo
+
+from .vetting import reason_kind, refusal_reason
 
 log = logging.getLogger("mtpdist.coordinator")
 # Tokens a worker accepts per Forward beyond the prefill chunk: decode/verify rows that may
 # ride along (64 sequences x (1 + up to 8 drafts)) plus slack; never the tens of thousands an
 # abusive caller could send (8,192 held a worker's compute thread for 51 s).
 FORWARD_TOKEN_MARGIN = 64 * 9 + 64
+# A peer refused (no secret, no answer) is probed again at most this often, not before every request.
+REFUSED_RECHECK = 10.0
 
 
 def layer_bytes(model_dir: Path, num_layers: int) -> list[int]:
@@ -51,6 +56,16 @@ def _comparable_speeds(gbps: list[float]) -> list[float] | None:
     return [max(1, round(10 * g / top)) / 10 for g in gbps]
 
 
+def _host_shares(infos: list[WorkerInfo]) -> list[int]:
+    """Each worker's usable bytes, workers of one machine sharing its budget (logged when it binds)."""
+    usable = [i.usable_bytes for i in infos]
+    shared = share_host_budgets(usable, [i.host_id for i in infos], [i.memory_bytes for i in infos])
+    if shared != usable:
+        log.info("workers on one machine share its memory: usable %s GiB -> %s GiB",
+                 [round(u / 2**30, 1) for u in usable], [round(u / 2**30, 1) for u in shared])
+    return shared
+
+
 class PipelineSession:
     """Generation through workers. `attach` (re)plans and loads shards for a worker list."""
 
@@ -58,11 +73,12 @@ class PipelineSession:
                  prefill_step: int = 512, progress: bool = True,
                  channel: ChannelSettings = ChannelSettings(), headroom: float = 0.1,
                  candidates: Callable[[], list[str]] | None = None, label: Callable[[str], str] | None = None,
-                 balance_speed: bool = True):
+                 balance_speed: bool = True, refused: dict[str, str] | None = None):
         self.model_dir = Path(model_dir)
         self.prefill_step = prefill_step
         self.label = label or (lambda address: f"worker at {address}")  # e.g. the mDNS advert's name
-        self.refused: set[str] = set()
+        # address -> (when, why) it was refused; seeded with what discovery already refused (logged there)
+        self.refused: dict[str, tuple[float, str]] = {a: (time.monotonic(), r) for a, r in (refused or {}).items()}
         self.digests: dict[tuple[int, int], str] = {}   # planned shard digest by layer range
         self.progress = progress
         self.channel, self.headroom, self.balance_speed = channel, headroom, balance_speed
@@ -109,8 +125,9 @@ class PipelineSession:
                 raise MtpdistError(f"worker {c.address} speaks protocol {info.protocol_version}, "
                                    f"this coordinator {PROTOCOL_VERSION}; upgrade mtpdist on both")
         speed = _comparable_speeds([i.read_gbps for i in infos]) if self.balance_speed else None
+        usable = _host_shares(infos)
         try:
-            placement = plan_layers([i.usable_bytes for i in infos], self.layer_bytes, self.headroom, speed)
+            placement = plan_layers(usable, self.layer_bytes, self.headroom, speed)
         except PlacementError as e:
             raise MtpdistError(f"the model does not fit: {e}") from e
         if speed:
@@ -118,7 +135,7 @@ class PipelineSession:
                      ", ".join(f"{s}-{e - 1}" for s, e in placement.ranges))
         addresses = [c.address for c in clients]
         for i, (c, (start, end)) in enumerate(zip(clients, placement.ranges)):
-            self._load_shard(c, start, end, tuple(addresses[i + 1:]))
+            self._load_shard(c, start, end, tuple(addresses[i + 1:]), budget=usable[i])
         for old in self.clients:
             old.close()
         self.clients, self.placement = clients, placement
@@ -127,10 +144,12 @@ class PipelineSession:
             self._check_holds(c.address, info, start, end)
 
     def _describe_member(self, client: WorkerClient) -> WorkerInfo | None:
-        """Describe over mutual TLS; None (logged once, by name) for a peer without the cluster secret."""
+        """Describe over mutual TLS; None (logged once, by name, saying what happened) for a peer
+        whose handshake failed: one without the cluster secret, or one that never answered it."""
+        t0 = time.monotonic()
         try:
             info = client.describe()
-            self.refused.discard(client.address)  # log again if it is refused again later
+            self.refused.pop(client.address, None)  # log again if it is refused again later
             return info
         except WorkerCallError as e:
             if self.channel.identity is None and "socket closed" in e.details.lower():
@@ -139,24 +158,27 @@ class PipelineSession:
                                       "--insecure)") from None
             if not is_handshake_failure(e.code, e.details):
                 raise
-            self._refuse(client.address)
+            reason, _ = refusal_reason(e.code, e.details, time.monotonic() - t0, self.channel.identity is not None)
+            self._refuse(client.address, reason)
             return None
 
-    def _refuse(self, address: str) -> None:
-        if address not in self.refused:
-            self.refused.add(address)
-            log.warning("refusing %s: it did not prove it holds the cluster secret (mutual TLS handshake failed; "
-                        "either it or this coordinator has a different secret); it is sent nothing",
-                        self.label(address))
+    def _refuse(self, address: str, reason: str) -> None:
+        if reason_kind(self.refused.get(address, (0, ""))[1]) != reason_kind(reason):
+            log.warning("refusing %s: %s; it is sent nothing", self.label(address), reason)
+        self.refused[address] = (time.monotonic(), reason)
 
-    def _spec(self, start: int, end: int, downstream: tuple[str, ...]) -> ShardSpec:
+    def _recently_refused(self, address: str) -> bool:
+        """Refused less than REFUSED_RECHECK s ago: not probed again before every request."""
+        return time.monotonic() - self.refused.get(address, (-1e9, ""))[0] < REFUSED_RECHECK
+
+    def _spec(self, start: int, end: int, downstream: tuple[str, ...], budget: int = 0) -> ShardSpec:
         src = ShardSource(self.model_dir, start, end)
         try:
             manifest = src.manifest(self.model_hash)
         finally:
             src.ckpt.close()
         spec = ShardSpec(self.model_hash, start, end, json.dumps(self.raw_config), manifest,
-                         downstream=downstream, max_forward_tokens=self.forward_token_limit())
+                         downstream=downstream, max_forward_tokens=self.forward_token_limit(), budget_bytes=budget)
         self.digests[(start, end)] = spec.digest()
         return spec
 
@@ -164,8 +186,9 @@ class PipelineSession:
         """The most rows one Forward may carry, told to every worker with its shard."""
         return self.prefill_step + FORWARD_TOKEN_MARGIN
 
-    def _load_shard(self, client: WorkerClient, start: int, end: int, downstream: tuple[str, ...] = ()) -> None:
-        spec = self._spec(start, end, downstream)
+    def _load_shard(self, client: WorkerClient, start: int, end: int, downstream: tuple[str, ...] = (),
+                    budget: int = 0) -> None:
+        spec = self._spec(start, end, downstream, budget)
         for attempt in range(2):
             ok, _ = client.has_shard(spec)
             try:
@@ -219,6 +242,7 @@ class PipelineSession:
                 return None
             finally:
                 c.close()
+        addresses = [a for a in addresses if not self._recently_refused(a)]
         with ThreadPoolExecutor(max(1, len(addresses))) as pool:
             infos = list(pool.map(probe, addresses))
         return {a: i for a, i in zip(addresses, infos) if i is not None}

@@ -149,6 +149,7 @@ class Browser:
         self.zc = Zeroconf(interfaces=interfaces)
         self.found: dict[str, Advert] = {}
         self.ignored: dict[str, str] = {}
+        self.resolving: set[str] = set()  # adverts seen whose details are still being asked for
         self.changed = threading.Condition()
         self.browser = ServiceBrowser(self.zc, SERVICE, handlers=[self._on_change])
 
@@ -159,7 +160,15 @@ class Browser:
                 self.found.pop(name, None)
                 self.changed.notify_all()
             return
-        info = zeroconf.get_service_info(service_type, name, timeout=3000)
+        with self.changed:
+            self.resolving.add(name)
+        try:
+            info = zeroconf.get_service_info(service_type, name, timeout=3000)
+        except Exception:  # noqa: BLE001 - the browser was closed while this lookup ran
+            return
+        finally:
+            with self.changed:
+                self.resolving.discard(name)
         if info is None:
             return
         ad = parse_txt(info.properties, info.port, info.parsed_addresses())

@@ -96,3 +96,33 @@ def _arith(total, usable, cap, headroom, used=None) -> str:
         extra = f", would hold {gb(used[i])}" if used else ""
         lines.append(f"  worker {i}: {gb(u)} usable -> {gb(c)} for weights{extra}")
     return "\n".join(lines)
+
+
+# A worker offers this share of its machine's RAM unless told otherwise; workers of one
+# machine together get no more than this share (or the largest single offer, when one was
+# given explicitly as more).
+HOST_SHARE = 0.75
+
+
+def share_host_budgets(usable: list[int], hosts: list[str], memory: list[int], share: float = HOST_SHARE) -> list[int]:
+    """Each worker's usable bytes once workers on one machine share its budget.
+
+    Workers with the same non-empty host id run on one machine with `memory` bytes of RAM.
+    Together they may use the sum of their offers, but no more than `share` of the RAM (or
+    the largest single offer, if that is more): two workers started without a memory flag
+    (each offering 75% of RAM) get half of that 75% each, in proportion to their offers.
+    Workers without a host id are on machines of their own.
+    """
+    out = list(usable)
+    groups: dict[str, list[int]] = {}
+    for i, h in enumerate(hosts):
+        if h:
+            groups.setdefault(h, []).append(i)
+    for members in groups.values():
+        total = sum(usable[i] for i in members)
+        ram = max(memory[i] for i in members)
+        cap = min(total, max(max(usable[i] for i in members), int(ram * share))) if ram else total
+        if cap < total:
+            for i in members:
+                out[i] = usable[i] * cap // total
+    return out

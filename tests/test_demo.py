@@ -51,6 +51,10 @@ def test_demo_serves_and_stops_cleanly_on_ctrl_c():
         r = openai.OpenAI(base_url=url, api_key="none", max_retries=0).completions.create(
             model="demo_model", prompt="import os\n", max_tokens=8, temperature=0)
         assert r.usage.completion_tokens == 8 and r.model_extra["mtp"]["drafted"] > 0
+        group = subprocess.run(["pgrep", "-g", str(p.pid)], capture_output=True, text=True).stdout.split()
+        cmdlines = [open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode() for pid in group]
+        assert len([c for c in cmdlines if " worker " in c]) == 2
+        assert not any("--token" in c for c in cmdlines), cmdlines   # the secret is not on any command line
         os.killpg(p.pid, signal.SIGINT)               # Ctrl-C goes to the whole foreground group
         assert p.wait(30) in (0, 130)                  # 130: the conventional status after Ctrl-C
         time.sleep(0.5)
@@ -59,3 +63,17 @@ def test_demo_serves_and_stops_cleanly_on_ctrl_c():
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_demo_with_its_port_taken_fails_at_once_suggesting_port():
+    import socket
+    import time
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        p = subprocess.run([sys.executable, "-m", "mtpdist.cli", "demo", "--port", str(port)], capture_output=True,
+                           text=True, timeout=120)
+        took = time.monotonic() - t0
+    assert p.returncode == 2 and f"127.0.0.1:{port}" in p.stderr and "--port" in p.stderr, p.stderr
+    assert "started" not in p.stdout and "Traceback" not in p.stderr   # no worker was started
+    assert took < 30, took   # before: workers started and layers streamed first

@@ -67,7 +67,7 @@ def test_rogue_clone_of_a_worker_gets_nothing_and_real_workers_serve(tmp_path, t
     try:
         _, port, name = rogue.stdout.readline().split()
         rogue_address = f"127.0.0.1:{port}"
-        c = Coordinator("--model", str(model), "--token", SECRET, "--workers", "3", "--discover-timeout", "20",
+        c = Coordinator("--model", str(model), "--token", SECRET, "--workers", "2", "--discover-timeout", "20",
                         "--cluster", cluster, "--mdns-interface", "127.0.0.1")
         client = openai.OpenAI(base_url=c.url, api_key="x", max_retries=0)
         got = client.completions.create(model="m", prompt="import os", max_tokens=8, temperature=0)

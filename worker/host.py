@@ -1,74 +1,31 @@
-"""What the workers on one machine offer: one memory budget shared, one id per port.
+"""What a worker says about its machine: which machine it is, and what memory it offers.
 
-Each worker records its offer in the config folder (`workers/<port>.json`, with its pid);
-a worker started without --usable-memory-gb offers 75% of RAM minus what the other live
-workers on this machine already offer, so two workers never promise the same memory twice.
+Several workers may run on one machine. Each offers its share of RAM (75% by default, or
+--memory-share / --usable-memory-gb) and reports the machine's identity and total memory;
+the coordinator's placement makes workers of one machine share one budget, so no worker
+needs a flag for a local try and none can over-commit the machine.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+import hashlib
+import socket
+import uuid
 
 from mtpdist.errors import MtpdistError
-
-SHARE = 0.75
-MIN_OFFER = 1 << 30
+from mtpdist.placement import HOST_SHARE
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def host_id() -> str:
+    """A stable, non-identifying name of this machine: equal for every worker running on it."""
+    return hashlib.sha256(f"{socket.gethostname()}/{uuid.getnode():012x}".encode()).hexdigest()[:16]
 
 
-def others_offer(directory: Path, port: int) -> int:
-    """Bytes offered by the other live workers recorded in `directory` (stale records are removed)."""
-    total = 0
-    for f in (directory / "workers").glob("*.json"):
-        try:
-            rec = json.loads(f.read_text())
-            pid, their_port, usable = int(rec["pid"]), int(rec["port"]), int(rec["usable"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if their_port == port or pid == os.getpid():
-            continue
-        if not _alive(pid):
-            f.unlink(missing_ok=True)
-            continue
-        total += usable
-    return total
-
-
-def claim_memory(directory: Path, port: int, asked: int | None, memory: int) -> int:
-    """This worker's offer (asked, or its share of what is left), recorded for the others."""
-    offer = asked
-    if offer is None:
-        taken = others_offer(directory, port)
-        offer = int(memory * SHARE) - taken
-        if offer < MIN_OFFER:
-            raise MtpdistError(f"other workers on this machine already offer {taken / 2**30:.1f} GiB of the "
-                               f"{memory * SHARE / 2**30:.1f} GiB (75% of RAM) a worker may use by default; "
-                               "give each worker its share with --usable-memory-gb")
-    try:
-        (directory / "workers").mkdir(parents=True, exist_ok=True)
-        (directory / "workers" / f"{port}.json").write_text(json.dumps(
-            {"pid": os.getpid(), "port": port, "usable": offer}))
-    except OSError:
-        pass  # a read-only config folder: the offer stands, unrecorded
-    return offer
-
-
-def release_memory(directory: Path, port: int) -> None:
-    """Forget this worker's offer (at shutdown)."""
-    f = directory / "workers" / f"{port}.json"
-    try:
-        if json.loads(f.read_text()).get("pid") == os.getpid():
-            f.unlink()
-    except (OSError, ValueError):
-        pass
+def offer(asked: int | None, memory: int, share: float | None = None) -> int:
+    """Bytes this worker offers: `asked`, else `share` (default 75%) of the machine's RAM."""
+    if asked is not None:
+        return asked
+    share = HOST_SHARE if share is None else share
+    if not 0 < share <= 1:
+        raise MtpdistError(f"--memory-share must be in (0, 1], got {share:g}")
+    return int(memory * share)

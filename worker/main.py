@@ -13,13 +13,13 @@ from mtpdist import __version__
 from mtpdist.discovery import Advert, Advertiser, links_for, local_links
 from mtpdist.errors import MtpdistError
 from mtpdist.model.hashing import cache_dir
-from mtpdist.security import check_insecure_hosts, config_dir, resolve_identity, worker_id
+from mtpdist.security import check_insecure_hosts, resolve_identity, worker_id
 from mtpdist.wire.client import ChannelSettings
 from mtpdist.wire.server import serve
 from mtpdist.wire.types import PROTOCOL_VERSION
 
 from .compute import StageEmulation
-from .host import claim_memory, release_memory
+from .host import host_id, offer
 from .service import WorkerService
 
 log = logging.getLogger("mtpdist.worker")
@@ -45,11 +45,18 @@ def add_arguments(p) -> None:
     p.add_argument("--cache-max-gb", type=float, default=None,
                    help="cap on cached shards; least recently used go first (default: twice the usable memory)")
     p.add_argument("--usable-memory-gb", type=float, default=None,
-                   help="memory offered for weights and state (default 75%% of RAM, less what other "
-                        "workers on this machine offer)")
+                   help="memory offered for weights and state (default: --memory-share of RAM). Workers on one "
+                        "machine share its budget in placement, so a second local worker needs no flag")
+    p.add_argument("--memory-share", type=float, default=None, metavar="F",
+                   help="fraction of this machine's RAM offered (default 0.75); workers of one machine together "
+                        "never get more than 0.75 of it, or the largest single offer")
     p.add_argument("--max-sequences", type=int, default=64, help="live sequences before the oldest is evicted")
     p.add_argument("--sequence-ttl", type=float, default=600.0,
-                   help="drop a sequence unused this many seconds (its coordinator crashed; default 600)")
+                   help="drop a sequence unused this many seconds (its coordinator crashed, or its release was "
+                        "lost; default 600)")
+    p.add_argument("--prefix-ttl", type=float, default=3600.0,
+                   help="drop a kept prefix (a finished turn later requests may continue from) neither kept nor "
+                        "used this many seconds (its coordinator crashed; default 3600)")
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline (s) for calls to the next worker")
     p.add_argument("--cluster", default="default", help="cluster name advertised on mDNS (default 'default')")
     p.add_argument("--no-advertise", action="store_true", help="do not advertise on mDNS")
@@ -116,13 +123,15 @@ def run_worker(args) -> int:
         server, port = serve(service, args.host, args.port, identity=identity)
     except OSError as e:  # the port is taken: one line, not a traceback
         raise MtpdistError(str(e)) from None
-    # Several workers may share a machine (and its config folder): one id and one memory
-    # offer per port, so the coordinator never takes them for one worker or double-counts RAM.
+    # Several workers may share a machine (and its config folder): one id per port, and the
+    # machine's identity in Describe, so the coordinator never takes them for one worker and
+    # places them within one shared memory budget.
     service.worker_id = f"{service.worker_id}-{port}"
+    service.host_id = host_id()
     if service.memory:
         try:
-            service.usable = claim_memory(config_dir(), port, service.usable if args.usable_memory_gb else None,
-                                          service.memory)
+            service.usable = offer(service.usable if args.usable_memory_gb else None, service.memory,
+                                   args.memory_share)
         except MtpdistError:
             server.stop(None)
             raise
@@ -149,27 +158,32 @@ def run_worker(args) -> int:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    threading.Thread(target=_expire_loop, args=(service, args.sequence_ttl, done), daemon=True).start()
+    threading.Thread(target=_expire_loop, args=(service, args.sequence_ttl, done, args.prefix_ttl),
+                     daemon=True).start()
     done.wait()
     if advertiser:
         advertiser.close()
-    release_memory(config_dir(), port)
     server.stop(grace=2).wait()
     return 0
 
 
-def _expire_loop(service: WorkerService, ttl: float, done: threading.Event) -> None:
-    """Drop sequences idle for longer than `ttl` (orphans of a crashed coordinator)."""
-    if ttl <= 0:
+def _expire_loop(service: WorkerService, ttl: float, done: threading.Event, prefix_ttl: float = 0) -> None:
+    """Drop sequences idle for longer than `ttl` and kept prefixes unused for longer than
+    `prefix_ttl` (orphans of a crashed coordinator, or of releases that never landed)."""
+    ttls = [t for t in (ttl, prefix_ttl) if t > 0]
+    if not ttls:
         return
-    while not done.wait(min(max(ttl / 4, 0.25), 30.0)):
+    while not done.wait(min(max(min(ttls) / 4, 0.25), 30.0)):
         try:
-            gone = service.expire_idle(ttl)
+            gone = service.expire_idle(ttl) if ttl > 0 else []
+            kept = service.expire_prefixes(prefix_ttl) if prefix_ttl > 0 else []
         except Exception:  # never let housekeeping take the worker down
             log.exception("expiring idle sequences failed")
             continue
         if gone:
             log.info("dropped %d sequence(s) idle for more than %g s", len(gone), ttl)
+        if kept:
+            log.info("dropped %d kept prefix(es) unused for more than %g s", len(kept), prefix_ttl)
 
 
 if __name__ == "__main__":

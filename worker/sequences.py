@@ -57,6 +57,7 @@ class SequenceStore:
         self.max_prefixes = 256
         self.prefix_bytes = 0
         self.last_used: dict[str, float] = {}  # monotonic time of each sequence's last call
+        self.prefix_used: dict[str, float] = {}  # monotonic time each kept prefix was kept or last forked
 
     def expire_idle(self, now: float, ttl: float) -> list[str]:
         """Drop sequences unused for more than `ttl` seconds (a coordinator that crashed never
@@ -68,6 +69,15 @@ class SequenceStore:
             self.evicted[s] = f"idle for more than {ttl:g} s"
         while len(self.evicted) > 4096:
             self.evicted.popitem(last=False)
+        return stale
+
+    def expire_prefixes(self, now: float, ttl: float) -> list[str]:
+        """Drop kept prefixes neither kept nor forked for more than `ttl` seconds (those of a
+        coordinator that crashed are never used again); a later Fork of one gets NOT_FOUND
+        and its request prefills. Returns the names dropped."""
+        stale = [n for n in self.prefixes if now - self.prefix_used.get(n, now) > ttl]
+        for n in stale:
+            self._drop_prefix(n)
         return stale
 
     def _existing(self, seq_id: str, position: int) -> _State | None:
@@ -114,9 +124,11 @@ class SequenceStore:
         self._drop_prefix(name)
         self.prefixes[name] = caches
         self.prefix_bytes += sum(c.nbytes() for c in caches)
+        self.prefix_used[name] = time.monotonic()
 
     def _drop_prefix(self, name: str) -> None:
         caches = self.prefixes.pop(name, None)
+        self.prefix_used.pop(name, None)
         if caches is not None:
             self.prefix_bytes -= sum(c.nbytes() for c in caches)
 
@@ -153,6 +165,7 @@ class SequenceStore:
         state = _State(self.stack)
         state.caches = copy_caches(self.prefixes[name])
         self.prefixes.move_to_end(name)
+        self.prefix_used[name] = time.monotonic()
         self.seqs[seq_id] = state
         self.last_used[seq_id] = time.monotonic()
         self._evict(keep={seq_id})

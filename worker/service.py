@@ -48,6 +48,7 @@ class WorkerService:
         self.store = ShardStore(cache_root, cache_max_bytes if cache_max_bytes is not None else 2 * self.usable)
         self.max_sequences, self.channel = max_sequences, channel
         self.worker_id = worker_id or uuid.uuid4().hex[:12]
+        self.host_id = ""  # set by `mtpdist worker`: workers of one machine share its memory in placement
         self.compute = ComputeLoop(emulate=emulate)  # the one MLX thread
         self.read_gbps = read_gbps
         self.stage = None
@@ -112,7 +113,7 @@ class WorkerService:
             sequences=len(stage.seqs) if stage else 0, prefixes=len(stage.prefixes) if stage else 0,
             state_bytes=self._on_mlx(stage.state_bytes) if stage else 0,
             mlx_version=mlx_version(), weight_bytes=self.weight_bytes, read_gbps=self._read_speed(),
-            shard_digest=self.spec.digest() if self.spec else "")
+            shard_digest=self.spec.digest() if self.spec else "", host_id=self.host_id)
 
     def _read_speed(self) -> float:
         if self.read_gbps is None:  # measured once, on the MLX thread
@@ -154,6 +155,8 @@ class WorkerService:
                 raise
             if source in ("cache", "stream"):
                 self.store.touch(spec)
+        elif self.stage is not None:  # the same shard under a new plan: its share of the host may differ
+            self.stage.state_budget = self._state_budget(spec, self.weight_bytes)
         self.downstream = frozenset(spec.downstream)
         self.max_forward_tokens = spec.max_forward_tokens or DEFAULT_MAX_FORWARD_TOKENS
         log.info("holding layers %d-%d of model %s (from %s)", spec.layer_start, spec.layer_end - 1,
@@ -176,10 +179,16 @@ class WorkerService:
         except (ModelLoadError, ValueError, KeyError, TypeError) as e:
             raise RequestError("invalid", f"cannot load shard: {e}") from e
         weight_bytes = sum(v.nbytes for _, v in tree_flatten(parts.stack.parameters()))
-        budget = max(self.usable - weight_bytes, 64 << 20)
+        budget = self._state_budget(spec, weight_bytes)
         # Swap only now: until the new shard is built, the old one (and its sequences) stays.
         self.stage = SequenceStore(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
         self.spec, self.weight_bytes = spec, weight_bytes
+
+    def _state_budget(self, spec: ShardSpec, weight_bytes: int) -> int:
+        """Bytes for sequence state: the plan's share of this machine (several workers on one
+        host share it), or our own offer, less the weights."""
+        usable = min(self.usable, spec.budget_bytes) if spec.budget_bytes else self.usable
+        return max(usable - weight_bytes, 64 << 20)
 
     def forward(self, call: ForwardCall, deadline: float | None = None,
                 active: Callable[[], bool] | None = None) -> ForwardResult:
@@ -232,6 +241,11 @@ class WorkerService:
         """Drop sequences idle for more than `ttl` seconds (on the MLX thread, between calls)."""
         stage = self.stage
         return self._on_mlx(stage.expire_idle, time.monotonic(), ttl) if stage else []
+
+    def expire_prefixes(self, ttl: float) -> list[str]:
+        """Drop kept prefixes unused for more than `ttl` seconds (on the MLX thread, between calls)."""
+        stage = self.stage
+        return self._on_mlx(stage.expire_prefixes, time.monotonic(), ttl) if stage else []
 
     def health(self) -> str:
         return "serving" if self.stage else "idle"

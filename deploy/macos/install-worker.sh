@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install `mtpdist worker` as a launchd agent on this Mac.
-# usage: deploy/macos/install-worker.sh [CLUSTER]   (the token is read from ~/.config/mtpdist/token)
+# usage: deploy/macos/install-worker.sh [CLUSTER] [SHARE]   (the token is read from ~/.config/mtpdist/token)
+# SHARE is the fraction of this Mac's RAM the worker offers (default 0.75; e.g. 0.5 on a Mac you also use).
 set -euo pipefail
 cluster=${1:-default}
+share=${2:-0.75}
 mtpdist=$(command -v mtpdist) || { echo "mtpdist is not on PATH (activate its venv first)"; exit 1; }
 token_file="$HOME/.config/mtpdist/token"
 if [ ! -s "$token_file" ]; then
@@ -16,7 +18,7 @@ fi
 log_dir="$HOME/Library/Logs/mtpdist"; mkdir -p "$log_dir"
 plist="$HOME/Library/LaunchAgents/com.mtpdist.worker.plist"
 here=$(cd "$(dirname "$0")" && pwd)
-sed -e "s|@MTPDIST@|$mtpdist|" -e "s|@TOKEN_FILE@|$token_file|" -e "s|@CLUSTER@|$cluster|" \
+sed -e "s|@MTPDIST@|$mtpdist|" -e "s|@TOKEN_FILE@|$token_file|" -e "s|@CLUSTER@|$cluster|" -e "s|@SHARE@|$share|" \
     -e "s|@LOG_DIR@|$log_dir|" "$here/com.mtpdist.worker.plist" > "$plist"
 launchctl bootout "gui/$(id -u)/com.mtpdist.worker" 2>/dev/null || true
 launchctl bootstrap "gui/$(id -u)" "$plist"

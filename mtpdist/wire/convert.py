@@ -20,14 +20,16 @@ def spec_to_pb(s: ShardSpec) -> pb.ShardSpec:
                         config_json=s.config_json,
                         tensors=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes,
                                                sha256=t.sha256) for t in s.tensors],
-                        downstream=list(s.downstream), max_forward_tokens=s.max_forward_tokens)
+                        downstream=list(s.downstream), max_forward_tokens=s.max_forward_tokens,
+                        budget_bytes=s.budget_bytes)
 
 
 def spec_from_pb(s: pb.ShardSpec) -> ShardSpec:
     return ShardSpec(model_hash=s.model_hash, layer_start=s.layer_start, layer_end=s.layer_end,
                      config_json=s.config_json,
                      tensors=tuple(TensorInfo(t.name, t.dtype, tuple(t.shape), t.nbytes, t.sha256) for t in s.tensors),
-                     downstream=tuple(s.downstream), max_forward_tokens=s.max_forward_tokens)
+                     downstream=tuple(s.downstream), max_forward_tokens=s.max_forward_tokens,
+                     budget_bytes=s.budget_bytes)
 
 
 def info_to_pb(i: WorkerInfo) -> pb.DescribeReply:

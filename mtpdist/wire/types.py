@@ -38,6 +38,7 @@ class ShardSpec:
     tensors: tuple[TensorInfo, ...] = ()
     downstream: tuple[str, ...] = ()   # the planned workers after this stage: the only allowed `next` hops
     max_forward_tokens: int = 0        # 0: the worker's default
+    budget_bytes: int = 0              # this stage's share of its host's memory in the plan; 0: its own offer
 
     def digest(self) -> str:
         """What the shard is: model, layer range, config and every tensor's name, layout and content hash."""
@@ -68,6 +69,7 @@ class WorkerInfo:
     read_gbps: float = 0.0
     prefixes: int = 0
     shard_digest: str = ""
+    host_id: str = ""      # equal for workers on one machine: they share its memory_bytes
 
 
 @dataclass(frozen=True)
