@@ -29,7 +29,8 @@ def deliver_greedy(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.a
     """Results of batchable steps -> each sequence's confirmed tokens (and its next drafts)."""
     hidden = items[0][2] if len(items) == 1 else mx.concatenate([h for _, _, h in items], axis=1)
     normed = head.norm(hidden)
-    target = mx.argmax(head.logits(normed[0]), axis=-1).tolist()
+    logits = head.logits(normed[0])
+    target = mx.argmax(logits, axis=-1).tolist()
     outs, extend, r = [], [], 0
     for dec, step, h in items:
         T = h.shape[1]
@@ -50,6 +51,7 @@ def deliver_greedy(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.a
             out, rows = [t[-1]], T
             if dec.drafter is not None and (dec.stats.verify_passes or dec.confirmed):
                 observe = (0, 0)          # a round without drafts (depth 0 chosen)
+        _note_logprobs(dec, logits, r - T if step.kind == "verify" else r - 1, out)
         dec.pending = out[-1]
         dec.confirmed.extend(out)
         outs.append(out)
@@ -58,6 +60,12 @@ def deliver_greedy(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.a
     if extend:
         _draft_all(head, extend)
     return outs
+
+
+def _note_logprobs(dec: SequenceDecoder, logits: mx.array, first: int, out: list[int]) -> None:
+    """Logprobs of `out` for a sequence that asked for them: rows first.. of the unit's logits."""
+    if dec.logprobs_top is not None:
+        dec.note_logprobs(logits[first:first + len(out)], out)
 
 
 def _draft_all(head: Head, extend) -> None:

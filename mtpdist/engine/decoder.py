@@ -18,6 +18,7 @@ import numpy as np
 
 from ..model.qwen35 import Head
 from .depth import DepthPolicy, FixedDepth
+from .logprobs import token_logprobs
 from .sampling import Sampler
 
 
@@ -98,6 +99,8 @@ class SequenceDecoder:
         self.backlog: list[tuple[mx.array, mx.array, list[int]]] = []
         self.stats = SpecStats()
         self._round_start = 0.0
+        self.logprobs_top: int | None = None  # set: note each confirmed token's logprobs (TokenLogprob)
+        self.logprobs: list = []              # those of the tokens returned last, until taken
 
     @property
     def sent_prefill(self) -> int:
@@ -153,7 +156,9 @@ class SequenceDecoder:
         if step.kind == "verify":
             out = self._verified(step, hidden, normed)
         else:
-            out = [self.sampler.sample(self.head.logits(normed[0, -1]))]
+            logits = self.head.logits(normed[0, -1])
+            out = [self.sampler.sample(logits)]
+            self.note_logprobs(logits[None], out)
             self.pending = out[0]
             if self.drafter is not None:
                 if self.stats.verify_passes or self.confirmed:  # a round without drafts (depth 0 chosen)
@@ -212,6 +217,7 @@ class SequenceDecoder:
                     break
             if out is None:
                 out = drafts + [self.sampler.sample(logits[k])]
+        self.note_logprobs(logits[:len(out)], out)
         self.stats.record(k, a)
         self.rewind = k - a
         self.pending = out[-1]
@@ -220,6 +226,18 @@ class SequenceDecoder:
         self.speculative = 0
         self._extend_and_draft(hidden[:, :a + 1], normed[:, :a + 1], out)
         self.depth.observe(k, a, time.perf_counter() - self._round_start)
+        return out
+
+    def note_logprobs(self, logits: mx.array, tokens: list[int]) -> None:
+        """When asked for: the target's logprobs of `tokens` (row t of `logits` [T, V] chose tokens[t])."""
+        if self.logprobs_top is not None:
+            self.logprobs.extend(token_logprobs(logits, tokens, self.logprobs_top))
+
+    def take_logprobs(self) -> list | None:
+        """The logprobs noted since the last call (None when not asked for)."""
+        if self.logprobs_top is None:
+            return None
+        out, self.logprobs = self.logprobs, []
         return out
 
     def _draft(self, logits: mx.array, k: int) -> None:

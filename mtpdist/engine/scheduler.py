@@ -177,6 +177,7 @@ class Scheduler:
                 drafter.caches = copy_caches(base.mtp_caches)
             dec = SequenceDecoder(self.head, Sampler(req.sampling), req.prompt_ids, drafter, depth,
                                   self.generator.prefill_step, start=len(base.tokens) if base else 0)
+            dec.logprobs_top = req.logprobs
         except (MtpdistError, ValueError) as e:
             sink.emit(e if isinstance(e, MtpdistError) else MtpdistError(str(e)))
             sink.emit(None)
@@ -303,7 +304,7 @@ class Scheduler:
             tokens = decode()
             if s.save_prompt and not s.decoder.prefilling:
                 self._kept_prompt(s)
-            delta = s.output.add(tokens) if tokens else None
+            delta = s.output.add(tokens, s.decoder.take_logprobs()) if tokens else None
         except Exception as e:  # never let one sequence take the others down
             log.exception("decoding failed")
             self._end(s, MtpdistError(f"internal error: {e}"))
