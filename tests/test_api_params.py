@@ -79,6 +79,8 @@ def test_chat_logprobs_greedy_are_the_argmax_and_sorted(pair):
     client, _, _ = pair
     r, content = _chat_logprobs(client, temperature=0)
     assert len(content) == r.usage.completion_tokens
+    bare = client.chat.completions.create(model="m", messages=MSGS, max_tokens=32, temperature=0)
+    assert r.choices[0].message.content == bare.choices[0].message.content   # logprobs change no token
     if not any("\ufffd" in t.token for t in content):  # a piece of a multi-byte character decodes to U+FFFD
         assert "".join(t.token for t in content) == r.choices[0].message.content
     for t in content:
