@@ -81,14 +81,15 @@ def test_chat_logprobs_greedy_are_the_argmax_and_sorted(pair):
     assert len(content) == r.usage.completion_tokens
     bare = client.chat.completions.create(model="m", messages=MSGS, max_tokens=32, temperature=0)
     assert r.choices[0].message.content == bare.choices[0].message.content   # logprobs change no token
-    if not any("\ufffd" in t.token for t in content):  # a piece of a multi-byte character decodes to U+FFFD
-        assert "".join(t.token for t in content) == r.choices[0].message.content
+    # A token's bytes are its own (a piece of a multi-byte character too): they join into the reply
+    assert bytes(b for t in content for b in t.bytes).decode() == r.choices[0].message.content
     for t in content:
         assert math.isfinite(t.logprob) and t.logprob <= 0 and len(t.top_logprobs) == 5
         tops = [x.logprob for x in t.top_logprobs]
         assert tops == sorted(tops, reverse=True) and sum(math.exp(x) for x in tops) <= 1 + 1e-5
         assert t.top_logprobs[0].token == t.token and t.top_logprobs[0].logprob == pytest.approx(t.logprob)
-        assert t.bytes == list(t.token.encode())
+        if "\ufffd" not in t.token:
+            assert t.bytes == list(t.token.encode())
 
 
 def test_logprobs_same_with_mtp_on_and_off(pair):
@@ -181,3 +182,15 @@ def test_stream_hang_up_is_counted_as_499(pair):
         time.sleep(0.2)
     assert _requests_counted(served.url, "499") == before_gone + 1
     assert _requests_counted(served.url, "200") == before_ok
+
+
+def test_token_bytes_join_into_the_text_across_split_characters():
+    from mlx_lm.utils import load_tokenizer
+
+    from mtpdist.coordinator.api_logprobs import TokenText
+    tok = load_tokenizer(DEMO)
+    text = TokenText(tok)
+    s = "héllo wörld — “quotes” 日本語"
+    ids = tok.encode(s, add_special_tokens=False)
+    assert any(text(i) == "\ufffd" for i in ids)          # some tokens are pieces of one character
+    assert bytes(b for i in ids for b in text.bytes(i)).decode() == s
