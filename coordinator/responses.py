@@ -40,10 +40,12 @@ def _failed(item: MtpdistError) -> APIError:
     return APIError(503, f"generation failed: {item}", code="cluster_unavailable", kind="server_error")
 
 
-def check_queue(state) -> None:
-    """429 with Retry-After when `max_queue` requests are already waiting or running."""
-    if state.engine.depth >= state.max_queue:
-        raise APIError(429, f"the server has {state.engine.depth} requests queued or running (its limit); "
+def check_queue(state, adding: int = 1) -> None:
+    """429 with Retry-After when `max_queue` requests are already waiting or running, or when
+    `adding` more (a request's n choices) would pass it while others wait (alone, any n runs)."""
+    depth = state.engine.depth
+    if depth >= state.max_queue or (depth and depth + adding > state.max_queue):
+        raise APIError(429, f"the server has {depth} requests queued or running and takes {state.max_queue}; "
                             "retry shortly", code="queue_full", kind="rate_limit_error",
                        headers={"Retry-After": str(state.retry_after)})
 
@@ -51,7 +53,7 @@ def check_queue(state) -> None:
 async def complete(state, req: GenerationRequest, body, request: Request, chat: ChatContext | None):
     """Queue `req` (n times for n choices) on the engine and answer the client (streaming or not)."""
     endpoint = request.url.path
-    check_queue(state)  # again: others may have queued while this prompt was tokenized (no await until submit)
+    check_queue(state, body.choices())  # again: others may have queued while this prompt was tokenized
     jobs = ChoiceJobs(state, expand(req, body.choices()))
     jobs.start()
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
