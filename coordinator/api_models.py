@@ -8,12 +8,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # Fields we accept only at their "off" value; anything else gets a 400 that names them.
 UNSUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
+    "top_logprobs": (None, 0), "tools": (None, []), "tool_choice": (None, "none"),
     "functions": (None, []), "function_call": (None, "none"), "logit_bias": (None, {}),
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""), "presence_penalty": (None, 0, 0.0),
     "frequency_penalty": (None, 0, 0.0), "response_format": (None, {"type": "text"}), "audio": (None,),
     "prediction": (None,), "parallel_tool_calls": (None, False, True), "modalities": (None, ["text"]),
 }
+
+
+MAX_N = 8  # choices per request: each is a full generation (forked from one prefilled prompt)
 
 
 class StreamOptions(BaseModel):
@@ -26,13 +29,14 @@ class _Common(BaseModel):
 
     model: Optional[str] = None
     max_tokens: Optional[int] = Field(default=None)
-    temperature: Optional[float] = Field(default=None, ge=0, le=2)
-    top_p: Optional[float] = Field(default=None, gt=0, le=1)
+    # allow_inf_nan=False: NaN fails every comparison, and was reported as out of range
+    temperature: Optional[float] = Field(default=None, ge=0, le=2, allow_inf_nan=False)
+    top_p: Optional[float] = Field(default=None, gt=0, le=1, allow_inf_nan=False)
     top_k: Optional[int] = Field(default=None, ge=0)
-    min_p: Optional[float] = Field(default=None, ge=0, lt=1)
+    min_p: Optional[float] = Field(default=None, ge=0, lt=1, allow_inf_nan=False)
     seed: Optional[int] = None
     stop: Optional[Union[str, list[str]]] = None
-    n: Optional[int] = 1
+    n: Optional[int] = Field(default=1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
 
@@ -43,14 +47,20 @@ class _Common(BaseModel):
             v = [v]
         if v is not None and len(v) > 4:
             raise ValueError("at most 4 stop sequences")
+        for s in v or ():
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("a stop sequence is not valid Unicode text (it holds a lone surrogate)") from None
         return v
 
     def unsupported(self) -> list[str]:
         """Names of fields set to values we cannot honour."""
-        bad = [k for k, ok in UNSUPPORTED.items() if k in (self.model_extra or {}) and self.model_extra[k] not in ok]
-        if self.n not in (None, 1):
-            bad.append("n")
-        return bad
+        return [k for k, ok in UNSUPPORTED.items() if k in (self.model_extra or {}) and self.model_extra[k] not in ok]
+
+    def choices(self) -> int:
+        """How many choices to generate (`n`)."""
+        return self.n or 1
 
     def stops(self) -> tuple[str, ...]:
         return tuple(self.stop or ())
@@ -105,6 +115,14 @@ class ChatCompletionRequest(_Common):
     parallel_tool_calls: Optional[bool] = None
     response_format: Optional[dict[str, Any]] = None
     chat_template_kwargs: Optional[dict[str, Any]] = None
+    logprobs: Optional[bool] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=20)
+
+    def want_logprobs(self) -> int | None:
+        """Top alternatives per token to report (0: the chosen token only); None: no logprobs."""
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def limit(self) -> Optional[int]:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -113,6 +131,11 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     """The body of POST /v1/completions."""
     prompt: Union[str, list[int]]
+    logprobs: Optional[int] = Field(default=None, ge=0, le=5)
+
+    def want_logprobs(self) -> int | None:
+        """Top alternatives per token to report (0: the chosen token only); None: no logprobs."""
+        return self.logprobs
 
     def limit(self) -> Optional[int]:
         return self.max_tokens

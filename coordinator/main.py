@@ -17,6 +17,9 @@ log = logging.getLogger("mtpdist.coordinator")
 def add_arguments(p) -> None:
     """Flags of `mtpdist coordinator` (cluster flags are added by the CLI)."""
     p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
+    p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
+                   help="the model id /v1/models lists (the first NAME) and requests may name (any NAME, or the "
+                        "model folder's name); default: the model folder's name")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
     p.add_argument("--mtp-hidden", choices=["post-norm", "pre-norm"], default="post-norm")
     p.add_argument("--mtp-depth", type=_depth, default=1, metavar="K|auto",
@@ -99,7 +102,9 @@ def run_coordinator(args, on_ready=None, make_transport=None) -> int:
                           on_unit=metrics.record_unit)
     engine.start()
     max_ctx = args.max_context or int(config.text_config.get("max_position_embeddings", 32768))
-    state = ServerState(engine=engine, tokenizer=session.generator.tokenizer, model_name=Path(args.model).name,
+    names = [*(getattr(args, "served_model_name", None) or []), Path(args.model).name]
+    state = ServerState(engine=engine, tokenizer=session.generator.tokenizer, model_name=names[0],
+                        model_aliases=tuple(names[1:]),
                         max_context=max_ctx, mtp=args.mtp, metrics=metrics, vocab_size=config.vocab_size,
                         api_key=args.api_key or os.environ.get("MTPDIST_API_KEY"), cluster_info=cluster_info,
                         default_max_tokens=args.default_max_tokens, mtp_depth=args.mtp_depth,

@@ -36,7 +36,7 @@ class ServerState:
     """What the HTTP handlers share: the engine, tokenizer, limits, metrics."""
     engine: object                    # has submit(job) and a `depth` property
     tokenizer: object
-    model_name: str
+    model_name: str                   # the id /v1/models lists and responses carry
     max_context: int
     mtp: bool
     metrics: Metrics
@@ -47,6 +47,7 @@ class ServerState:
     mtp_depth: int | str = 1
     max_queue: int = 64               # requests waiting or running; beyond it: 429
     retry_after: int = 1              # seconds, the Retry-After of a 429
+    model_aliases: tuple[str, ...] = ()  # other names a request's `model` may give (the folder's name)
     tokenize_pool: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="tokenize"))
 
@@ -129,6 +130,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
+        check_model(state, body.model)
         check_queue(state)
         try:
             messages = [m.for_template() for m in body.messages]
@@ -145,6 +147,7 @@ def create_app(state: ServerState) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
+        check_model(state, body.model)
         check_queue(state)
         ids = await _off_loop(state, _encode, state, body.prompt)
         return await complete(state, _request(state, body, ids, body.limit()), body, request, None)
@@ -175,10 +178,22 @@ def _seed(seed: int | None) -> int | None:
     return seed % (1 << 64)
 
 
+def check_model(state: ServerState, name: str | None) -> None:
+    """OpenAI's 404 for a model this server does not serve (no `model` at all is taken as ours)."""
+    if name is None or name == state.model_name or name in state.model_aliases:
+        return
+    raise APIError(404, f"The model {name!r} does not exist on this server; it serves {state.model_name!r} "
+                        "(see /v1/models)", "model", "model_not_found")
+
+
 def _request(state: ServerState, body, ids, limit: int | None) -> GenerationRequest:
     bad = body.unsupported()
     if bad:
         raise APIError(400, f"unsupported parameter(s): {', '.join(bad)}", bad[0], "unsupported_parameter")
+    try:
+        logprobs = body.want_logprobs()
+    except ValueError as e:
+        raise APIError(400, str(e), "top_logprobs") from None
     if not ids:
         raise APIError(400, "the prompt is empty", "prompt")
     room = state.max_context - len(ids)
@@ -198,4 +213,5 @@ def _request(state: ServerState, body, ids, limit: int | None) -> GenerationRequ
         temperature = 0.0
     sampling = SamplingParams(temperature=temperature, top_p=body.top_p or 1.0, top_k=body.top_k or 0,
                               min_p=body.min_p or 0.0, seed=_seed(body.seed))
-    return GenerationRequest(tuple(ids), limit, sampling, body.stops(), mtp=state.mtp, mtp_depth=state.mtp_depth)
+    return GenerationRequest(tuple(ids), limit, sampling, body.stops(), mtp=state.mtp, mtp_depth=state.mtp_depth,
+                             logprobs=logprobs)

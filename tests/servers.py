@@ -17,9 +17,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# The model names the tests' clients send (an unknown name is a 404 model_not_found).
+TEST_MODEL_NAMES = ("m", "tiny")
+
+
 class Coordinator:
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, names: tuple[str, ...] = TEST_MODEL_NAMES):
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if names and "--served-model-name" not in args:
+            args = (*args, "--served-model-name", *names)
         self.proc = subprocess.Popen([sys.executable, "-m", "mtpdist.cli", "coordinator", "--port", "0", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.url = None

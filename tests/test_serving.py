@@ -223,3 +223,16 @@ def test_response_format_is_asked_for_and_checked(server, tiny_dense):
             == [check]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages=MSGS, max_tokens=2, response_format={"type": "yaml"})
+
+
+def test_n_choices_count_against_the_queue(server):
+    c, client = server
+    with ThreadPoolExecutor(1) as pool:         # one long request keeps the queue at 1 of --max-queue 2
+        running = pool.submit(post, c, "/completions", json={"prompt": "class A:", "max_tokens": 400, "seed": 1})
+        time.sleep(0.5)
+        with pytest.raises(openai.RateLimitError):  # 1 + 2 choices > 2
+            client.completions.create(model="m", prompt="x", max_tokens=2, n=2)
+        assert running.result().status_code == 200
+    assert wait_idle(c, 30)
+    alone = client.completions.create(model="m", prompt="x", max_tokens=2, n=3)   # alone, any n runs
+    assert len(alone.choices) == 3 and alone.usage.completion_tokens == 6

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..model.qwen35 import Head
 from .depth import DepthPolicy, FixedDepth
+from .logprobs import token_logprobs
 from .sampling import Sampler
 
 
@@ -98,6 +99,8 @@ class SequenceDecoder:
         self.backlog: list[tuple[mx.array, mx.array, list[int]]] = []
         self.stats = SpecStats()
         self.round_start = 0.0
+        self.logprobs_top: int | None = None  # set: note each confirmed token's logprobs (TokenLogprob)
+        self.logprobs: list = []              # those of the tokens returned last, until taken
 
     @property
     def sent_prefill(self) -> int:
@@ -175,6 +178,18 @@ class SequenceDecoder:
         self.backlog = []
         cat = (lambda xs: xs[0] if len(xs) == 1 else mx.concatenate(xs, axis=1))
         return cat(h), cat(n), [x for toks in t for x in toks]
+
+    def note_logprobs(self, logits: mx.array, tokens: list[int]) -> None:
+        """When asked for: the target's logprobs of `tokens` (row t of `logits` [T, V] chose tokens[t])."""
+        if self.logprobs_top is not None:
+            self.logprobs.extend(token_logprobs(logits, tokens, self.logprobs_top))
+
+    def take_logprobs(self) -> list | None:
+        """The logprobs noted since the last call (None when not asked for)."""
+        if self.logprobs_top is None:
+            return None
+        out, self.logprobs = self.logprobs, []
+        return out
 
     def settle_drafter(self) -> None:
         """Bring the drafter's cache to where the backbone's ends: speculative entries go, rows

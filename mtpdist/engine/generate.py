@@ -25,6 +25,7 @@ class GenerationRequest:
     mtp: bool = False
     mtp_depth: int | str = 1    # 1..8, or "auto"
     ignore_eos: bool = False    # run to max_tokens (benchmarks, tests)
+    logprobs: int | None = None  # per token, its logprob and this many top alternatives (0..20); None: none
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class Delta:
     text: str
     token_ids: list[int]
     result: GenerationResult | None = None
+    logprobs: list | None = None   # a TokenLogprob per token of token_ids, when the request asked
 
 
 class Generator:
@@ -121,7 +123,7 @@ class Output:
     def done(self) -> bool:
         return self.finish_reason == "stop" or len(self.tokens) >= self.req.max_tokens
 
-    def add(self, step: Sequence[int]) -> Delta | None:
+    def add(self, step: Sequence[int], logprobs: list | None = None) -> Delta | None:
         """Confirmed tokens of one step; the Delta to send, if any."""
         if self.t_first is None:
             self.t_first = time.perf_counter()
@@ -137,7 +139,7 @@ class Output:
         text, hit = self.detok.add(new)
         if hit:
             self.finish_reason = "stop"
-        return Delta(text, new) if text or new else None
+        return Delta(text, new, logprobs=_kept(logprobs, new)) if text or new else None
 
     def finish(self, stats) -> Delta:
         """The last Delta, carrying the GenerationResult."""
@@ -155,6 +157,11 @@ class Output:
             rounds_by_depth=tuple(zip(stats.tried_at, stats.accepted_at)),
             time_to_first_token=ttft, cached_tokens=self.cached_tokens)
         return Delta(tail, [], result)
+
+
+def _kept(logprobs: list | None, new: list[int]) -> list | None:
+    """The logprobs of the tokens kept (those before EOS / the token limit)."""
+    return None if logprobs is None else logprobs[:len(new)]
 
 
 class _TextTail:

@@ -49,6 +49,7 @@ def resolve_unit(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.arr
     for dec, step, h in items:
         T = h.shape[1]
         out, a = accept(dec.sampler, step.drafts, dec.qs, logits[r:r + T], target[r:r + T] if greedy else None)
+        dec.note_logprobs(logits[r:r + len(out)], out)   # row j of a round chose out[j]
         n = normed[:, r:r + T]
         r += T
         observe = dec.confirm(step, out, a)

@@ -159,6 +159,7 @@ class Scheduler:
                 drafter.caches = copy_caches(entry.mtp_caches)
             s.decoder = SequenceDecoder(self.head, Sampler(req.sampling), req.prompt_ids, drafter, depth,
                                         self.generator.prefill_step, start=len(entry.tokens) if entry else 0)
+            s.decoder.logprobs_top = req.logprobs
         except (MtpdistError, ValueError) as e:
             self._end(s, e if isinstance(e, MtpdistError) else MtpdistError(str(e)))
             return
@@ -284,7 +285,7 @@ class Scheduler:
             tokens = decode()
             if s.prompt_state and not s.decoder.prefilling:
                 self._kept_prompt(s)
-            delta = s.output.add(tokens) if tokens else None
+            delta = s.output.add(tokens, s.decoder.take_logprobs()) if tokens else None
         except Exception as e:  # never let one sequence take the others down
             log.exception("decoding failed")
             self._end(s, MtpdistError(f"internal error: {e}"))
