@@ -41,9 +41,12 @@ class ChatSpec:
 
 @dataclass(frozen=True)
 class ChatPrompt:
-    """The rendered prompt and whether the reply starts inside an open `<think>` block."""
+    """The rendered prompt, whether the reply starts inside an open `<think>` block, and the
+    message boundaries: token counts at which the prompt ends a message (state kept there
+    serves the next turn of this conversation, or others that share its system prompt)."""
     ids: tuple[int, ...]
     in_reasoning: bool
+    boundaries: tuple[int, ...] = ()
 
 
 def _message(m: dict, i: int) -> dict:
@@ -143,7 +146,36 @@ def render(tokenizer, spec: ChatSpec) -> ChatPrompt:
     except UnicodeEncodeError:
         raise ChatRequestError("messages hold text that is not valid Unicode (a lone surrogate)", "messages") from None
     ids = tokenizer.encode(text, add_special_tokens=False)
-    return ChatPrompt(tuple(ids), text.rstrip().endswith("<think>"))
+    return ChatPrompt(tuple(ids), text.rstrip().endswith("<think>"), message_boundaries(tokenizer, spec, text, ids))
+
+
+# Boundaries are looked for at the system prompt and the last few messages: those are what a
+# later request shares (an agent fleet's tools; this conversation's next turn).
+RECENT_MESSAGES = 6
+
+
+def message_boundaries(tokenizer, spec: ChatSpec, text: str, ids) -> tuple[int, ...]:
+    """Token counts where the rendered prompt ends a message, found with the template itself:
+    the conversation cut after message i, rendered without a generation prompt, where that
+    text and its tokens are a prefix of the whole prompt's. Templates that render a message
+    differently depending on what follows simply yield fewer boundaries."""
+    msgs = list(spec.messages)
+    cuts = {i for i in range(1, len(msgs) + 1) if len(msgs) - i < RECENT_MESSAGES}
+    if msgs and msgs[0]["role"] == "system":
+        cuts.add(1)
+    found = set()
+    for i in sorted(cuts):
+        try:
+            part = tokenizer.apply_chat_template(msgs[:i], tools=list(spec.tools) if spec.tools else None,
+                                                 add_generation_prompt=False, tokenize=False, **spec.template_kwargs)
+        except Exception:  # a template that cannot render a partial conversation: no boundary here
+            continue
+        if not part or not text.startswith(part) or len(part) == len(text):
+            continue
+        head = tokenizer.encode(part, add_special_tokens=False)
+        if 0 < len(head) < len(ids) - 1 and list(ids[:len(head)]) == head:
+            found.add(len(head))
+    return tuple(sorted(found))
 
 
 def schema_error(value, schema: dict, where: str = "$") -> str | None:

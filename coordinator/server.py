@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from fastapi import FastAPI, Request
@@ -143,7 +143,8 @@ def create_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(e), "messages") from None
         ctx = ChatContext(prompt.in_reasoning, spec.tool_schemas(), spec.response_format,
                           max_calls=1 if body.parallel_tool_calls is False else None)
-        return await complete(state, _request(state, body, prompt.ids, body.limit()), body, request, ctx)
+        req = replace(_request(state, body, prompt.ids, body.limit()), boundaries=prompt.boundaries)
+        return await complete(state, req, body, request, ctx)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):

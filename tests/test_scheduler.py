@@ -37,10 +37,12 @@ def test_plan_respects_inflight_and_budget_and_prefers_short_prompts():
     assert plan_units([Candidate("a", "decode", 1, 0)], inflight=2, active=1, limits=lim) == []
     cands = [Candidate("long", "prefill", 100, 0, 2000), Candidate("short", "prefill", 30, 1, 30)]
     units = plan_units(cands, inflight=0, active=2, limits=lim)
-    assert units == [[("short", 30), ("long", 70)]]                       # short first; long fills the rest
+    assert units == [[("short", 30)], [("long", 100)]]   # short first; a chunk is never cut to fill a budget
     two = plan_units(cands, inflight=0, active=2, limits=PlanLimits(stages=2, max_inflight=2, prefill_budget=100))
     assert two == [[("short", 30)], [("long", 100)]]                      # two stages: one unit each
     assert plan_units([], 0, 0, lim) == []
+    small = [Candidate("a", "prefill", 40, 0, 40), Candidate("b", "prefill", 50, 1, 50)]
+    assert plan_units(small, inflight=0, active=2, limits=lim) == [[("a", 40), ("b", 50)]]   # both fit one unit
 
 
 def test_plan_one_sequence_per_unit_when_alone():
@@ -146,3 +148,37 @@ def test_trained_head_accepts_and_rejects_within_one_batch():
     assert sched.stats["max_unit_sequences"] == 4                          # all four shared forwards
     accepted, drafted = sum(r.accepted for r in results), sum(r.drafted for r in results)
     assert 0 < accepted < drafted
+
+
+def test_message_boundaries_cut_chunks_and_reuse_is_bit_identical(tiny_dense):
+    """Chunks end at multiples of the chunk size and at the request's boundaries, wherever the
+    sequence starts: a request continued from state kept at a boundary runs the same chunks as
+    one prefilled afresh, so its logits match bit for bit (logprobs compared exactly)."""
+    session = local_session(tiny_dense[0], mtp=True, prefill_step=8)
+    system = tuple(range(40, 63))                       # 23 tokens: a boundary at 23 (not a chunk multiple)
+    a = system + (5, 6, 7, 8, 9, 10, 11)
+    b = system + (12, 13, 14, 15)
+    sched = Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8))
+    req = lambda p: GenerationRequest(p, 10, mtp=True, mtp_depth=2, boundaries=(len(system),), logprobs=2)  # noqa
+    run_all(sched, [req(a)])[0].wait()
+    assert [e.tokens for e in sched.prefixes.entries.values()][0] == system      # kept at the boundary
+    reused = run_all(sched, [req(b)])[0]
+    fresh = run_all(Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8, reuse_prefixes=False)),
+                    [req(b)])[0]
+    assert reused.wait().cached_tokens == len(system) and fresh.wait().cached_tokens == 0
+    assert reused.wait().token_ids == fresh.wait().token_ids
+    lp = lambda sink: [(t.token, t.logprob) for d in sink.deltas for t in (d.logprobs or ())]  # noqa: E731
+    assert lp(reused) == lp(fresh) and len(lp(fresh)) == 10
+
+
+def test_coordinator_keeps_mtp_caches_within_a_byte_budget(tiny_dense):
+    from mtpdist.engine.prefix_cache import PrefixIndex
+    session = local_session(tiny_dense[0], mtp=True, prefill_step=8)
+    sched = Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8))
+    run_all(sched, [GenerationRequest(tuple(PROMPTS[2]), 6, mtp=True)])[0].wait()
+    one = max(e.nbytes for e in sched.prefixes.entries.values())
+    assert one > 0 and sched.prefixes.bytes == sum(e.nbytes for e in sched.prefixes.entries.values())
+    small = PrefixIndex(capacity=64, max_bytes=one)
+    for e in list(sched.prefixes.entries.values()):
+        small.add(e)
+    assert len(small.entries) == 1 and small.bytes <= one        # least recently kept went first

@@ -74,8 +74,11 @@ class SequenceDecoder:
     every other step waits for the one before it."""
 
     def __init__(self, head: Head, sampler: Sampler, prompt: Sequence[int], drafter: Drafter | None = None,
-                 depth: DepthPolicy | None = None, chunk: int = 512, start: int = 0):
-        """`start`: the caches (and the drafter's) already hold prompt[:start] (a kept prefix)."""
+                 depth: DepthPolicy | None = None, chunk: int = 512, start: int = 0,
+                 boundaries: Sequence[int] = ()):
+        """`start`: the caches (and the drafter's) already hold prompt[:start] (a kept prefix).
+        Prefill chunks end at multiples of `chunk` from position 0 and at `boundaries`, whatever
+        `start` is: a sequence continued from a kept state runs the same chunks as a fresh one."""
         if not prompt:
             raise ValueError("the prompt is empty")
         self.head, self.sampler, self.drafter = head, sampler, drafter
@@ -83,6 +86,7 @@ class SequenceDecoder:
         self.prompt = list(prompt)
         self.body = len(self.prompt) - 1  # the last prompt token is the first decode input
         self.chunk, self.start = chunk, start
+        self.cuts = sorted({b for b in boundaries if 0 < b < self.body} | {self.body})
         self.chunks: list[tuple[int, int]] = []  # prefill chunks sent, as prompt ranges
         self.chunks_done = 0         # prefill chunks processed (in order)
         self.early: dict[int, mx.array] = {}  # prefill results that came back out of order
@@ -113,17 +117,19 @@ class SequenceDecoder:
     def peek(self) -> tuple[str, int] | None:
         """(kind, rows) of the step `next_step` would send now, without sending it."""
         if self.sent_prefill < self.body:
-            return "prefill", min(self.chunk, self.body - self.sent_prefill)
+            return "prefill", self._chunk_end(self.sent_prefill) - self.sent_prefill
         if self.prefilling or self.awaiting:
             return None
         return ("verify", 1 + len(self.drafts)) if self.drafts else ("decode", 1)
 
-    def next_step(self, max_rows: int | None = None) -> Step | None:
-        """The next forward to send, or None while an earlier one must come back first.
-        `max_rows` caps a prefill chunk (the scheduler's token budget)."""
+    def _chunk_end(self, s: int) -> int:
+        return min((s // self.chunk + 1) * self.chunk, next(c for c in self.cuts if c > s))
+
+    def next_step(self) -> Step | None:
+        """The next forward to send, or None while an earlier one must come back first."""
         if self.sent_prefill < self.body:
             s = self.sent_prefill
-            e = min(s + min(self.chunk, max_rows or self.chunk), self.body)
+            e = self._chunk_end(s)
             step = Step("prefill", tuple(self.prompt[s:e]), (), self.position, index=len(self.chunks))
             self.chunks.append((s, e))
             self.position += e - s
@@ -140,8 +146,9 @@ class SequenceDecoder:
         self.awaiting = True
         return step
 
-    def prefilled(self, step: Step, hidden: mx.array) -> None:
-        """Take a prefill chunk's pre-norm hidden [1, T, H]; chunks are applied in order."""
+    def prefilled(self, step: Step, hidden: mx.array, applied=lambda end: None) -> None:
+        """Take a prefill chunk's pre-norm hidden [1, T, H]; chunks are applied in order, and
+        `applied(end)` hears of each (the prompt position its state now stands at)."""
         self.early[step.index] = hidden
         while self.chunks_done in self.early:
             i = self.chunks_done
@@ -152,6 +159,7 @@ class SequenceDecoder:
                 out.append(self.drafter.extend(hidden, self.head.norm(hidden), self.prompt[s + 1:e + 1]))
             mx.eval(*out)
             self.chunks_done += 1
+            applied(self.chunks[i][1])
 
     def confirm(self, step: Step, out: list[int], accepted: int) -> tuple[int, int] | None:
         """Record a decode/verify step's confirmed tokens; returns the (depth, accepted) the depth

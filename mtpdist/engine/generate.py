@@ -26,6 +26,7 @@ class GenerationRequest:
     mtp_depth: int | str = 1    # 1..8, or "auto"
     ignore_eos: bool = False    # run to max_tokens (benchmarks, tests)
     logprobs: int | None = None  # per token, its logprob and this many top alternatives (0..20); None: none
+    boundaries: tuple[int, ...] = ()  # prompt positions worth keeping state at (ends of chat messages)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ class Candidate:
     """A sequence that can send a step now."""
     key: str
     kind: str             # "prefill" | "decode" | "verify"
-    rows: int             # rows it would send (for prefill: the most it wants in one chunk)
+    rows: int             # rows it would send (for prefill: its next chunk)
     order: int            # arrival order (older first)
     remaining: int = 0    # prompt rows still to prefill
 
@@ -49,11 +49,13 @@ def plan_units(candidates: list[Candidate], inflight: int, active: int,
             c = steps.pop(0)
             unit.append((c.key, c.rows))
         budget = limits.prefill_budget
-        while prefills and budget > 0 and len(unit) < per_unit:
-            c = prefills.pop(0)
-            take = min(c.rows, budget)
-            unit.append((c.key, take))
-            budget -= take
+        while len(unit) < per_unit:   # whole chunks only: where a chunk ends never depends on load
+            c = next((c for c in prefills if c.rows <= budget), None)
+            if c is None:
+                break
+            prefills.remove(c)
+            unit.append((c.key, c.rows))
+            budget -= c.rows
         units.append(unit)
         free -= 1
     return units

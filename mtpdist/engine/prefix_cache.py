@@ -24,20 +24,30 @@ class PrefixEntry:
     undo: int                    # rows undone after the last step of the log
     mtp_caches: list | None      # the MTP head's cache at the same point (None: plain)
 
+    @property
+    def nbytes(self) -> int:
+        """What the entry holds on the coordinator (its copy of the MTP head's cache)."""
+        return sum(c.nbytes() for c in self.mtp_caches) if self.mtp_caches else 0
+
 
 class PrefixIndex:
-    """The coordinator's LRU of kept states (workers keep their own LRU within memory)."""
+    """The coordinator's LRU of kept states within a count and a byte budget (workers keep their
+    own LRU within their memory; an entry they dropped is found out at Fork and skipped)."""
 
-    def __init__(self, capacity: int = 64):
-        self.capacity = capacity
+    def __init__(self, capacity: int = 64, max_bytes: int = 2 << 30):
+        self.capacity, self.max_bytes = capacity, max_bytes
         self.entries: OrderedDict[str, PrefixEntry] = OrderedDict()
+        self.bytes = 0
         self.hits = self.misses = 0
 
     def add(self, entry: PrefixEntry) -> None:
+        self.drop(entry.name)
         self.entries[entry.name] = entry
-        self.entries.move_to_end(entry.name)
-        while len(self.entries) > self.capacity:
-            self.entries.popitem(last=False)
+        self.bytes += entry.nbytes
+        while len(self.entries) > self.capacity or (self.bytes > self.max_bytes and len(self.entries) > 1):
+            self.bytes -= self.entries.popitem(last=False)[1].nbytes
+        if self.bytes > self.max_bytes:        # one entry alone over the budget is not kept either
+            self.clear()
 
     def match(self, prompt: Sequence[int], need_mtp: bool) -> PrefixEntry | None:
         """The longest entry whose tokens start `prompt` and leave at least its last token."""
@@ -56,15 +66,19 @@ class PrefixIndex:
         return best
 
     def drop(self, name: str) -> None:
-        self.entries.pop(name, None)
+        e = self.entries.pop(name, None)
+        if e is not None:
+            self.bytes -= e.nbytes
 
     def clear(self) -> None:
         self.entries.clear()
+        self.bytes = 0
 
 
-def prompt_entry(name: str, prompt: Sequence[int], decoder, log: Sequence[Step]) -> PrefixEntry:
-    """The end-of-prompt state a sequence kept while prefilling (its rows carried `keep_as`)."""
-    return PrefixEntry(name, tuple(prompt[:decoder.body]), tuple(log), 0, mtp_copy(decoder))
+def boundary_entry(name: str, prompt: Sequence[int], end: int, decoder, log: Sequence[Step]) -> PrefixEntry:
+    """The state a sequence kept while prefilling, at prompt position `end` (a message boundary
+    or the end of its prompt: the chunk ending there carried `keep_as`)."""
+    return PrefixEntry(name, tuple(prompt[:end]), tuple(log), 0, mtp_copy(decoder))
 
 
 def turn_entry(name: str, prompt: Sequence[int], decoder, log: Sequence[Step]) -> PrefixEntry:

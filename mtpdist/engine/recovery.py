@@ -78,10 +78,11 @@ class Recovery:
                 s.wire_id = uuid.uuid4().hex
                 # Steps whose results are still owed: those of failed units (not replays of the
                 # log) and those an interrupted replay had not delivered yet.
+                log_steps = s.replay_log()
                 owed = [st for st in retry.get(s.key, []) if st not in s.log]
                 if s.replay is not None:
                     owed += [st for st, use in s.replay.steps if use and st not in owed]
                 again = sorted(owed, key=lambda st: (st.position, st.index))
-                log.info("replaying %d steps of a sequence", len(s.log))
-                s.replay = Replay(deque([(st, False) for st in s.log] + [(st, True) for st in again]))
+                log.info("replaying %d steps of a sequence", len(log_steps))
+                s.replay = Replay(deque([(st, False) for st in log_steps] + [(st, True) for st in again]))
             return None

@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 import uuid
-from dataclasses import replace
 from typing import Callable
 
 import mlx.core as mx
@@ -28,7 +27,7 @@ from .decoder import SequenceDecoder, Step
 from .depth import BatchDepth, FixedDepth
 from .generate import GenerationRequest, GenerationResult, Generator, Output
 from .plan import Candidate, PlanLimits, plan_units
-from .prefix_cache import PrefixEntry, PrefixIndex, prompt_entry, turn_entry
+from .prefix_cache import PrefixEntry, PrefixIndex, boundary_entry, turn_entry
 from .live import Backend, LiveSequence, SchedulerSettings, Sink
 from .recovery import Recovery
 from .rounds import resolve_unit
@@ -54,7 +53,7 @@ class Scheduler:
         self.sent_at: dict[int, float] = {}
         self.recovery = Recovery(settings.max_recoveries)
         self.auto_depth = BatchDepth()
-        self.prefixes = PrefixIndex(settings.prefix_capacity)
+        self.prefixes = PrefixIndex(settings.prefix_capacity, settings.prefix_max_bytes)
         self.order = itertools.count()
         self.unit_ids = itertools.count()
         self.queued = 0             # inserted, not yet admitted
@@ -158,7 +157,8 @@ class Scheduler:
             if entry is not None and drafter is not None:
                 drafter.caches = copy_caches(entry.mtp_caches)
             s.decoder = SequenceDecoder(self.head, Sampler(req.sampling), req.prompt_ids, drafter, depth,
-                                        self.generator.prefill_step, start=len(entry.tokens) if entry else 0)
+                                        self.generator.prefill_step, start=len(entry.tokens) if entry else 0,
+                                        boundaries=req.boundaries)
             s.decoder.logprobs_top = req.logprobs
         except (MtpdistError, ValueError) as e:
             self._end(s, e if isinstance(e, MtpdistError) else MtpdistError(str(e)))
@@ -166,9 +166,10 @@ class Scheduler:
         s.output = Output(self.generator, req)
         s.output.cached_tokens = s.decoder.start
         if entry is not None:
-            s.log, s.undo_carry = list(entry.log), entry.undo
-        elif self.settings.reuse_prefixes and s.decoder.body >= self.settings.prefix_min_tokens:
-            s.prompt_state = f"{key}:prompt"
+            s.log, s.inherited, s.inherited_undo = list(entry.log), len(entry.log), entry.undo
+        if self.settings.reuse_prefixes:   # message boundaries and the end of the prompt
+            s.keep_at = {p: f"{key}:{p}" for p in s.decoder.cuts
+                         if p > s.decoder.start and p >= self.settings.prefix_min_tokens}
 
     def _use(self, transport: Transport) -> None:
         if transport is not self.transport:
@@ -201,7 +202,7 @@ class Scheduler:
         if s.replay is not None:
             s.replay.inflight = True
             return s.replay.steps[0]
-        return s.decoder.next_step(rows), True
+        return s.decoder.next_step(), True
 
     def _launch(self, unit: list[tuple[str, int]]) -> None:
         members = [(key, *self._take(self.live[key], rows)) for key, rows in unit]
@@ -211,9 +212,9 @@ class Scheduler:
         for key, step, _ in members:
             s = self.live[key]
             s.inflight += 1
-            last = step.kind == "prefill" and step.position + len(step.tokens) == s.decoder.body
-            rows.append(SequenceRows(s.wire_id, step.position, len(step.tokens), step.undo, step.snapshots,
-                                     s.prompt_state if last and s.replay is None else ""))
+            end = step.position + len(step.tokens)
+            keep = s.keep_at.get(end, "") if step.kind == "prefill" and s.replay is None else ""
+            rows.append(SequenceRows(s.wire_id, step.position, len(step.tokens), step.undo, step.snapshots, keep))
         hidden = self.head.embed(mx.array([t for _, step, _ in members for t in step.tokens]))
         st = self.stats
         st["units"] += 1
@@ -260,11 +261,10 @@ class Scheduler:
                     s.replay = None
                 if not use:
                     continue
-            if s.undo_carry:    # the kept state was stored undone; a replay from 0 must undo it here
-                step, s.undo_carry = replace(step, undo=step.undo + s.undo_carry), 0
             s.log.append(step)
             if step.kind == "prefill":
-                self._guard(s, lambda s=s, step=step, rows=rows: s.decoder.prefilled(step, rows) or [])
+                self._guard(s, lambda s=s, step=step, rows=rows:
+                            s.decoder.prefilled(step, rows, lambda end, s=s: self._kept_at(s, end)) or [])
             else:
                 rounds.append((s, step, rows))
         if not rounds:
@@ -283,8 +283,6 @@ class Scheduler:
         """Run one sequence's part of a result and hand its new text to its sink."""
         try:
             tokens = decode()
-            if s.prompt_state and not s.decoder.prefilling:
-                self._kept_prompt(s)
             delta = s.output.add(tokens, s.decoder.take_logprobs()) if tokens else None
         except Exception as e:  # never let one sequence take the others down
             log.exception("decoding failed")
@@ -296,9 +294,11 @@ class Scheduler:
             self._finish(s)
 
     # -- kept prefixes ------------------------------------------------------------------------
-    def _kept_prompt(self, s: LiveSequence) -> None:
-        self.prefixes.add(prompt_entry(s.prompt_state, s.req.prompt_ids, s.decoder, s.log))
-        s.prompt_state = ""
+    def _kept_at(self, s: LiveSequence, end: int) -> None:
+        """A prefill chunk ending at a kept position was applied: the workers keep that state."""
+        name = s.keep_at.pop(end, None)
+        if name is not None:
+            self.prefixes.add(boundary_entry(name, s.req.prompt_ids, end, s.decoder, s.replay_log(upto=end)))
 
     def _keep_turn(self, s: LiveSequence) -> None:
         """Keep a finished sequence's state, so that the next turn of a chat continues from it."""
@@ -307,7 +307,7 @@ class Scheduler:
         if length < self.settings.prefix_min_tokens or d.awaiting or d.prefilling or s.replay is not None:
             return
         name = f"{s.key}:turn"
-        entry = turn_entry(name, s.req.prompt_ids, d, s.log)
+        entry = turn_entry(name, s.req.prompt_ids, d, s.replay_log())
 
         def kept(n: int | None) -> None:
             self.events.put(("kept", name, entry if n == length else None))
