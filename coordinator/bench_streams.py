@@ -5,7 +5,8 @@ Scenarios (each run side by side in one process, repeated and interleaved, media
 - `depths`: one stream at plain, depth 1..K and auto, with acceptance by depth.
 - `prefill`: time to first token of a long prompt, chunks pipelined vs one after another.
 - `hop`: time per forward outside worker compute, per stage (no emulation).
-- `chat`: a two-turn chat with a long history, the second turn from the kept state or afresh.
+- `chat`: a long prompt's continuation sent as token ids (a /v1/completions client), from the
+  kept state or afresh; `agent` (coordinator/bench_agent.py): chats as chat clients send them.
 Workers may emulate Mac-speed stages (`--emulate-ms A,B`, figures then say "emulated") and
 may be pinned to their own CPU cores (`--pin`).
 """
@@ -157,6 +158,10 @@ def scenario_prefill(b: Bench) -> dict:
             results, _, _ = b.run([GenerationRequest(prompt, 2)], max_inflight=inflight)
             if rep:
                 runs[name].append(results[0].time_to_first_token)
+        if rep:  # a 4-token request arriving a second into the long prefill
+            results, _, _ = b.run([GenerationRequest(prompt, 2), GenerationRequest(tuple(b.prompts[5][:4]), 2)],
+                                  stagger=1.0)
+            runs.setdefault("short_request_during_prefill", []).append(results[1].time_to_first_token)
     med = {k: round(statistics.median(v), 4) for k, v in runs.items()}
     return {"prompt_tokens": len(prompt), "chunk": b.args.prefill_step, "ttft_s": med,
             "pipelined_over_one_after_another": round(med["pipelined"] / med["one_after_another"], 4)}
@@ -205,14 +210,19 @@ def run_scenario(args, make_transport) -> dict:
     """Run `args.scenario` and return its JSON-ready figures with the settings behind them."""
     if args.repeats < 1:
         raise MtpdistError("--repeats must be at least 1 (a warm-up round runs first and is dropped)")
+    b = None
     with tempfile.TemporaryDirectory() as tmp:
-        b = Bench(args, Path(tmp), make_transport)
-        try:
-            figures = SCENARIOS[args.scenario](b)
-        finally:
-            b.close()
+        if args.scenario == "agent":
+            from .bench_agent import scenario_agent
+            figures = scenario_agent(args, Path(tmp))
+        else:
+            b = Bench(args, Path(tmp), make_transport)
+            try:
+                figures = SCENARIOS[args.scenario](b)
+            finally:
+                b.close()
     return {"scenario": args.scenario, "mtpdist_version": __version__, "machine": platform.platform(),
             "model": str(Path(args.model).resolve()), "workers": args.workers,
             "emulated": f"emulated, {args.emulate_ms}" if args.emulate_ms else "real compute",
-            "pinned": b.pinned, "max_tokens": args.max_tokens, "prefill_step": args.prefill_step,
+            "pinned": b.pinned if b else None, "max_tokens": args.max_tokens, "prefill_step": args.prefill_step,
             "repeats": args.repeats, **figures}

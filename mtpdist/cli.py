@@ -120,11 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--workers", type=int, default=0, help="also run through N local worker processes")
     b.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="also run through these (already running) workers")
-    b.add_argument("--scenario", choices=["single", "streams", "depths", "prefill", "hop", "chat"], default="single",
+    b.add_argument("--scenario", choices=["single", "streams", "depths", "prefill", "hop", "chat", "agent"],
+                   default="single",
                    help="single: plain vs MTP vs mlx-lm (default); streams: aggregate tok/s of concurrent "
                         "streams; depths: plain, MTP depth 1..K and auto; prefill: time to first token of a long "
-                        "prompt, chunks pipelined vs one after another; hop: overhead per stage; chat: second turn of a "
-                        "long chat from the kept state vs afresh")
+                        "prompt, chunks pipelined vs one after another, and a short request during it; hop: overhead per "
+                        "stage; chat: a long prompt continued as token ids from kept state vs afresh; agent: a "
+                        "tool-using chat session through the HTTP API, once per --worker-counts")
     b.add_argument("--emulate-ms", default=None, metavar="A,B",
                    help="local workers emulate Mac-speed stages (A + B*(rows-1) ms per forward); figures say so")
     b.add_argument("--pin-cores", type=int, default=0, metavar="K",
@@ -134,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--max-depth", type=int, default=3, help="deepest depth for --scenario depths")
     b.add_argument("--prompt-tokens", type=int, default=1500, help="prompt length for --scenario prefill")
     b.add_argument("--prefill-step", type=int, default=256, help="prefill chunk (and per-unit prefill budget)")
+    b.add_argument("--worker-counts", default="1,2", metavar="N,M,...",
+                   help="--scenario agent: worker counts to compare; with --emulate-ms A,B (a whole Mac) each of "
+                        "N workers emulates A/N,B/N")
+    b.add_argument("--turns", type=int, default=6, help="--scenario agent: turns of the session")
     b.add_argument("--verify-curve", action="store_true",
                    help="only measure verify(T)/step for T = 1..--max-t (mtpdist/bench_verify.py)")
     b.add_argument("--max-t", type=int, default=8, help="longest verify pass of --verify-curve (default 8)")
