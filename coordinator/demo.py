@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import importlib.resources
 import secrets
 import socket
@@ -11,6 +10,7 @@ from pathlib import Path
 
 from mtpdist.errors import MtpdistError
 
+from .config import ClusterConfig, GenerateOptions, ModelOptions, ServerOptions
 from .local_cluster import LocalCluster
 
 DEMO_MODEL = Path(str(importlib.resources.files("mtpdist") / "demo_model"))
@@ -61,19 +61,14 @@ def run_demo(args) -> int:
             LocalCluster(args.workers, Path(tmp), "--cluster", cluster, token=token, advertise=True) as workers:
         if not args.json:
             print(f"started {args.workers} workers: {', '.join(workers.addresses)} (cluster {cluster})", flush=True)
-        common = dict(worker=[], workers=args.workers, cluster=cluster, mdns_interface=["127.0.0.1"],
-                      discover_timeout=30.0, rpc_timeout=30.0, token=token, token_file=None,
-                      insecure=False, model=str(model), mtp=not args.no_mtp, mtp_hidden="post-norm",
-                      prefill_step=512, mtp_depth=1)
+        found = ClusterConfig(workers=args.workers, cluster=cluster, mdns_interfaces=("127.0.0.1",),
+                              discover_timeout=30.0, token=token)
+        options = ModelOptions(str(model), mtp=not args.no_mtp)
         if args.once:
             from .commands import run_generate
-            return run_generate(argparse.Namespace(**common, prompt=args.prompt, max_tokens=args.max_tokens,
-                                                   json=args.json, temp=0.0, top_p=1.0, top_k=0, min_p=0.0,
-                                                   seed=None, stop=[]), make_transport=None)
+            return run_generate(found, options, GenerateOptions(args.prompt, args.max_tokens, json=args.json))
         from .main import run_coordinator
-        return run_coordinator(argparse.Namespace(**common, host="127.0.0.1", port=args.port, api_key=None,
-                                                  local=False, max_context=None, default_max_tokens=256,
-                                                  max_inflight=0, max_queue=64),
+        return run_coordinator(found, options, ServerOptions(port=args.port, default_max_tokens=256),
                                on_ready=print_usage)
 
 

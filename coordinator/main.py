@@ -10,75 +10,57 @@ from mtpdist.errors import MtpdistError
 
 from mtpdist.engine.scheduler import SchedulerSettings
 
+from .config import ClusterConfig, ModelOptions, ServerOptions, add_model_arguments
+
 
 log = logging.getLogger("mtpdist.coordinator")
 
 
 def add_arguments(p) -> None:
-    """Flags of `mtpdist coordinator` (cluster flags are added by the CLI)."""
-    p.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
+    """Flags of `mtpdist coordinator` (cluster flags come from config.add_cluster_arguments)."""
+    add_model_arguments(p)
     p.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="the model id /v1/models lists (the first NAME) and requests may name (any NAME, or the "
-                        "model folder's name); default: the model folder's name")
-    p.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
-    p.add_argument("--mtp-hidden", choices=["post-norm", "pre-norm"], default="post-norm")
-    p.add_argument("--mtp-depth", type=_depth, default=1, metavar="K|auto",
-                   help="drafts per round with --mtp: 1-8, or 'auto' to choose from measured acceptance and "
-                        "verify cost (default 1)")
+                   help="the model id(s) the API answers to (default: the model folder's name, always accepted)")
     p.add_argument("--no-prefix-reuse", action="store_true",
-                   help="do not keep finished turns' state for later requests to continue from (every prompt is "
-                        "prefilled; greedy output then matches single-process decoding bit for bit)")
+                   help="do not keep state at message boundaries and finished turns for later requests")
     p.add_argument("--max-inflight", type=int, default=0,
                    help="units of work in flight through the pipeline (default: one per worker)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require this bearer key on /v1/* (or MTPDIST_API_KEY)")
     p.add_argument("--local", action="store_true", help="run every layer in this process (no workers)")
-    p.add_argument("--prefill-step", type=int, default=512)
     p.add_argument("--max-context", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--default-max-tokens", type=int, default=512)
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests waiting or running before new ones get 429 with Retry-After (default 64)")
 
 
-def _depth(text: str):
-    import argparse
-
-    from mtpdist.engine.depth import parse_depth
-    try:
-        return parse_depth(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def run_coordinator(args, on_ready=None, make_transport=None) -> int:
+def run_coordinator(cluster: ClusterConfig, model: ModelOptions, server: ServerOptions, on_ready=None,
+                    make_transport=None) -> int:
     """Find workers, place the model, and serve the API until interrupted."""
     import os
 
     import uvicorn
-
-    from .commands import channel_from, membership_from
 
     from .engine_thread import EngineThread
     from .metrics import Metrics
     from .server import ServerState, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    post_norm = args.mtp_hidden == "post-norm"
     membership = None
-    if args.local:
+    if server.local:
         from .local_session import LocalSession
-        session = LocalSession(args.model, make_transport, mtp=args.mtp, post_norm=post_norm,
-                               prefill_step=args.prefill_step)
+        session = LocalSession(model.model, make_transport, mtp=model.mtp, post_norm=model.post_norm,
+                               prefill_step=model.prefill_step)
         cluster_info = lambda: {"mode": "local", "workers": []}  # noqa: E731
     else:
         from .session import PipelineSession
         from .vetting import vet
-        channel = channel_from(args)
-        membership = membership_from(args)
+        channel = cluster.channel()
+        membership = cluster.membership()
         addresses = membership.wait(lambda a: vet(a, channel))
-        session = PipelineSession(args.model, addresses, mtp=args.mtp, post_norm=post_norm,
-                                  prefill_step=args.prefill_step, channel=channel,
+        session = PipelineSession(model.model, addresses, mtp=model.mtp, post_norm=model.post_norm,
+                                  prefill_step=model.prefill_step, channel=channel,
                                   candidates=membership.current, label=membership.label, refused=membership.refused)
 
         def cluster_info():
@@ -95,31 +77,31 @@ def run_coordinator(args, on_ready=None, make_transport=None) -> int:
             return {"mode": "pipeline", "workers": rows}
     config = session.parts.config
     metrics = Metrics()
-    settings = SchedulerSettings(max_inflight=args.max_inflight, prefill_budget=args.prefill_step,
-                                 reuse_prefixes=not getattr(args, "no_prefix_reuse", False))
+    settings = SchedulerSettings(max_inflight=server.max_inflight, prefill_budget=model.prefill_step,
+                                 reuse_prefixes=server.prefix_reuse)
     engine = EngineThread(session.generator, session, settings,
                           on_result=metrics.record_generation,
                           on_unit=metrics.record_unit)
     engine.start()
-    max_ctx = args.max_context or int(config.text_config.get("max_position_embeddings", 32768))
-    names = [*(getattr(args, "served_model_name", None) or []), Path(args.model).name]
+    max_ctx = server.max_context or int(config.text_config.get("max_position_embeddings", 32768))
+    names = [*server.served_model_names, Path(model.model).name]
     state = ServerState(engine=engine, tokenizer=session.generator.tokenizer, model_name=names[0],
                         model_aliases=tuple(names[1:]),
-                        max_context=max_ctx, mtp=args.mtp, metrics=metrics, vocab_size=config.vocab_size,
-                        api_key=args.api_key or os.environ.get("MTPDIST_API_KEY"), cluster_info=cluster_info,
-                        default_max_tokens=args.default_max_tokens, mtp_depth=args.mtp_depth,
-                        max_queue=max(1, getattr(args, "max_queue", 64)))
+                        max_context=max_ctx, mtp=model.mtp, metrics=metrics, vocab_size=config.vocab_size,
+                        api_key=server.api_key or os.environ.get("MTPDIST_API_KEY"), cluster_info=cluster_info,
+                        default_max_tokens=server.default_max_tokens, mtp_depth=model.mtp_depth,
+                        max_queue=server.max_queue)
     app = create_app(state)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    sock = socket.socket(socket.AF_INET6 if ":" in server.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((args.host, args.port))
+        sock.bind((server.host, server.port))
     except OSError as e:
-        raise MtpdistError(f"cannot listen on {args.host}:{args.port}: {e.strerror}") from e
+        raise MtpdistError(f"cannot listen on {server.host}:{server.port}: {e.strerror}") from e
     host, port = sock.getsockname()[:2]
-    workers = "local" if args.local else f"{len(session.clients)} workers"
+    workers = "local" if server.local else f"{len(session.clients)} workers"
     print(f"mtpdist coordinator serving http://{host}:{port}/v1 (model {state.model_name}, {workers}, "
-          f"MTP {'on' if args.mtp else 'off'})", flush=True)
+          f"MTP {'on' if model.mtp else 'off'})", flush=True)
     if on_ready:
         on_ready(f"http://{host}:{port}/v1", state.model_name)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))

@@ -21,30 +21,6 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 
-def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags that say which workers to use and how to reach them."""
-    from .worker.main import add_security_arguments
-    p.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
-                   help="use this worker (repeatable, in pipeline order; mixes with discovery)")
-    p.add_argument("--workers", type=int, default=0, help="wait for this many workers in all (found on mDNS)")
-    p.add_argument("--cluster", default="default", help="only use workers advertising this cluster name")
-    p.add_argument("--mdns-interface", action="append", default=[], metavar="IP",
-                   help="browse mDNS on this interface address only (repeatable)")
-    p.add_argument("--discover-timeout", type=float, default=15.0, help="seconds to wait for --workers")
-    p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline (s) of each call to a worker")
-    p.add_argument("--step-timeout", type=float, default=5.0,
-                   help="a worker that leaves a liveness probe unanswered this long (s) is lost; a busy one is not")
-    add_security_arguments(p)
-
-
-def _depth_flag(text: str):
-    from .engine.depth import parse_depth
-    try:
-        return parse_depth(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every subcommand."""
     ap = argparse.ArgumentParser(
@@ -56,15 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"mtpdist {__version__}")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    from .coordinator.config import add_cluster_arguments, add_model_arguments
     g = sub.add_parser("generate", help="generate text from a prompt (this machine, or through workers)")
-    g.add_argument("--model", required=True, help="model folder (config.json, safetensors, tokenizer)")
+    add_model_arguments(g)
     g.add_argument("--prompt", required=True)
-    g.add_argument("--mtp", action="store_true", help="speculative decoding with the model's MTP head")
-    g.add_argument("--mtp-hidden", choices=["post-norm", "pre-norm"], default="post-norm",
-                   help="which backbone hidden state feeds the MTP head (default post-norm)")
-    g.add_argument("--prefill-step", type=int, default=512, help="prompt tokens per prefill chunk")
-    g.add_argument("--mtp-depth", type=_depth_flag, default=1, metavar="K|auto",
-                   help="drafts per round with --mtp: 1-8, or 'auto' (from measured acceptance and cost)")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     add_cluster_arguments(g)
     _add_sampling(g)
@@ -161,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             from .coordinator.commands import run_generate
-            return run_generate(args, _in_process())
+            from .coordinator.config import cluster_from, generate_from, model_from
+            return run_generate(cluster_from(args), model_from(args), generate_from(args), _in_process())
         if args.command == "convert":
             from .model.convert import ConvertOptions, convert
             out = convert(args.hf_path, args.mlx_path, ConvertOptions(
@@ -173,14 +145,17 @@ def main(argv: list[str] | None = None) -> int:
             from .worker.main import run_worker
             return run_worker(args)
         if args.command == "coordinator":
+            from .coordinator.config import cluster_from, model_from, server_from
             from .coordinator.main import run_coordinator
-            return run_coordinator(args, make_transport=_in_process())
+            return run_coordinator(cluster_from(args), model_from(args), server_from(args),
+                                   make_transport=_in_process())
         if args.command == "demo":
             from .coordinator.demo import run_demo
             return run_demo(args)
         if args.command == "status":
             from .coordinator.commands import run_status
-            return run_status(args)
+            from .coordinator.config import cluster_from
+            return run_status(cluster_from(args), args.json)
         if args.command == "doctor":
             from .doctor import run_doctor
             checks = run_doctor(args.mdns_interface, args.port)

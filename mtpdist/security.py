@@ -146,3 +146,14 @@ def node_identity(secret: str, role: str = "node") -> TlsIdentity:
         ca_pem=ca_cert.public_bytes(pem), cert_pem=cert.public_bytes(pem),
         key_pem=key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
         server_name=PEER_NAME, fingerprint=_fingerprint_of(ca_key))
+
+
+def add_security_arguments(p) -> None:
+    """Cluster-secret flags shared by the worker and the coordinator."""
+    p.add_argument("--token", default=None,
+                   help="cluster secret (or MTPDIST_TOKEN, --token-file, ~/.config/mtpdist/token); peers prove they "
+                        "hold it with mutual TLS, it is never sent")
+    p.add_argument("--token-file", default=None, help="file holding the cluster secret")
+    p.add_argument("--insecure", action="store_true", help="no secret, no TLS: loopback only")
+    p.add_argument("--allow-insecure-network", action="store_true",
+                   help="let --insecure use a non-loopback address (only on a network you fully trust)")

@@ -13,7 +13,7 @@ from mtpdist import __version__
 from mtpdist.discovery import Advert, Advertiser, links_for, local_links
 from mtpdist.errors import MtpdistError
 from mtpdist.model.hashing import cache_dir
-from mtpdist.security import check_insecure_hosts, resolve_identity, worker_id
+from mtpdist.security import add_security_arguments, check_insecure_hosts, resolve_identity, worker_id
 from mtpdist.wire.client import ChannelSettings
 from mtpdist.wire.server import serve
 from mtpdist.wire.types import PROTOCOL_VERSION
@@ -23,17 +23,6 @@ from .host import host_id, offer
 from .service import WorkerService
 
 log = logging.getLogger("mtpdist.worker")
-
-
-def add_security_arguments(p) -> None:
-    """Cluster-secret flags shared by the worker and the coordinator."""
-    p.add_argument("--token", default=None,
-                   help="cluster secret (or MTPDIST_TOKEN, --token-file, ~/.config/mtpdist/token); peers prove they "
-                        "hold it with mutual TLS, it is never sent")
-    p.add_argument("--token-file", default=None, help="file holding the cluster secret")
-    p.add_argument("--insecure", action="store_true", help="no secret, no TLS: loopback only")
-    p.add_argument("--allow-insecure-network", action="store_true",
-                   help="let --insecure use a non-loopback address (only on a network you fully trust)")
 
 
 def add_arguments(p) -> None:
