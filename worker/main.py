@@ -117,6 +117,7 @@ def run_worker(args) -> int:
     # places them within one shared memory budget.
     service.worker_id = f"{service.worker_id}-{port}"
     service.host_id = host_id()
+    service.measure_read_speed()
     if service.memory:
         try:
             service.usable = offer(service.usable if args.usable_memory_gb else None, service.memory,

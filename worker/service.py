@@ -115,11 +115,19 @@ class WorkerService:
             mlx_version=mlx_version(), weight_bytes=self.weight_bytes, read_gbps=self._read_speed(),
             shard_digest=self.spec.digest() if self.spec else "", host_id=self.host_id)
 
-    def _read_speed(self) -> float:
-        if self.read_gbps is None:  # measured once, on the MLX thread
-            from .devices import measure_read_gbps
+    def measure_read_speed(self) -> None:
+        """Measure the read speed once, in the background: a Describe never waits for it (a busy
+        or slow machine must still answer at once); until then the worker reports 0 (unknown)."""
+        if self.read_gbps is not None:
+            return
+        from .devices import measure_read_gbps
+
+        def run():
             self.read_gbps = self._on_mlx(measure_read_gbps)
-        return self.read_gbps
+        threading.Thread(target=run, name="read-speed", daemon=True).start()
+
+    def _read_speed(self) -> float:
+        return self.read_gbps or 0.0
 
     def has_shard(self, spec: ShardSpec) -> tuple[bool, str]:
         if self.spec is not None and spec.digest() == self.spec.digest():

@@ -53,11 +53,12 @@ class CollectingSink:
 def run_all(scheduler: Scheduler, requests: list[GenerationRequest], timeout: float = 300.0,
             stagger: float = 0.0, on_delta: Callable[[Delta], None] | None = None) -> list[CollectingSink]:
     """Insert every request (optionally `stagger` seconds apart) and drive the scheduler on this
-    thread until all have ended. The caller's thread must be the one that owns MLX."""
+    thread until all have ended and what they left (kept states) is settled. The caller's
+    thread must be the one that owns MLX."""
     sinks: list[CollectingSink] = []
     end = time.monotonic() + timeout
     next_at = time.monotonic()
-    while len(sinks) < len(requests) or not all(s.ended.is_set() for s in sinks):
+    while len(sinks) < len(requests) or not all(s.ended.is_set() for s in sinks) or not scheduler.settled:
         if len(sinks) < len(requests) and time.monotonic() >= next_at:
             sink = CollectingSink(on_delta)
             scheduler.insert(requests[len(sinks)], sink)

@@ -57,6 +57,7 @@ class Scheduler:
         self.order = itertools.count()
         self.unit_ids = itertools.count()
         self.queued = 0             # inserted, not yet admitted
+        self.control = 0            # Fork/Keep calls out on control threads
         self.stats = dict.fromkeys(("units", "unit_sequences", "max_unit_sequences", "max_stage_rows",
                                     "units_done"), 0) | {"unit_wall_s": 0.0, "unit_compute_s": 0.0}
         self.transport = backend.transport()
@@ -66,6 +67,11 @@ class Scheduler:
         """Queue a request; its output goes to `sink`."""
         self.queued += 1
         self.events.put(("insert", req, sink))
+
+    @property
+    def settled(self) -> bool:
+        """Nothing in flight: no unit, no Fork or Keep (tests and benchmarks wait for this)."""
+        return not self.units and not self.control and self.events.empty()
 
     @property
     def load(self) -> int:
@@ -108,8 +114,10 @@ class Scheduler:
         elif kind == "done":
             self.apply(event[1], event[2], event[3])
         elif kind == "forked":
+            self.control -= 1
             self._start(event[1], event[2], event[3])
         elif kind == "kept":
+            self.control -= 1
             if event[2] is not None:
                 self.prefixes.add(event[2])
 
@@ -133,6 +141,7 @@ class Scheduler:
         if entry is None:
             self._start(s.key, None, None)
             return
+        self.control += 1
         self.transport.fork_async(entry.name, s.wire_id,
                                   lambda n, key=s.key, e=entry: self.events.put(("forked", key, e, n)))
 
@@ -311,6 +320,7 @@ class Scheduler:
 
         def kept(n: int | None) -> None:
             self.events.put(("kept", name, entry if n == length else None))
+        self.control += 1
         self.transport.keep_async(s.wire_id, d.undo, name, kept)
         s.kept = True
 
