@@ -122,7 +122,7 @@ def ops() -> dict:
         R["ops"] = out
         save()
         print(name, json.dumps(r), flush=True)
-        del ws
+        ws = []  # free before the next shape
         mx.clear_cache()
     # attention: T causal queries at once vs T one-query calls over growing prefixes
     from mlx_lm.models.base import scaled_dot_product_attention as sdpa
@@ -199,7 +199,7 @@ def ops8() -> dict:
             r["bf16_dense_pad8_eq_M1"] = eq(dref[:8], d1)
         save()
         print(name, json.dumps(r), flush=True)
-        del w, wq, s_, b_
+        w = wq = s_ = b_ = None  # free before the next shape
         mx.clear_cache()
     return out
 
