@@ -7,6 +7,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
+from ..model import rowstable
 from ..model.loader import ModelParts
 from .decoder import Drafter
 from .depth import DepthPolicy
@@ -59,7 +60,9 @@ class GenerationResult:
                 "verify_passes": self.verify_passes, "acceptance_by_depth": list(self.acceptance_by_depth),
                 "acceptance_by_depth_kind": "cumulative",
                 "time_to_first_token": round(self.time_to_first_token, 4), "cached_tokens": self.cached_tokens,
-                "finish_reason": self.finish_reason}
+                "finish_reason": self.finish_reason,
+                # Whether greedy output here equals plain greedy decoding, on this backend (issue 17.2).
+                "greedy_identity": rowstable.identity_note()}
 
 
 @dataclass

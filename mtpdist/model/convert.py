@@ -14,12 +14,13 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import make_shards
 from tqdm import tqdm
 
 from ..errors import ModelLoadError
 from .config import read_config
-from .loader import load_parts
+from .loader import RECONVERT_HINT
+from .qwen35 import Head, LayerStack, MTPHead
+from .weights import Checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                    "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json",
@@ -36,16 +37,26 @@ class ConvertOptions:
     q_group_size: int = 64
     mtp_precision: str = "bf16"       # bf16 | fp16 | quantized
     force: bool = False               # write into a folder that already holds files
+    max_shard_bytes: int = 5 << 30    # output shard size (mlx-lm's); also what conversion holds in memory
+
+
+def _cast(path: str, v: mx.array, dtype) -> mx.array:
+    """The dtype rule of a converted tensor: floats to `dtype`, except A_log (kept fp32)."""
+    return v if (path.endswith("A_log") or not mx.issubdtype(v.dtype, mx.floating)) else v.astype(dtype)
 
 
 def _tree_cast(tree, dtype):
     from mlx.utils import tree_map_with_path
-    return tree_map_with_path(
-        lambda p, v: v if (p.endswith("A_log") or not mx.issubdtype(v.dtype, mx.floating)) else v.astype(dtype), tree)
+    return tree_map_with_path(lambda p, v: _cast(p, v, dtype), tree)
 
 
 def convert(src: str | Path, dst: str | Path, opts: ConvertOptions) -> Path:
-    """Read `src` (raw HF or MLX layout), write an MLX checkpoint with the MTP head to `dst`."""
+    """Read `src` (raw HF or MLX layout), write an MLX checkpoint with the MTP head to `dst`.
+
+    Tensor by tensor: each is read, cast and quantized, then added to the output shard being
+    filled, which is written once full; memory stays near one output shard (at most 5 GB, as
+    mlx-lm shards) plus the tensor in hand, whatever the checkpoint's size.
+    """
     src, dst = Path(src), Path(dst)
     if opts.mtp_precision not in ("bf16", "fp16", "quantized"):
         raise ModelLoadError(f"--mtp-precision must be bf16, fp16 or quantized, not {opts.mtp_precision!r}")
@@ -65,40 +76,129 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions) -> Path:
         raise ModelLoadError(f"unknown dtype {dtype_name!r} (choose from {', '.join(DTYPES)})")
     dtype = DTYPES[dtype_name]
     want_mtp = config.mtp_num_hidden_layers > 0
-    parts = load_parts(src, mtp=want_mtp)
-    modules = {"language_model.model.": parts.head, "language_model.model.layers.": parts.stack}
+    ckpt = Checkpoint(src)
+    if want_mtp and not ckpt.has_mtp():
+        raise ModelLoadError(
+            f"{src}: config.json promises an MTP head (mtp_num_hidden_layers: {config.mtp_num_hidden_layers}) "
+            f"but the weights hold no mtp.* tensors. {RECONVERT_HINT}")
+    parts = _skeletons(config, want_mtp, dtype, opts)
+    _check(ckpt, parts, config)
     quant_overrides = {}
-    for m in modules.values():
-        m.update(_tree_cast(m.parameters(), dtype))
-    if parts.mtp is not None:
-        mtp_dtype = {"bf16": mx.bfloat16, "fp16": mx.float16, "quantized": dtype}[opts.mtp_precision]
-        parts.mtp.update(_tree_cast(parts.mtp.parameters(), mtp_dtype))
-        modules["mtp."] = parts.mtp
-    if opts.quantize:
-        for prefix, m in modules.items():
-            if prefix == "mtp." and opts.mtp_precision != "quantized":
-                continue
-
-            def predicate(path, mod, prefix=prefix):
-                if not hasattr(mod, "to_quantized") or mod.weight.shape[-1] % opts.q_group_size:
-                    return False
-                if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
-                    quant_overrides[_full(prefix, path)] = {"group_size": 64, "bits": 8}
-                    return {"group_size": 64, "bits": 8}
-                return True
-
-            nn.quantize(m, group_size=opts.q_group_size, bits=opts.q_bits, class_predicate=predicate)
-    weights = {}
-    for prefix, m in modules.items():
-        for k, v in tree_flatten(m.parameters()):
-            weights[_full(prefix, k)] = v
-    if parts.head.tied:
-        weights.pop("language_model.lm_head.weight", None)
-    _write(dst, weights, raw_cfg, opts, dtype_name, quant_overrides)
+    for part in parts:
+        part.plan_quantization(opts, quant_overrides)
+    total = sum(v.nbytes for part in parts for _, v in part.outputs())
+    writer = _ShardWriter(dst, opts.max_shard_bytes)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="converting", disable=None) as bar:
+        for part in parts:
+            for key, v in part.convert(ckpt):
+                writer.add(key, v)
+                bar.update(v.nbytes)
+    ckpt.close()
+    writer.close(raw_cfg, opts, dtype_name, quant_overrides)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     return dst
+
+
+def _skeletons(config, want_mtp: bool, dtype, opts: ConvertOptions) -> list["_Part"]:
+    """The model's modules, their parameters never computed (lazy): they give each output's
+    key, order, shape and dtype, and the module type that quantizes it."""
+    parts = [_Part("language_model.model.", Head(config), dtype, opts.quantize),
+             _Part("language_model.model.layers.", LayerStack(config, 0, config.num_hidden_layers), dtype,
+                   opts.quantize)]
+    if want_mtp:
+        mtp_dtype = {"bf16": mx.bfloat16, "fp16": mx.float16, "quantized": dtype}[opts.mtp_precision]
+        parts.append(_Part("mtp.", MTPHead(config), mtp_dtype, opts.quantize and opts.mtp_precision == "quantized"))
+    return parts
+
+
+class _Part:
+    """One module (head, layer stack, MTP head) of the output: what it holds and how to make it."""
+
+    def __init__(self, prefix: str, module: nn.Module, dtype, quantize: bool):
+        self.prefix, self.module, self.dtype, self.quantize = prefix, module, dtype, quantize
+        self.expected = {k: tuple(v.shape) for k, v in tree_flatten(module.parameters())}
+        self.leaves: dict[str, nn.Module] = {}
+        self.quantized: dict[str, dict] = {}
+
+    def canonical(self, local: str) -> str:
+        """Checkpoint (canonical) key of a parameter path of this module."""
+        if self.prefix == "mtp.":
+            return "mtp." + local
+        if self.prefix == "language_model.model.layers.":
+            return "model." + local
+        return local if local.startswith("lm_head") else "model." + local
+
+    def plan_quantization(self, opts: ConvertOptions, overrides: dict) -> None:
+        """Cast and quantize the skeleton (lazily) as the weights will be, keeping its unquantized leaves."""
+        self.module.update(_tree_cast(self.module.parameters(), self.dtype))
+        if not self.quantize:
+            return
+        self.leaves = dict(tree_flatten(self.module.leaf_modules(), is_leaf=nn.Module.is_module))
+
+        def predicate(path, mod):
+            if not hasattr(mod, "to_quantized") or mod.weight.shape[-1] % opts.q_group_size:
+                return False
+            if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
+                overrides[_full(self.prefix, path)] = {"group_size": 64, "bits": 8}
+                self.quantized[path] = {"group_size": 64, "bits": 8}
+            else:
+                self.quantized[path] = {"group_size": opts.q_group_size, "bits": opts.q_bits, "mode": "affine"}
+            return self.quantized[path]
+
+        nn.quantize(self.module, class_predicate=predicate)
+
+    def outputs(self):
+        """(local key, lazy skeleton array) of every output tensor, in the order written."""
+        return tree_flatten(self.module.parameters())
+
+    def convert(self, ckpt: Checkpoint):
+        """Yield (output key, computed tensor) one at a time, reading each source tensor once."""
+        done: dict[str, mx.array] = {}
+        for local, _ in self.outputs():
+            if local not in done:
+                owner = local.rsplit(".", 1)[0]
+                if owner in self.quantized:
+                    done.update(self._quantize(owner, ckpt))
+                else:
+                    done[local] = _cast(local, ckpt.take(self.canonical(local)), self.dtype)
+                mx.eval(list(done.values()))
+            yield _full(self.prefix, local), done.pop(local)
+            mx.clear_cache()
+
+    def _quantize(self, path: str, ckpt: Checkpoint) -> dict[str, mx.array]:
+        leaf = self.leaves[path]
+        own = leaf.parameters()
+        leaf.update({k: _cast(f"{path}.{k}", ckpt.take(self.canonical(f"{path}.{k}")), self.dtype)
+                     for k in own})
+        q = leaf.to_quantized(**self.quantized[path])
+        leaf.update(own)  # drop the real weights: the quantized ones are all that is kept
+        return {f"{path}.{k}": v for k, v in tree_flatten(q.parameters())}
+
+
+def _check(ckpt: Checkpoint, parts: list[_Part], config) -> None:
+    """Every tensor the config calls for is in the checkpoint with its shape (headers only)."""
+    have = set(ckpt.output_keys())
+    problems = []
+    for part in parts:
+        want = {part.canonical(k): shape for k, shape in part.expected.items()}
+        prefixes = ("mtp.",) if part.prefix == "mtp." else (
+            ("model.layers.",) if part.prefix.endswith("layers.") else
+            ("model.embed_tokens.", "model.norm.") + (() if config.tie_word_embeddings else ("lm_head.",)))
+        mine = {k for k in have if k.startswith(prefixes)}
+        missing = sorted(set(want) - mine)
+        extra = sorted(mine - set(want))
+        wrong = [(k, ckpt.shape(k), want[k]) for k in want if k in mine and ckpt.shape(k) != want[k]]
+        if missing:
+            problems.append(f"missing {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+        if extra:
+            problems.append(f"{len(extra)} unexpected tensors, e.g. {', '.join(extra[:3])}")
+        if wrong:
+            k, got, exp = wrong[0]
+            problems.append(f"{len(wrong)} shape mismatches, e.g. {k}: weights {got}, config expects {exp}")
+    if problems:
+        raise ModelLoadError(f"{ckpt.path}: checkpoint does not match config.json: " + "; ".join(problems))
 
 
 def _full(prefix: str, path: str) -> str:
@@ -109,23 +209,49 @@ def _full(prefix: str, path: str) -> str:
     return prefix + path
 
 
-def _write(dst: Path, weights: dict, raw_cfg: dict, opts: ConvertOptions, dtype_name: str,
-           overrides: dict) -> None:
-    dst.mkdir(parents=True, exist_ok=True)
-    shards = make_shards(weights)
-    fmt = "model-{:05d}-of-{:05d}.safetensors" if len(shards) > 1 else "model.safetensors"
-    weight_map = {}
-    for i, shard in enumerate(tqdm(shards, desc="writing", unit="shard", disable=len(shards) < 2)):
-        name = fmt.format(i + 1, len(shards))
-        mx.save_safetensors(str(dst / name), shard, metadata={"format": "mlx"})
-        weight_map.update({k: name for k in shard})
-    (dst / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
-         "weight_map": dict(sorted(weight_map.items()))}, indent=2))
-    cfg = dict(raw_cfg)
-    if opts.quantize:
-        q = {"group_size": opts.q_group_size, "bits": opts.q_bits, "mode": "affine", **overrides}
-        cfg["quantization"] = q
-        cfg["quantization_config"] = q
-    cfg["mtpdist"] = {"converted": True, "dtype": dtype_name, "mtp_precision": opts.mtp_precision}
-    (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+class _ShardWriter:
+    """Output shards filled in order and written as each fills (mlx-lm's sharding rule:
+    a tensor that would take a shard past the limit starts the next one)."""
+
+    def __init__(self, dst: Path, max_bytes: int):
+        dst.mkdir(parents=True, exist_ok=True)
+        self.dst, self.max_bytes = dst, max_bytes
+        self.shard: dict[str, mx.array] = {}
+        self.size = self.total = 0
+        self.names: list[list[str]] = []
+
+    def add(self, key: str, v: mx.array) -> None:
+        if self.size + v.nbytes > self.max_bytes:
+            self._flush()
+        self.shard[key] = v
+        self.size += v.nbytes
+        self.total += v.nbytes
+
+    def _flush(self) -> None:
+        mx.save_safetensors(str(self._partial(len(self.names))), self.shard, metadata={"format": "mlx"})
+        self.names.append(list(self.shard))
+        self.shard, self.size = {}, 0
+        mx.clear_cache()
+
+    def _partial(self, i: int) -> Path:
+        return self.dst / f"model-{i + 1:05d}.partial.safetensors"  # renamed once the count is known
+
+    def close(self, raw_cfg: dict, opts: ConvertOptions, dtype_name: str, overrides: dict) -> None:
+        """Write the last shard, name the shards, then the index and config.json."""
+        self._flush()
+        n = len(self.names)
+        fmt = "model-{:05d}-of-{:05d}.safetensors" if n > 1 else "model.safetensors"
+        weight_map = {}
+        for i, keys in enumerate(self.names):
+            name = fmt.format(i + 1, n)
+            self._partial(i).replace(self.dst / name)
+            weight_map.update({k: name for k in keys})
+        (self.dst / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+        cfg = dict(raw_cfg)
+        if opts.quantize:
+            q = {"group_size": opts.q_group_size, "bits": opts.q_bits, "mode": "affine", **overrides}
+            cfg["quantization"] = q
+            cfg["quantization_config"] = q
+        cfg["mtpdist"] = {"converted": True, "dtype": dtype_name, "mtp_precision": opts.mtp_precision}
+        (self.dst / "config.json").write_text(json.dumps(cfg, indent=2))

@@ -24,6 +24,7 @@ from mlx_lm.models.qwen3_next import Qwen3NextAttention as Attention
 from mlx_lm.models.qwen3_next import Qwen3NextMLP as MLP
 from mlx_lm.models.qwen3_next import Qwen3NextSparseMoeBlock as SparseMoeBlock
 
+from . import rowstable
 from .cache import AttentionCache, GDNCache
 
 
@@ -79,14 +80,19 @@ class RollbackGatedDeltaNet(GatedDeltaNet):
     def ragged(self, x: mx.array, segments: Sequence[Segment]) -> mx.array:
         """x [1, N, H] holding several sequences' rows back to back."""
         qkv, z, b, a = self._project(x)
+        n = sum(seg.rows for seg in segments)
+        if n < x.shape[1]:  # zero rows padding the pass (see rowstable): no sequence's
+            qkv, b, a = qkv[:, :n], b[:, :n], a[:, :n]
         if _stackable(segments):
-            return self._output(self._mix_stacked(qkv, b, a, segments), z)
-        outs, s = [], 0
-        for seg in segments:
-            e = s + seg.rows
-            outs.append(self._mix(qkv[:, s:e], b[:, s:e], a[:, s:e], seg.cache, seg.keep))
-            s = e
-        return self._output(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1), z)
+            out = self._mix_stacked(qkv, b, a, segments)
+        else:
+            outs, s = [], 0
+            for seg in segments:
+                e = s + seg.rows
+                outs.append(self._mix(qkv[:, s:e], b[:, s:e], a[:, s:e], seg.cache, seg.keep))
+                s = e
+            out = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+        return self._output(rowstable.fill_rows(out, x.shape[1]), z)
 
     def _mix(self, qkv: mx.array, b: mx.array, a: mx.array, cache: GDNCache | None,
              keep: Sequence[int]) -> mx.array:
@@ -178,12 +184,23 @@ class RaggedAttention(Attention):
             q = self.rope(queries[:, s:e].transpose(0, 2, 1, 3), offset=cache.offset)
             k = self.rope(keys[:, s:e].transpose(0, 2, 1, 3), offset=cache.offset)
             k, v = cache.update_and_fetch(k, values[:, s:e].transpose(0, 2, 1, 3))
-            mask = create_attention_mask(x[:, s:e], cache)
-            o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
+            if 1 < seg.rows <= SMALL_T and rowstable.enabled():
+                o = self._rowwise(q, k, v, cache)
+            else:
+                mask = create_attention_mask(x[:, s:e], cache)
+                o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
             outs.append(o.transpose(0, 2, 1, 3).reshape(1, seg.rows, -1))
             s = e
-        output = outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1)
+        output = rowstable.fill_rows(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1), N)
         return self.o_proj(output * mx.sigmoid(gate))
+
+    def _rowwise(self, q: mx.array, k: mx.array, v: mx.array, cache) -> mx.array:
+        """Causal attention of T queries as T one-query calls over growing key prefixes:
+        each row then takes the kernel (and gets the bits) a one-token step would."""
+        T, L = q.shape[2], k.shape[2]
+        outs = [scaled_dot_product_attention(q[:, :, i:i + 1], k[:, :, :L - T + i + 1], v[:, :, :L - T + i + 1],
+                                             cache=cache, scale=self.scale, mask=None) for i in range(T)]
+        return mx.concatenate(outs, axis=2)
 
 
 class DecoderLayer(nn.Module):

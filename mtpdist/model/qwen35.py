@@ -13,6 +13,7 @@ from typing import Sequence
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import rowstable
 from .config import ModelConfig
 from .layers import DecoderLayer, Segment, make_cache
 
@@ -40,9 +41,11 @@ class LayerStack(nn.Module):
     def ragged(self, h: mx.array, sequences: Sequence[tuple[list, int, tuple[int, ...]]]) -> mx.array:
         """Several sequences' rows [1, N, H] as one forward; `sequences` holds each one's
         (caches, rows, keep) in row order. Each sequence's output equals running it alone."""
+        n = h.shape[1]
+        h = rowstable.pad_rows(h)  # strict row-stable mode: every pass takes the same kernels
         for i, layer in enumerate(self.layers):
             h = layer.ragged(h, [Segment(caches[i], rows, tuple(keep)) for caches, rows, keep in sequences])
-        return h
+        return h if h.shape[1] == n else h[:, :n]
 
 
 class Head(nn.Module):
@@ -66,6 +69,9 @@ class Head(nn.Module):
             # MLX's CUDA quantized matmul (qmv, taken for few rows) reads the output's
             # shape(-2), which a 1-D row lacks: "IndexError: SmallVector out of range".
             return self.logits(normed[None])[0]
+        return rowstable.padded(self._project, normed)
+
+    def _project(self, normed: mx.array) -> mx.array:
         if self.tied:
             return self.embed_tokens.as_linear(normed)
         return self.lm_head(normed)

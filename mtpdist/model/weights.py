@@ -58,6 +58,7 @@ class Checkpoint:
         files = self._weight_files()
         self._files: dict[Path, dict[str, mx.array]] = {}
         self._where: dict[str, tuple[Path, str]] = {}
+        self._made: dict[str, tuple[str, tuple[str, ...]]] | None = None
         for f in files:
             for key in self._arrays(f):
                 ck = canonical_key(key)
@@ -102,39 +103,70 @@ class Checkpoint:
     def has_mtp(self) -> bool:
         return any(k.startswith("mtp.") for k in self._where)
 
+    def _plan(self) -> dict[str, tuple[str, tuple[str, ...]]]:
+        """Each MLX-layout canonical key -> (how it is made, the checkpoint keys it is made of)."""
+        if self._made is None:
+            plan: dict[str, tuple[str, tuple[str, ...]]] = {}
+            experts: dict[tuple[str, str], dict[int, str]] = {}
+            for ck in self._where:
+                m = _PER_EXPERT.match(ck)
+                if m:
+                    experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = ck
+                elif ck.endswith(".experts.gate_up_proj"):
+                    base = ck[: -len(".experts.gate_up_proj")]
+                    plan[f"{base}.switch_mlp.gate_proj.weight"] = ("gate", (ck,))
+                    plan[f"{base}.switch_mlp.up_proj.weight"] = ("up", (ck,))
+                elif ck.endswith(".experts.down_proj"):
+                    plan[ck.replace(".experts.down_proj", ".switch_mlp.down_proj.weight")] = ("as_is", (ck,))
+                else:
+                    plan[ck] = ("layout", (ck,))
+            for (base, proj), per in experts.items():
+                n = max(per) + 1
+                plan[f"{base}.switch_mlp.{proj}_proj.weight"] = (
+                    "stack", tuple(per.get(e, f"{base}.experts.{e}") for e in range(n)))
+            self._made = plan
+        return self._made
+
+    def _build(self, key: str, fetch: Callable[[str], mx.array]) -> mx.array:
+        how, sources = self._plan()[key]
+        if how == "stack":
+            missing = [s for s in sources if s not in self._where]
+            if missing:
+                base = key.rsplit(".switch_mlp.", 1)[0]
+                raise ModelLoadError(f"{base}: experts {[int(s.rsplit('.', 1)[1]) for s in missing]} missing")
+            return mx.stack([fetch(s) for s in sources])
+        v = fetch(sources[0])
+        if how in ("gate", "up"):
+            mid = v.shape[-2] // 2
+            return v[..., :mid, :] if how == "gate" else v[..., mid:, :]
+        if how == "layout" and self.raw_layout:
+            if key.endswith("conv1d.weight") and v.shape[-1] != 1:
+                v = v.moveaxis(2, 1)
+            elif _is_shifted_norm(key, v):
+                v = v + 1.0
+        return v
+
     def tensors(self, want: Callable[[str], bool]) -> dict[str, mx.array]:
         """The canonical tensors whose key satisfies `want`, converted to the MLX layout."""
-        out: dict[str, mx.array] = {}
-        experts: dict[tuple[str, str], dict[int, mx.array]] = {}
-        for ck in self._where:
-            if not want(ck):
-                continue
-            v = self._raw(ck)
-            m = _PER_EXPERT.match(ck)
-            if m:
-                experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v
-                continue
-            if ck.endswith(".experts.gate_up_proj"):
-                base = ck[: -len(".experts.gate_up_proj")]
-                mid = v.shape[-2] // 2
-                out[f"{base}.switch_mlp.gate_proj.weight"] = v[..., :mid, :]
-                out[f"{base}.switch_mlp.up_proj.weight"] = v[..., mid:, :]
-                continue
-            if ck.endswith(".experts.down_proj"):
-                out[ck.replace(".experts.down_proj", ".switch_mlp.down_proj.weight")] = v
-                continue
-            if self.raw_layout:
-                if ck.endswith("conv1d.weight") and v.shape[-1] != 1:
-                    v = v.moveaxis(2, 1)
-                elif _is_shifted_norm(ck, v):
-                    v = v + 1.0
-            out[ck] = v
-        for (base, proj), per in experts.items():
-            n = max(per) + 1
-            if sorted(per) != list(range(n)):
-                raise ModelLoadError(f"{base}: experts {sorted(set(range(n)) - set(per))} missing")
-            out[f"{base}.switch_mlp.{proj}_proj.weight"] = mx.stack([per[e] for e in range(n)])
-        return out
+        return {k: self._build(k, self._raw) for k in self._plan() if want(k)}
+
+    def output_keys(self) -> list[str]:
+        """Every canonical key `tensors` / `take` can produce."""
+        return list(self._plan())
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A canonical tensor's shape, read from the file headers (no data is read)."""
+        return tuple(self._build(key, self._raw).shape)
+
+    def take(self, key: str) -> mx.array:
+        """One canonical tensor, lazily, holding no other reference to its data: once the
+        caller drops what it computed from it, its memory is free (conversion, tensor by tensor)."""
+        return self._build(key, self._take)
+
+    def _take(self, ck: str) -> mx.array:
+        f, key = self._where[ck]
+        v = self._arrays(f).pop(key, None)  # a lazy array held by the cache would keep its data once read
+        return v if v is not None else mx.load(str(f))[key]
 
     def close(self) -> None:
         self._files.clear()
