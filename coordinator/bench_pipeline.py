@@ -103,7 +103,7 @@ def mlx_lm_ring_pipeline(model: str, prompt_ids, max_tokens: int, repeats: int, 
     """mlx-lm's own pipeline under `mlx.launch --backend ring`, or why it could not run."""
     launcher = Path(sys.executable).with_name("mlx.launch")
     cmd = [str(launcher), "--backend", "ring", "-n", str(ranks), "--starting-port", "52500", sys.executable,
-           "-m", "mtpdist.peer_mlx_lm_pipeline", model, json.dumps(list(prompt_ids)), str(max_tokens), str(repeats)]
+           "-m", "mtpdist.coordinator.peer_mlx_lm_pipeline", model, json.dumps(list(prompt_ids)), str(max_tokens), str(repeats)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     except (OSError, subprocess.TimeoutExpired) as e:

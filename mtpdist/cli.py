@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "N workers emulates A/N,B/N")
     b.add_argument("--turns", type=int, default=6, help="--scenario agent: turns of the session")
     b.add_argument("--verify-curve", action="store_true",
-                   help="only measure verify(T)/step for T = 1..--max-t (mtpdist/bench_verify.py)")
+                   help="only measure verify(T)/step for T = 1..--max-t (coordinator/bench_verify.py)")
     b.add_argument("--max-t", type=int, default=8, help="longest verify pass of --verify-curve (default 8)")
     b.add_argument("--small-t", type=int, action="append", default=[], metavar="N",
                    help="--verify-curve also with the compiled GDN path up to N tokens (repeatable)")
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             print(make_synthetic(args.out, args.size, moe=args.moe, seed=args.seed))
             return 0
         if args.command == "bench" and args.verify_curve:
-            from .bench_verify import run_verify_curve
+            from .coordinator.bench_verify import run_verify_curve
             print(json.dumps(run_verify_curve(args), indent=2))
             return 0
         if args.command == "bench" and args.scenario != "single":

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """verify(T)/step for T = 1..8 at Qwen3.5-0.8B and 9B shapes, bf16 and 4-bit (used on the device machine).
 
-Random weights built in memory (mtpdist.bench_verify.random_parts), every layer of the
+Random weights built in memory (mtpdist.coordinator.bench_verify.random_parts), every layer of the
 real model; each curve as shipped (SMALL_T from model/layers.py) and with the compiled
 small-T GDN path stretched to 9 tokens. Writes OUT_JSON after each curve.
 usage: scripts/device_verify_curve.py OUT_JSON [SIZE[:BITS] ...]   (default 0.8b 0.8b:4 9b 9b:4)
@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import mlx.core as mx  # noqa: E402
 
-from mtpdist.bench_verify import random_parts, small_t_limit, verify_curve  # noqa: E402
+from mtpdist.coordinator.bench_verify import random_parts, small_t_limit, verify_curve  # noqa: E402
 
 
 def main(out_path: str, *specs: str) -> None:

@@ -7,7 +7,7 @@ import json
 import mlx.core as mx
 import numpy as np
 
-from mtpdist.bench_verify import _restore, _save
+from mtpdist.coordinator.bench_verify import _restore, _save
 from mtpdist.cli import main
 from mtpdist.model import layers
 from mtpdist.model.loader import load_parts

@@ -20,12 +20,12 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import __version__
-from .model import layers as model_layers
-from .model.cache import GDNCache, cache_arrays
-from .model.config import ModelConfig
-from .model.loader import ModelParts, load_parts
-from .model.qwen35 import Head, LayerStack
+from mtpdist import __version__
+from mtpdist.model import layers as model_layers
+from mtpdist.model.cache import GDNCache, cache_arrays
+from mtpdist.model.config import ModelConfig
+from mtpdist.model.loader import ModelParts, load_parts
+from mtpdist.model.qwen35 import Head, LayerStack
 
 
 @contextmanager

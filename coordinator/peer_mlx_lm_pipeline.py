@@ -9,7 +9,7 @@ import sys
 import mlx.core as mx
 from mlx_lm.utils import sharded_load
 
-from mtpdist.bench import mlx_lm_tps
+from mtpdist.coordinator.bench_local import mlx_lm_tps
 
 
 def main(model: str, prompt_ids: list[int], max_tokens: int, repeats: int) -> None:
