@@ -51,3 +51,13 @@ def tiny_vocab32(tmp_path_factory):
     # Sharpen the logits a little so distributions are neither flat nor one-hot.
     w["model.embed_tokens.weight"] = w["model.embed_tokens.weight"] * 0.5
     return write_checkpoint(tmp_path_factory.mktemp("v32"), raw, to_raw_hf(w), tokenizer=False)
+
+
+@pytest.fixture(scope="session")
+def qwen38_27b(tmp_path_factory):
+    """Qwen3.8-27B's structure (model_type qwen3_5, Qwen3.6-27B's config: 64 layers, 24/4 heads,
+    16/48 linear heads, untied lm_head, a dense MTP head) at shrunk widths, raw HF layout."""
+    raw = make_config("27b-shape")
+    w = random_weights(ModelConfig.from_dict(raw), seed=38)
+    path = write_checkpoint(tmp_path_factory.mktemp("qwen38_27b"), raw, to_raw_hf(w), shards=2)
+    return path, w
