@@ -24,11 +24,18 @@ _SKIP_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_tow
 _SHIFTED_NORM_SUFFIXES = (
     ".input_layernorm.weight", ".post_attention_layernorm.weight",
     ".q_norm.weight", ".k_norm.weight",
+    # qwen4_exp: hyper-connection, indexer and n-gram-embedding norms (its GDN norm is not shifted)
+    ".hc_norm.weight", ".q_layernorm.weight", ".k_layernorm.weight",
+    ".norm_key.weight", ".norm_query.weight", ".norm_conv.weight",
 )
 _SHIFTED_NORM_KEYS = (
     "model.norm.weight", "mtp.norm.weight",
     "mtp.pre_fc_norm_hidden.weight", "mtp.pre_fc_norm_embedding.weight",
 )
+# qwen4_exp ships its n-gram table in shards (concatenated along rows) and its hash constants
+# as buffers (derived from the config here, so they are not loaded).
+_NGRAM_SHARD = re.compile(r"^(.*\.ngram_embedding)\.shard_(\d+)\.(weight|scales|biases)$")
+_DERIVED_SUFFIXES = (".layer_multipliers", ".ngram_heads_offsets", ".ngram_heads_vocab_sizes")
 _PER_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
@@ -41,7 +48,7 @@ def canonical_key(key: str) -> str | None:
         if key.startswith(prefix):
             key = repl + key[len(prefix):]
             break
-    if key.startswith(_SKIP_PREFIXES):
+    if key.startswith(_SKIP_PREFIXES) or key.endswith(_DERIVED_SUFFIXES):
         return None
     return key
 
@@ -106,10 +113,15 @@ class Checkpoint:
         """The canonical tensors whose key satisfies `want`, converted to the MLX layout."""
         out: dict[str, mx.array] = {}
         experts: dict[tuple[str, str], dict[int, mx.array]] = {}
+        shards: dict[str, dict[int, mx.array]] = {}
         for ck in self._where:
             if not want(ck):
                 continue
             v = self._raw(ck)
+            m = _NGRAM_SHARD.match(ck)
+            if m:
+                shards.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = v
+                continue
             m = _PER_EXPERT.match(ck)
             if m:
                 experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v
@@ -134,6 +146,10 @@ class Checkpoint:
             if sorted(per) != list(range(n)):
                 raise ModelLoadError(f"{base}: experts {sorted(set(range(n)) - set(per))} missing")
             out[f"{base}.switch_mlp.{proj}_proj.weight"] = mx.stack([per[e] for e in range(n)])
+        for key, per in shards.items():
+            if sorted(per) != list(range(len(per))):
+                raise ModelLoadError(f"{key}: n-gram table shards {sorted(set(range(max(per) + 1)) - set(per))} missing")
+            out[key] = mx.concatenate([per[i] for i in range(len(per))], axis=0)
         return out
 
     def close(self) -> None:

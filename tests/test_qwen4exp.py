@@ -1,0 +1,124 @@
+"""qwen4_exp (Qwen3.8-Flash-Next): logits equal transformers' own `qwen4_exp` (golden files made
+by scripts/gen_qwen4exp_goldens.py), stages split anywhere, and every new per-sequence state
+(indexer keys, n-gram token and conv history) rolls back exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mtpdist.engine.trunk import LocalTrunk
+from mtpdist.model.cache import copy_caches
+from mtpdist.model.loader import load_parts
+from mtpdist.model.qwen4exp_cache import IndexedKVCache, PLEGDNCache
+
+from conftest import QWEN4_GOLDENS
+
+INPUTS = json.loads((QWEN4_GOLDENS / "inputs.json").read_text())
+GOLD = mx.load(str(QWEN4_GOLDENS / "logits.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def golden_f32(tmp_path_factory):
+    """The golden checkpoint in float32, so the (1 + w) norm shift happens in float32 as in the reference."""
+    out = tmp_path_factory.mktemp("q4gold")
+    shutil.copy(QWEN4_GOLDENS / "checkpoint" / "config.json", out / "config.json")
+    w = mx.load(str(QWEN4_GOLDENS / "checkpoint" / "model.safetensors"))
+    mx.save_safetensors(str(out / "model.safetensors"),
+                        {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in w.items()})
+    return out
+
+
+def logits_of(parts, trunk, tokens):
+    return parts.head.logits(parts.head.norm(trunk.forward(parts.head.embed(mx.array([tokens])))))[0]
+
+
+def assert_close(a, b, tol=1e-5):
+    a, b = np.asarray(a), np.asarray(b)
+    assert np.max(np.abs(a - b)) <= tol * max(1.0, np.max(np.abs(b)))
+
+
+def test_prefill_and_decode_match_transformers(golden_f32):
+    parts = load_parts(golden_f32)
+    trunk = LocalTrunk(parts.stack)
+    assert_close(logits_of(parts, trunk, INPUTS["prompt"]), GOLD["prefill"])
+    for i, step in enumerate(INPUTS["steps"]):
+        assert_close(logits_of(parts, trunk, step), GOLD[f"step{i}"])
+
+
+def test_goldens_exercise_the_sparse_selection(golden_f32):
+    """With the indexer's budget raised (plain dense attention) the logits move: the golden
+    prompt is long enough for the top-k block choice to matter."""
+    cfg = json.loads((golden_f32 / "config.json").read_text())
+    cfg["indexer_budget"] = 4096
+    dense = golden_f32.parent / "dense"
+    dense.mkdir(exist_ok=True)
+    (dense / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(golden_f32 / "model.safetensors", dense / "model.safetensors")
+    parts = load_parts(dense)
+    got = np.asarray(logits_of(parts, LocalTrunk(parts.stack), INPUTS["prompt"]))
+    assert np.max(np.abs(got - np.asarray(GOLD["prefill"]))) > 1e-3
+
+
+@pytest.mark.parametrize("cut", [1, 2, 5])
+def test_stages_split_anywhere(golden_f32, cut):
+    """The streams and token-id columns cross the boundary: before the n-gram layer (1), right
+    after it (2), or later; the split output equals the whole stack's."""
+    whole = load_parts(golden_f32)
+    a = load_parts(golden_f32, layers=(0, cut), head=False)
+    b = load_parts(golden_f32, layers=(cut, 8), head=False)
+    x = whole.head.embed(mx.array([INPUTS["prompt"]]))
+    mid = a.stack(x, a.stack.make_caches())
+    assert mid.shape[-1] == whole.config.hidden_size == 4 * 32 + 3
+    np.testing.assert_allclose(np.asarray(b.stack(mid, b.stack.make_caches())),
+                               np.asarray(whole.stack(x, whole.stack.make_caches())), atol=1e-6)
+
+
+def _state(caches):
+    """Every array (and token history) a sequence's caches hold, for exact comparison."""
+    out = []
+    for c in caches:
+        if isinstance(c, IndexedKVCache):
+            out += [c.keys[..., :c.offset, :], c.values[..., :c.offset, :], c.ikeys[:c.offset],
+                    c.pooled[:c.n_pooled] if c.n_pooled else mx.zeros((0,))]
+        else:
+            out += [c.conv, c.ssm]
+            if isinstance(c, PLEGDNCache):
+                out += [mx.array(c.ple_tokens), c.ple_conv]
+    return [np.asarray(a) for a in out]
+
+
+@pytest.mark.parametrize("rewind", [1, 2, 3, 4])
+def test_every_new_state_rolls_back_exactly(golden_f32, rewind):
+    """A verify pass of 5 rows crossing an indexer block boundary (positions 22-26), then a
+    rewind: the state equals a fresh run of the kept tokens, and so does what comes next."""
+    parts = load_parts(golden_f32)
+    prompt, tail = INPUTS["prompt"], [18, 1, 120, 6, 44]
+    a = LocalTrunk(parts.stack)
+    a.forward(parts.head.embed(mx.array([prompt])))
+    a.forward(parts.head.embed(mx.array([tail])), keep=(1, 2, 3, 4))
+    a.rewind(rewind)
+    b = LocalTrunk(parts.stack)
+    b.forward(parts.head.embed(mx.array([prompt + tail[:5 - rewind]])))
+    assert a.offset == b.offset == len(prompt) + 5 - rewind
+    kinds = {type(c) for c in a.caches}
+    assert IndexedKVCache in kinds and PLEGDNCache in kinds
+    for x, y in zip(_state(a.caches), _state(b.caches)):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+    nxt = [9, 33]
+    assert_close(logits_of(parts, a, nxt), logits_of(parts, b, nxt))
+
+
+def test_copied_state_is_independent(golden_f32):
+    """Prefix copies (kept turns) carry the new state too and do not share later writes."""
+    parts = load_parts(golden_f32)
+    t = LocalTrunk(parts.stack)
+    t.forward(parts.head.embed(mx.array([INPUTS["prompt"]])))
+    saved = copy_caches(t.caches)
+    want = logits_of(parts, t, [5, 6, 7])
+    t.caches = saved
+    assert_close(logits_of(parts, t, [5, 6, 7]), want)
