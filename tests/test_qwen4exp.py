@@ -13,8 +13,10 @@ import pytest
 
 from mtpdist.engine.trunk import LocalTrunk
 from mtpdist.model.cache import copy_caches
+from mtpdist.model.convert import ConvertOptions, convert
 from mtpdist.model.loader import load_parts
 from mtpdist.model.qwen4exp_cache import IndexedKVCache, PLEGDNCache
+from mtpdist.model.weights import Checkpoint
 
 from conftest import QWEN4_GOLDENS
 
@@ -122,3 +124,32 @@ def test_copied_state_is_independent(golden_f32):
     want = logits_of(parts, t, [5, 6, 7])
     t.caches = saved
     assert_close(logits_of(parts, t, [5, 6, 7]), want)
+
+
+def test_converted_checkpoint_equals_raw(tiny_qwen4, tmp_path):
+    """convert (MLX layout, one n-gram table tensor, MTP head kept) loads back to the same model."""
+    out = convert(tiny_qwen4, tmp_path / "c", ConvertOptions(dtype="float32", mtp_precision="quantized"))
+    raw, conv = load_parts(tiny_qwen4, mtp=True), load_parts(out, mtp=True)
+    toks = INPUTS["prompt"]
+    assert_close(logits_of(conv, LocalTrunk(conv.stack), toks), logits_of(raw, LocalTrunk(raw.stack), toks))
+    assert not Checkpoint(out).raw_layout and Checkpoint(out).has_mtp()
+
+
+def test_quantized_conversion_rules(tiny_qwen4, tmp_path):
+    """-q: routers, shared-expert gates and inject weights at 8 bits; rows the group (64) does not
+    divide (this model's width 32, like the release's 160-wide n-gram rows) at group 32."""
+    out = convert(tiny_qwen4, tmp_path / "q", ConvertOptions(dtype="float32", quantize=True, q_bits=4,
+                                                             q_group_size=64))
+    q = json.loads((out / "config.json").read_text())["quantization"]
+    assert q["language_model.model.layers.0.mlp.gate"] == {"group_size": 32, "bits": 8}   # width 32
+    assert q["language_model.model.layers.3.attn_hyper_connection.block_inject_weight"]["bits"] == 8
+    assert q["language_model.model.layers.0.linear_attn.in_proj_qkv"] == {"group_size": 32, "bits": 4}
+    parts = load_parts(out, mtp=True)
+    layer = parts.stack.layers[3]
+    assert (layer.mlp_hyper_connection.block_inject_weight.bits, layer.self_attn.indexer.index_qk_proj.bits,
+            layer.self_attn.indexer.index_qk_proj.group_size) == (8, 4, 32)
+    assert "scales" not in parts.mtp.fc_embedding       # the MTP head stays bf16 by default
+    raw = load_parts(tiny_qwen4)
+    a = np.asarray(logits_of(parts, LocalTrunk(parts.stack), INPUTS["prompt"]))
+    b = np.asarray(logits_of(raw, LocalTrunk(raw.stack), INPUTS["prompt"]))
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9   # 4-bit noise, not a different model

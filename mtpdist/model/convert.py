@@ -80,12 +80,10 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions) -> Path:
                 continue
 
             def predicate(path, mod, prefix=prefix):
-                if not hasattr(mod, "to_quantized") or mod.weight.shape[-1] % opts.q_group_size:
-                    return False
-                if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
-                    quant_overrides[_full(prefix, path)] = {"group_size": 64, "bits": 8}
-                    return {"group_size": 64, "bits": 8}
-                return True
+                rule = quant_rule(path, mod, opts)
+                if isinstance(rule, dict):
+                    quant_overrides[_full(prefix, path)] = rule
+                return rule
 
             nn.quantize(m, group_size=opts.q_group_size, bits=opts.q_bits, class_predicate=predicate)
     weights = {}
@@ -99,6 +97,26 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions) -> Path:
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     return dst
+
+
+# Small matrices whose outputs steer whole blocks: routers, the shared-expert gate and
+# qwen4_exp's hyper-connection inject weights stay at 8 bits.
+EIGHT_BIT_SUFFIXES = ("mlp.gate", "shared_expert_gate", "block_inject_weight")
+
+
+def quant_rule(path: str, mod, opts: ConvertOptions) -> bool | dict:
+    """How `convert -q` quantizes one module: False (keep), True (the chosen bits and group), or
+    explicit parameters. Rows whose width the group does not divide use group 32 where it does
+    (qwen4_exp's n-gram table rows are 160 wide)."""
+    if not hasattr(mod, "to_quantized"):
+        return False
+    width = mod.weight.shape[-1]
+    group = next((g for g in (64, 32) if width % g == 0), None)
+    if path.endswith(EIGHT_BIT_SUFFIXES):
+        return {"group_size": group, "bits": 8} if group else False
+    if width % opts.q_group_size == 0:
+        return True
+    return {"group_size": 32, "bits": opts.q_bits} if width % 32 == 0 else False
 
 
 def _full(prefix: str, path: str) -> str:
