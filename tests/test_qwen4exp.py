@@ -16,6 +16,7 @@ from mtpdist.model.cache import copy_caches
 from mtpdist.model.convert import ConvertOptions, convert
 from mtpdist.model.loader import load_parts
 from mtpdist.model.qwen4exp_cache import IndexedKVCache, PLEGDNCache
+from mtpdist.model.synthetic import write_checkpoint
 from mtpdist.model.weights import Checkpoint
 
 from conftest import QWEN4_GOLDENS
@@ -153,3 +154,35 @@ def test_quantized_conversion_rules(tiny_qwen4, tmp_path):
     a = np.asarray(logits_of(parts, LocalTrunk(parts.stack), INPUTS["prompt"]))
     b = np.asarray(logits_of(raw, LocalTrunk(raw.stack), INPUTS["prompt"]))
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9   # 4-bit noise, not a different model
+
+
+def test_fp8_release_layout_loads(tiny_qwen4, tmp_path):
+    """The FP8 release: experts as E4M3 bytes with 128x128-block inverse scales, the n-gram table
+    shards as E4M3 with one scale. They load as bf16 within FP8's precision, and convert."""
+    raw = json.loads((tiny_qwen4 / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}
+    src = {k: v for k, v in mx.load(str(tiny_qwen4 / "model.safetensors")).items()}
+    shards = sorted(k for k in src if ".ngram_embedding.shard_" in k)
+    table_scale = max(float(mx.abs(src[k]).max()) for k in shards) / 448
+    out = {}
+    for k, v in src.items():
+        if ".experts." in k and k.startswith("model.layers."):
+            s = mx.abs(v).max() / 448
+            out[k], out[k + "_scale_inv"] = mx.to_fp8(v / s), s.reshape(1, 1)
+        elif k in shards:
+            out[k] = mx.to_fp8(v / table_scale)
+        else:
+            out[k] = v
+    out["model.layers.1.ple.ple_embedding.ngram_embedding.weight_scale"] = mx.array(table_scale)
+    fp8 = write_checkpoint(tmp_path / "fp8", raw, out)
+    want, got = Checkpoint(tiny_qwen4).tensors(lambda k: True), Checkpoint(fp8).tensors(lambda k: True)
+    assert set(got) == set(want)
+    for k in ("model.layers.1.ple.ple_embedding.ngram_embedding.weight", "model.layers.0.mlp.switch_mlp.up_proj.weight"):
+        assert got[k].dtype == mx.bfloat16
+        np.testing.assert_allclose(np.asarray(got[k].astype(mx.float32)), np.asarray(want[k]), rtol=0.07,
+                                   atol=0.02 * float(mx.abs(want[k]).max()))
+    conv = load_parts(convert(fp8, tmp_path / "c", ConvertOptions(dtype="float32")), mtp=True)
+    a = np.asarray(logits_of(conv, LocalTrunk(conv.stack), INPUTS["prompt"]))
+    ref = load_parts(tiny_qwen4)
+    b = np.asarray(logits_of(ref, LocalTrunk(ref.stack), INPUTS["prompt"]))
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95

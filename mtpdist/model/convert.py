@@ -57,7 +57,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions) -> Path:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not opts.force:
         raise ModelLoadError(f"{dst} already exists and is not empty; choose another --mlx-path or pass --force "
                              "to overwrite")
-    if config.quantization:
+    if config.quantization and config.quantization.get("quant_method") != "fp8":   # FP8 is read as bf16
         raise ModelLoadError(f"{src} is already quantized; convert from the original checkpoint")
     text = raw_cfg.get("text_config", raw_cfg)
     dtype_name = opts.dtype or text.get("torch_dtype") or raw_cfg.get("torch_dtype") or "bfloat16"
@@ -141,6 +141,9 @@ def _write(dst: Path, weights: dict, raw_cfg: dict, opts: ConvertOptions, dtype_
         {"metadata": {"total_size": sum(v.nbytes for v in weights.values())},
          "weight_map": dict(sorted(weight_map.items()))}, indent=2))
     cfg = dict(raw_cfg)
+    for key in ("quantization", "quantization_config"):   # an FP8 source was read as bf16
+        if isinstance(cfg.get(key), dict) and cfg[key].get("quant_method") == "fp8":
+            del cfg[key]
     if opts.quantize:
         q = {"group_size": opts.q_group_size, "bits": opts.q_bits, "mode": "affine", **overrides}
         cfg["quantization"] = q

@@ -19,6 +19,7 @@ from typing import Callable
 import mlx.core as mx
 
 from ..errors import ModelLoadError
+from .fp8 import SCALE_SUFFIXES, from_block_fp8, from_scalar_fp8
 
 _SKIP_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.")
 _SHIFTED_NORM_SUFFIXES = (
@@ -117,8 +118,12 @@ class Checkpoint:
         for ck in self._where:
             if not want(ck):
                 continue
+            if ck.endswith(SCALE_SUFFIXES):
+                continue  # an FP8 weight's scales: applied to that weight below
             v = self._raw(ck)
             m = _NGRAM_SHARD.match(ck)
+            if v.dtype == mx.uint8:
+                v = self._from_fp8(ck, v, m.group(1) if m else None)
             if m:
                 shards.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = v
                 continue
@@ -151,6 +156,14 @@ class Checkpoint:
                 raise ModelLoadError(f"{key}: n-gram table shards {sorted(set(range(max(per) + 1)) - set(per))} missing")
             out[key] = mx.concatenate([per[i] for i in range(len(per))], axis=0)
         return out
+
+    def _from_fp8(self, ck: str, v: mx.array, table: str | None) -> mx.array:
+        """An FP8 release's weight (uint8 E4M3 bytes) -> bf16 with its scales."""
+        if f"{ck}_scale_inv" in self._where:
+            return from_block_fp8(v, self._raw(f"{ck}_scale_inv"))
+        if table is not None and f"{table}.weight_scale" in self._where:
+            return from_scalar_fp8(v, self._raw(f"{table}.weight_scale"))
+        raise ModelLoadError(f"{ck}: 8-bit bytes without FP8 scales (neither {ck}_scale_inv nor a table scale)")
 
     def close(self) -> None:
         self._files.clear()
