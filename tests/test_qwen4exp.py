@@ -186,3 +186,11 @@ def test_fp8_release_layout_loads(tiny_qwen4, tmp_path):
     ref = load_parts(tiny_qwen4)
     b = np.asarray(logits_of(ref, LocalTrunk(ref.stack), INPUTS["prompt"]))
     assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.95
+
+
+def test_placement_counts_the_ngram_table_with_its_layer(tiny_qwen4):
+    """The table's bytes belong to the layer that owns it, so placement plans memory with them."""
+    from mtpdist.coordinator.session import layer_bytes
+    sizes = layer_bytes(tiny_qwen4, 8)
+    table = 4 * 128 * 8 * 4          # 4 shards of 128 rows x 8 wide, float32
+    assert sizes[1] - sizes[0] >= table and sizes[1] - sizes[2] >= table
