@@ -69,23 +69,15 @@ QWEN4_GOLDENS = __import__("pathlib").Path(__file__).parent / "goldens" / "qwen4
 @pytest.fixture(scope="session")
 def tiny_qwen4(tmp_path_factory):
     """The golden tiny qwen4_exp (transformers' random weights, raw HF layout, n-gram table in
-    shards) in float32, plus a random MTP head in the release's layout, plus a tokenizer."""
+    shards) with the golden MTP head (release layout), in float32, plus a tokenizer."""
     import json
 
     import mlx.core as mx
-    from mlx.utils import tree_flatten
-
-    from mtpdist.model.qwen4exp import MTPHead
 
     raw = json.loads((QWEN4_GOLDENS / "checkpoint" / "config.json").read_text())
     raw["mtp_num_hidden_layers"] = 1
-    w = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v
-         for k, v in mx.load(str(QWEN4_GOLDENS / "checkpoint" / "model.safetensors")).items()}
-    mx.random.seed(44)
-    mtp = {}
-    for k, v in tree_flatten(MTPHead(ModelConfig.from_dict(raw)).parameters()):
-        scale = 0.2 if v.ndim == 1 else 0.5 / v.shape[-1] ** 0.5
-        mtp["mtp." + k] = (1.0 if v.ndim == 1 else 0.0) + scale * mx.random.normal(v.shape)
-    w.update(to_raw_hf(mtp))
+    w = {**mx.load(str(QWEN4_GOLDENS / "checkpoint" / "model.safetensors")),
+         **mx.load(str(QWEN4_GOLDENS / "mtp.safetensors"))}
+    w = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in w.items()}
     path = write_checkpoint(tmp_path_factory.mktemp("tiny_qwen4"), raw, w)
     return path

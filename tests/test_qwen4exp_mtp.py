@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import mlx.core as mx
+import numpy as np
 import pytest
 
 from mtpdist.engine.generate import GenerationRequest
@@ -14,6 +16,7 @@ from mtpdist.engine.scheduler import Scheduler, SchedulerSettings, run_all
 from mtpdist.engine.trunk import LocalTrunk
 from mtpdist.model.loader import load_parts
 
+from conftest import QWEN4_GOLDENS
 from helpers import OracleDrafter, plain_greedy, spec_greedy
 from test_scheduler_pipeline import live_sequences, session_over
 from workers import workers
@@ -58,3 +61,14 @@ def test_greedy_mtp_through_workers_identical_to_plain(tmp_path, tiny_qwen4, n_w
         assert [s.wait().token_ids for s in sinks] == want
         assert live_sequences(session.addresses) == [0] * n_workers
         session.close()
+
+
+def test_mtp_head_matches_mlx_vlm_drafter(parts):
+    """Logits of every prompt entry and of one chained draft equal mlx-vlm's qwen4_exp_mtp
+    drafter on the same weights and inputs (golden files from scripts/gen_qwen4exp_mtp_goldens.py)."""
+    g = mx.load(str(QWEN4_GOLDENS / "mtp_logits.safetensors"))
+    caches = parts.mtp.make_caches()
+    z = parts.mtp(g["hidden"][None], parts.head.embed(g["tokens"][None]), caches)
+    np.testing.assert_allclose(np.asarray(parts.head.logits(z)[0]), np.asarray(g["logits"]), atol=2e-5)
+    z2 = parts.mtp(z[:, -1:], parts.head.embed(g["chain_token"][None]), caches)   # fed its own output
+    np.testing.assert_allclose(np.asarray(parts.head.logits(z2)[0]), np.asarray(g["chain_logits"]), atol=2e-5)
