@@ -8,6 +8,9 @@ more); unpack its wheel and put it on the path for this script only:
     .venv/bin/pip install Pillow
     PYTHONPATH=/tmp/mlxvlm/x .venv/bin/python scripts/gen_qwen4exp_mtp_goldens.py
 
+It also runs mlx-vlm's qwen4_exp target on the golden checkpoint and prints how far its logits
+are from transformers' goldens (1.8e-7 when written: the two references agree).
+
 It writes tests/goldens/qwen4exp/mtp.safetensors: random MTP weights in the release's raw
 layout (bf16; norms stored as w of (1 + w); experts fused as gate_up_proj), and
 mtp_logits.safetensors: the drafter's inputs (the target's pre-mixer streams over the golden
@@ -18,6 +21,7 @@ position, then for one chained draft fed its own pre-mixer output.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +29,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_vlm.models.qwen4_exp.config import TextConfig
+from mlx_vlm.models.qwen4_exp.language import LanguageModel
 from mlx_vlm.speculative.drafters.qwen4_exp_mtp.config import Qwen4ExpMTPConfig
 from mlx_vlm.speculative.drafters.qwen4_exp_mtp.qwen4_exp_mtp import Qwen4ExpMTPDraftModel
 
@@ -37,6 +42,31 @@ SEED = 38
 
 def f32(w: dict) -> dict:
     return {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in w.items()}
+
+
+def check_target(text: dict) -> float:
+    """Max |mlx-vlm logits - transformers goldens| over the prefill and decode steps."""
+    lm = LanguageModel(TextConfig.from_dict(text))
+    w, experts = {}, {}
+    for k, v in f32(mx.load(str(GOLD / "checkpoint" / "model.safetensors"))).items():
+        if k.endswith(("layer_multipliers", "ngram_heads_offsets", "ngram_heads_vocab_sizes")):
+            continue
+        m = re.match(r"(.*\.mlp)\.experts\.(\d+)\.(\w+)_proj\.weight", k)
+        if m:
+            experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = v
+            continue
+        k = re.sub(r"\.ngram_embedding\.shard_(\d+)", r".ngram_embedding.shards.\1", k)
+        w[k] = v.moveaxis(2, 1) if "conv1d.weight" in k and v.shape[-1] != 1 else v
+    for (base, proj), per in experts.items():
+        w[f"{base}.switch_mlp.{proj}_proj.weight"] = mx.stack([per[i] for i in range(len(per))])
+    lm.load_weights(list(w.items()), strict=False)
+    inputs, ref = json.loads((GOLD / "inputs.json").read_text()), mx.load(str(GOLD / "logits.safetensors"))
+    cache, off, worst = lm.make_cache(), 0, 0.0
+    for name, toks in [("prefill", inputs["prompt"])] + [(f"step{i}", s) for i, s in enumerate(inputs["steps"])]:
+        out = lm(mx.array([toks]), cache=cache, position_ids=mx.arange(off, off + len(toks))[None])
+        off += len(toks)
+        worst = max(worst, float(mx.abs(out.logits[0] - ref[name]).max()))
+    return worst
 
 
 def main() -> None:
@@ -86,7 +116,7 @@ def main() -> None:
     mx.save_safetensors(str(GOLD / "mtp_logits.safetensors"), {
         "hidden": hidden[0], "tokens": tokens[0], "logits": logits, "chain_token": chain_tok[0],
         "chain_logits": lm_head(mixed2)[0]})
-    print(f"wrote {GOLD}/mtp*.safetensors")
+    print(f"wrote {GOLD}/mtp*.safetensors; mlx-vlm target vs transformers goldens: {check_target(text):.2g}")
 
 
 if __name__ == "__main__":
