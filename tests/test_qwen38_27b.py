@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import mlx.core as mx
 import pytest
 from mlx_lm.utils import load_model
 

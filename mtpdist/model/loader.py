@@ -14,6 +14,7 @@ from ..errors import ModelLoadError
 from .backend import experts_to_supported_dtype
 from .config import ModelConfig, read_config
 from . import qwen35
+from .weights import Checkpoint, canonical_key
 
 
 def model_classes(config: ModelConfig):
@@ -22,7 +23,7 @@ def model_classes(config: ModelConfig):
         from . import qwen4exp
         return qwen4exp.Head, qwen4exp.LayerStack, qwen4exp.MTPHead
     return qwen35.Head, qwen35.LayerStack, qwen35.MTPHead
-from .weights import Checkpoint, canonical_key
+
 
 RECONVERT_HINT = (
     "Re-convert from the original Hugging Face checkpoint, which keeps the MTP head: "

@@ -22,12 +22,10 @@ from typing import Sequence
 
 import mlx.core as mx
 import mlx.nn as nn
-import numpy as np
 from mlx_lm.models.base import create_attention_mask, scaled_dot_product_attention
 
-from .layers import RaggedAttention, RollbackGatedDeltaNet, Segment, SparseMoeBlock
-from .qwen4exp_cache import IndexedKVCache, PLEGDNCache
-from .cache import GDNCache
+from .layers import RaggedAttention, RollbackGatedDeltaNet, Segment
+from .qwen4exp_cache import IndexedKVCache
 
 
 @dataclass(frozen=True)
