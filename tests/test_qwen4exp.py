@@ -194,3 +194,20 @@ def test_placement_counts_the_ngram_table_with_its_layer(tiny_qwen4):
     sizes = layer_bytes(tiny_qwen4, 8)
     table = 4 * 128 * 8 * 4          # 4 shards of 128 rows x 8 wide, float32
     assert sizes[1] - sizes[0] >= table and sizes[1] - sizes[2] >= table
+
+
+def test_ragged_batch_equals_each_sequence_alone(golden_f32):
+    """Several sequences in one forward (a worker's batch): prefills of different lengths, then
+    same-length decode rows (the stacked GDN path, with PLE state per sequence) and verify rows."""
+    parts = load_parts(golden_f32)
+    stack, head = parts.stack, parts.head
+    prompts = [INPUTS["prompt"], [7, 1, 9, 30, 31], list(range(40, 52))]
+    alone = [LocalTrunk(stack) for _ in prompts]
+    together = [stack.make_caches() for _ in prompts]
+    passes = [prompts, [[3], [4], [5]], [[6, 7, 8], [9, 10, 11], [12, 13, 14]]]
+    for rows in passes:
+        keep = tuple(range(1, len(rows[0])))
+        want = [t.forward(head.embed(mx.array([r])), keep) for t, r in zip(alone, rows)]
+        x = head.embed(mx.array([[tok for r in rows for tok in r]]))
+        got = stack.ragged(x, [(c, len(r), keep if len(set(map(len, rows))) == 1 else ()) for c, r in zip(together, rows)])
+        np.testing.assert_allclose(np.asarray(got), np.asarray(mx.concatenate(want, axis=1)), atol=2e-5)
