@@ -1,4 +1,4 @@
-"""Reading Qwen3.5/3.6 checkpoints into one canonical key layout.
+"""Reading Qwen3.5/3.6/3.8 and qwen4_exp checkpoints into one canonical key layout.
 
 Canonical keys: `model.embed_tokens.weight`, `model.layers.{i}.*`, `model.norm.weight`,
 `lm_head.weight`, `mtp.*`; conv1d weights as [C, K, 1]; RMSNorm weights effective (not
