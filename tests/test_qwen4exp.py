@@ -211,3 +211,18 @@ def test_ragged_batch_equals_each_sequence_alone(golden_f32):
         x = head.embed(mx.array([[tok for r in rows for tok in r]]))
         got = stack.ragged(x, [(c, len(r), keep if len(set(map(len, rows))) == 1 else ()) for c, r in zip(together, rows)])
         np.testing.assert_allclose(np.asarray(got), np.asarray(mx.concatenate(want, axis=1)), atol=2e-5)
+
+
+def test_indexer_takes_exactly_k_blocks_even_when_scores_tie():
+    """ReLU scores tie at 0; each query still attends to exactly budget/ratio complete blocks
+    plus its own incomplete block (and to every block while it sees no more than that)."""
+    from mtpdist.model.qwen4exp_layers import Indexer, Qwen4Extras
+    text = json.loads((QWEN4_GOLDENS / "checkpoint" / "config.json").read_text())
+    e = Qwen4Extras.from_text(text)                     # budget 8, ratio 4: two blocks
+    ix = Indexer(e)
+    T = 23
+    mask = np.asarray(ix.mask(mx.zeros((T, (e.idx_heads + 1) * e.idx_dim)), IndexedKVCache(), 0))
+    for p in range(T):
+        seen = (p + 1) // 4
+        assert mask[p, seen * 4:p + 1].all() and not mask[p, p + 1:].any()      # own block, causal
+        assert mask[p, :seen * 4].reshape(seen, 4).all(axis=1).sum() == min(seen, 2)

@@ -182,8 +182,11 @@ class Indexer(nn.Module):
         scores = mx.where(valid, scores, -mx.inf)
         k = e.idx_budget // r
         if blocks > k:
-            kth = -mx.partition(-scores, k - 1, axis=-1)[:, k - 1:k]
-            chosen = valid & ((seen[:, None] <= k) | (scores >= kth))
+            # Exactly k blocks per query (a threshold would take every block tied with the k-th,
+            # and ReLU scores tie at 0); rows that see k or fewer blocks keep all of theirs.
+            top = mx.argpartition(-scores, k - 1, axis=-1)[:, :k]
+            chosen = mx.put_along_axis(mx.zeros((T, blocks), dtype=mx.bool_), top, mx.array(True), axis=-1)
+            chosen = valid & (chosen | (seen[:, None] <= k))
         else:
             chosen = scores >= 0   # = valid (scores are >= 0), keeps the pooled keys in the graph
         tokens = mx.repeat(chosen, r, axis=1)
