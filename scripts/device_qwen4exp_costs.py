@@ -32,8 +32,9 @@ from mtpdist.model.qwen4exp import Head, LayerStack, MTPHead  # noqa: E402
 
 
 def text_config(shrink: bool) -> dict:
-    """Flash-Next's shapes (4 layers: GDN, GDN + PLE, GDN, attention)."""
-    t = dict(model_type="qwen4_exp_text", vocab_size=248320, hidden_size=2560, num_hidden_layers=4,
+    """Flash-Next's shapes, 3 layers: GDN, GDN + PLE, indexed attention."""
+    t = dict(model_type="qwen4_exp_text", vocab_size=248320, hidden_size=2560, num_hidden_layers=3,
+             layer_types=["linear_attention", "linear_attention", "full_attention"],
              num_attention_heads=24, num_key_value_heads=2, head_dim=256, linear_conv_kernel_dim=4,
              linear_key_head_dim=128, linear_value_head_dim=128, linear_num_key_heads=16, linear_num_value_heads=32,
              moe_intermediate_size=640, shared_expert_intermediate_size=640, num_experts=512, num_experts_per_tok=10,
@@ -99,7 +100,7 @@ def main(shrink: bool = False) -> None:
     t = text_config(shrink)
     cfg = ModelConfig.from_dict(t)
     mx.random.seed(0)
-    stack = LayerStack(cfg, 0, 4)
+    stack = LayerStack(cfg, 0, 3)
     prepare(stack)
     W = 4 * t["hidden_size"]
     n = 5 if shrink else 20
@@ -107,8 +108,9 @@ def main(shrink: bool = False) -> None:
     res["gdn"] = layer_costs(stack, 0, 1024, W, n)
     res["gdn_ple"] = layer_costs(stack, 1, 1024, W, n)
     small, big = (64, 512) if shrink else (2048, 8192)
-    res[f"attn_ctx{small}"] = layer_costs(stack, 3, small, W, n)
-    res[f"attn_ctx{big}"] = layer_costs(stack, 3, big, W, n)
+    res[f"attn_ctx{small}"] = layer_costs(stack, 2, small, W, n)
+    res[f"attn_ctx{big}"] = layer_costs(stack, 2, big, W, n)
+    del stack
     head, mtp = Head(cfg), MTPHead(cfg)
     prepare(head)
     prepare(mtp)
