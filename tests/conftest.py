@@ -51,3 +51,33 @@ def tiny_vocab32(tmp_path_factory):
     # Sharpen the logits a little so distributions are neither flat nor one-hot.
     w["model.embed_tokens.weight"] = w["model.embed_tokens.weight"] * 0.5
     return write_checkpoint(tmp_path_factory.mktemp("v32"), raw, to_raw_hf(w), tokenizer=False)
+
+
+@pytest.fixture(scope="session")
+def qwen38_27b(tmp_path_factory):
+    """Qwen3.8-27B's structure (model_type qwen3_5, Qwen3.6-27B's config: 64 layers, 24/4 heads,
+    16/48 linear heads, untied lm_head, a dense MTP head) at shrunk widths, raw HF layout."""
+    raw = make_config("27b-shape")
+    w = random_weights(ModelConfig.from_dict(raw), seed=38)
+    path = write_checkpoint(tmp_path_factory.mktemp("qwen38_27b"), raw, to_raw_hf(w), shards=2)
+    return path, w
+
+
+QWEN4_GOLDENS = __import__("pathlib").Path(__file__).parent / "goldens" / "qwen4exp"
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen4(tmp_path_factory):
+    """The golden tiny qwen4_exp (transformers' random weights, raw HF layout, n-gram table in
+    shards) with the golden MTP head (release layout), in float32, plus a tokenizer."""
+    import json
+
+    import mlx.core as mx
+
+    raw = json.loads((QWEN4_GOLDENS / "checkpoint" / "config.json").read_text())
+    raw["mtp_num_hidden_layers"] = 1
+    w = {**mx.load(str(QWEN4_GOLDENS / "checkpoint" / "model.safetensors")),
+         **mx.load(str(QWEN4_GOLDENS / "mtp.safetensors"))}
+    w = {k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v for k, v in w.items()}
+    path = write_checkpoint(tmp_path_factory.mktemp("tiny_qwen4"), raw, w)
+    return path

@@ -11,12 +11,20 @@ from mlx_lm.models.qwen3_5 import TextModelArgs
 
 from ..errors import ModelLoadError, UnsupportedModelError
 
-SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text")
+SUPPORTED_MODEL_TYPES = ("qwen3_5", "qwen3_5_moe", "qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp", "qwen4_exp_text")
+QWEN4_EXP_TYPES = ("qwen4_exp", "qwen4_exp_text")
+# qwen4_exp rows between stages carry each token's id in this many base-256 digit columns.
+ID_COLS = 3
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The text model's shape, plus what mtpdist needs to know about the checkpoint."""
+    """The text model's shape, plus what mtpdist needs to know about the checkpoint.
+
+    `hidden_size` is the width of the rows a stage takes and returns: the model width for
+    Qwen3.5/3.6; for qwen4_exp, hc_count streams of it plus ID_COLS token-id columns
+    (`text_config["hidden_size"]` is the model width for both).
+    """
 
     model_type: str
     hidden_size: int
@@ -34,8 +42,16 @@ class ModelConfig:
     def is_moe(self) -> bool:
         return self.num_experts > 0
 
+    @property
+    def is_qwen4_exp(self) -> bool:
+        """Qwen3.8-Flash-Next's architecture (hyper-connections, indexer, n-gram embedding)."""
+        return self.model_type in QWEN4_EXP_TYPES or self.text_config.get("model_type") in QWEN4_EXP_TYPES
+
     def is_linear(self, layer: int) -> bool:
         """True for a GatedDeltaNet layer, False for a full-attention layer."""
+        types = self.text_config.get("layer_types")
+        if types and len(types) == self.num_hidden_layers:
+            return types[layer] == "linear_attention"
         return (layer + 1) % self.full_attention_interval != 0
 
     def text_args(self) -> TextModelArgs:
@@ -51,7 +67,7 @@ class ModelConfig:
             archs = ", ".join(raw.get("architectures", [])) or "none given"
             raise UnsupportedModelError(
                 f"unsupported model_type {model_type!r} (architectures: {archs}); "
-                f"mtpdist runs Qwen3.5/3.6 checkpoints ({', '.join(SUPPORTED_MODEL_TYPES)})"
+                f"mtpdist runs Qwen3.5/3.6/3.8 checkpoints ({', '.join(SUPPORTED_MODEL_TYPES)})"
             )
         # Top-level fields that the text config sometimes only inherits.
         for key in ("tie_word_embeddings", "vocab_size", "eos_token_id"):
@@ -63,9 +79,12 @@ class ModelConfig:
             raise ModelLoadError(f"config.json lacks {', '.join(missing)}")
         eos = text.get("eos_token_id", raw.get("eos_token_id"))
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        width = int(text["hidden_size"])
+        if model_type in QWEN4_EXP_TYPES or text.get("model_type") in QWEN4_EXP_TYPES:
+            width = int(text.get("hc_count", 4)) * width + ID_COLS
         return cls(
             model_type=model_type or text.get("model_type", ""),
-            hidden_size=int(text["hidden_size"]),
+            hidden_size=width,
             num_hidden_layers=int(text["num_hidden_layers"]),
             vocab_size=int(text["vocab_size"]),
             full_attention_interval=int(text.get("full_attention_interval", 4)),

@@ -18,8 +18,7 @@ from tqdm import tqdm
 
 from ..errors import ModelLoadError
 from .config import read_config
-from .loader import RECONVERT_HINT
-from .qwen35 import Head, LayerStack, MTPHead
+from .loader import RECONVERT_HINT, model_classes
 from .weights import Checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -68,7 +67,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions) -> Path:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not opts.force:
         raise ModelLoadError(f"{dst} already exists and is not empty; choose another --mlx-path or pass --force "
                              "to overwrite")
-    if config.quantization:
+    if config.quantization and config.quantization.get("quant_method") != "fp8":   # FP8 is read as bf16
         raise ModelLoadError(f"{src} is already quantized; convert from the original checkpoint")
     text = raw_cfg.get("text_config", raw_cfg)
     dtype_name = opts.dtype or text.get("torch_dtype") or raw_cfg.get("torch_dtype") or "bfloat16"
@@ -104,6 +103,7 @@ def convert(src: str | Path, dst: str | Path, opts: ConvertOptions) -> Path:
 def _skeletons(config, want_mtp: bool, dtype, opts: ConvertOptions) -> list["_Part"]:
     """The model's modules, their parameters never computed (lazy): they give each output's
     key, order, shape and dtype, and the module type that quantizes it."""
+    Head, LayerStack, MTPHead = model_classes(config)
     parts = [_Part("language_model.model.", Head(config), dtype, opts.quantize),
              _Part("language_model.model.layers.", LayerStack(config, 0, config.num_hidden_layers), dtype,
                    opts.quantize)]
@@ -138,11 +138,12 @@ class _Part:
         self.leaves = dict(tree_flatten(self.module.leaf_modules(), is_leaf=nn.Module.is_module))
 
         def predicate(path, mod):
-            if not hasattr(mod, "to_quantized") or mod.weight.shape[-1] % opts.q_group_size:
+            rule = quant_rule(path, mod, opts)
+            if rule is False:
                 return False
-            if path.endswith("mlp.gate") or path.endswith("shared_expert_gate"):
-                overrides[_full(self.prefix, path)] = {"group_size": 64, "bits": 8}
-                self.quantized[path] = {"group_size": 64, "bits": 8}
+            if isinstance(rule, dict):
+                overrides[_full(self.prefix, path)] = rule
+                self.quantized[path] = dict(rule)
             else:
                 self.quantized[path] = {"group_size": opts.q_group_size, "bits": opts.q_bits, "mode": "affine"}
             return self.quantized[path]
@@ -177,16 +178,38 @@ class _Part:
         return {f"{path}.{k}": v for k, v in tree_flatten(q.parameters())}
 
 
+# Small matrices whose outputs steer whole blocks: routers, the shared-expert gate and
+# qwen4_exp's hyper-connection inject weights stay at 8 bits.
+EIGHT_BIT_SUFFIXES = ("mlp.gate", "shared_expert_gate", "block_inject_weight")
+
+
+def quant_rule(path: str, mod, opts: ConvertOptions) -> bool | dict:
+    """How `convert -q` quantizes one module: False (keep), True (the chosen bits and group), or
+    explicit parameters. Rows whose width the group does not divide use group 32 where it does
+    (qwen4_exp's n-gram table rows are 160 wide)."""
+    if not hasattr(mod, "to_quantized"):
+        return False
+    width = mod.weight.shape[-1]
+    group = next((g for g in (64, 32) if width % g == 0), None)
+    if path.endswith(EIGHT_BIT_SUFFIXES):
+        return {"group_size": group, "bits": 8} if group else False
+    if width % opts.q_group_size == 0:
+        return True
+    return {"group_size": 32, "bits": opts.q_bits} if width % 32 == 0 else False
+
+
 def _check(ckpt: Checkpoint, parts: list[_Part], config) -> None:
     """Every tensor the config calls for is in the checkpoint with its shape (headers only)."""
     have = set(ckpt.output_keys())
     problems = []
     for part in parts:
         want = {part.canonical(k): shape for k, shape in part.expected.items()}
-        prefixes = ("mtp.",) if part.prefix == "mtp." else (
-            ("model.layers.",) if part.prefix.endswith("layers.") else
-            ("model.embed_tokens.", "model.norm.") + (() if config.tie_word_embeddings else ("lm_head.",)))
-        mine = {k for k in have if k.startswith(prefixes)}
+        if part.prefix == "mtp.":
+            mine = {k for k in have if k.startswith("mtp.")}
+        elif part.prefix.endswith("layers."):
+            mine = {k for k in have if k.startswith("model.layers.")}
+        else:   # the head: embedding, final norm (or mixer), lm_head
+            mine = {k for k in have if not k.startswith(("model.layers.", "mtp."))}
         missing = sorted(set(want) - mine)
         extra = sorted(mine - set(want))
         wrong = [(k, ckpt.shape(k), want[k]) for k in want if k in mine and ckpt.shape(k) != want[k]]

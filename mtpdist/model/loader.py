@@ -13,8 +13,17 @@ from mlx.utils import tree_flatten
 from ..errors import ModelLoadError
 from .backend import experts_to_supported_dtype
 from .config import ModelConfig, read_config
-from .qwen35 import Head, LayerStack, MTPHead
+from . import qwen35
 from .weights import Checkpoint, canonical_key
+
+
+def model_classes(config: ModelConfig):
+    """(Head, LayerStack, MTPHead) of the config's architecture."""
+    if config.is_qwen4_exp:
+        from . import qwen4exp
+        return qwen4exp.Head, qwen4exp.LayerStack, qwen4exp.MTPHead
+    return qwen35.Head, qwen35.LayerStack, qwen35.MTPHead
+
 
 RECONVERT_HINT = (
     "Re-convert from the original Hugging Face checkpoint, which keeps the MTP head: "
@@ -28,9 +37,9 @@ class ModelParts:
 
     config: ModelConfig
     path: Path
-    head: Head | None = None
-    stack: LayerStack | None = None
-    mtp: MTPHead | None = None
+    head: qwen35.Head | None = None          # or the qwen4exp counterparts (same calls)
+    stack: qwen35.LayerStack | None = None
+    mtp: qwen35.MTPHead | None = None
 
 
 def _quant_params(config: ModelConfig, canonical: str) -> dict | None:
@@ -88,6 +97,7 @@ def load_parts(model_dir: str | Path, *, layers: tuple[int, int] | None = None,
             raise ModelLoadError(
                 f"{path}: config.json promises an MTP head (mtp_num_hidden_layers: "
                 f"{config.mtp_num_hidden_layers}) but the weights hold no mtp.* tensors. {RECONVERT_HINT}")
+    Head, LayerStack, MTPHead = model_classes(config)
     start, end = layers if layers is not None else (0, config.num_hidden_layers)
     if end > start:
         stack = LayerStack(config, start, end)
@@ -106,7 +116,8 @@ def load_parts(model_dir: str | Path, *, layers: tuple[int, int] | None = None,
         parts.stack = stack
     if head:
         h = Head(config)
-        w = ckpt.tensors(lambda k: k.startswith(("model.embed_tokens.", "model.norm.", "lm_head.")))
+        prefixes = getattr(Head, "weight_prefixes", ("model.embed_tokens.", "model.norm.", "lm_head."))
+        w = ckpt.tensors(lambda k: k.startswith(prefixes))
         if config.tie_word_embeddings:
             w = {k: v for k, v in w.items() if not k.startswith("lm_head.")}
         local = {(k[len("model."):] if k.startswith("model.") else k): v for k, v in w.items()}

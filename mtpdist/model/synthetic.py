@@ -25,8 +25,13 @@ SIZES = {
     "medium": (1024, 12, 8, 2, 128, 8, 16, 128, 3072, 32000),
     "0.8b": (1024, 24, 8, 2, 256, 16, 16, 128, 3584, 248320),  # Qwen3.5-0.8B's shapes
     "9b": (4096, 32, 16, 4, 256, 16, 32, 128, 12288, 248320),  # Qwen3.5-9B's (untied lm_head)
+    # Qwen3.5/3.6/3.8-27B's shapes (Qwen3.8-27B is model_type qwen3_5 with Qwen3.6-27B's config).
+    "27b": (5120, 64, 24, 4, 256, 16, 48, 128, 17408, 248320),
+    # The same structure with shrunk widths: 64 layers, 24/4 attention heads, 16/48 linear heads
+    # (a GQA group of 6 and a GDN value/key ratio of 3, which the power-of-two sizes never hit).
+    "27b-shape": (64, 64, 24, 4, 16, 16, 48, 8, 96, 512),
 }
-UNTIED = {"9b"}  # sizes whose release has a separate lm_head
+UNTIED = {"9b", "27b", "27b-shape"}  # sizes whose release has a separate lm_head
 
 
 def make_config(size: str = "tiny", *, moe: bool = False, vocab_size: int | None = None,

@@ -1,4 +1,4 @@
-"""Reading Qwen3.5/3.6 checkpoints into one canonical key layout.
+"""Reading Qwen3.5/3.6/3.8 and qwen4_exp checkpoints into one canonical key layout.
 
 Canonical keys: `model.embed_tokens.weight`, `model.layers.{i}.*`, `model.norm.weight`,
 `lm_head.weight`, `mtp.*`; conv1d weights as [C, K, 1]; RMSNorm weights effective (not
@@ -19,16 +19,24 @@ from typing import Callable
 import mlx.core as mx
 
 from ..errors import ModelLoadError
+from .fp8 import SCALE_SUFFIXES, from_block_fp8, from_scalar_fp8
 
 _SKIP_PREFIXES = ("model.visual.", "visual.", "vision_tower.", "model.vision_tower.")
 _SHIFTED_NORM_SUFFIXES = (
     ".input_layernorm.weight", ".post_attention_layernorm.weight",
     ".q_norm.weight", ".k_norm.weight",
+    # qwen4_exp: hyper-connection, indexer and n-gram-embedding norms (its GDN norm is not shifted)
+    ".hc_norm.weight", ".q_layernorm.weight", ".k_layernorm.weight",
+    ".norm_key.weight", ".norm_query.weight", ".norm_conv.weight",
 )
 _SHIFTED_NORM_KEYS = (
     "model.norm.weight", "mtp.norm.weight",
     "mtp.pre_fc_norm_hidden.weight", "mtp.pre_fc_norm_embedding.weight",
 )
+# qwen4_exp ships its n-gram table in shards (concatenated along rows) and its hash constants
+# as buffers (derived from the config here, so they are not loaded).
+_NGRAM_SHARD = re.compile(r"^(.*\.ngram_embedding)\.shard_(\d+)\.(weight|scales|biases)$")
+_DERIVED_SUFFIXES = (".layer_multipliers", ".ngram_heads_offsets", ".ngram_heads_vocab_sizes")
 _PER_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 
 
@@ -41,7 +49,7 @@ def canonical_key(key: str) -> str | None:
         if key.startswith(prefix):
             key = repl + key[len(prefix):]
             break
-    if key.startswith(_SKIP_PREFIXES):
+    if key.startswith(_SKIP_PREFIXES) or key.endswith(_DERIVED_SUFFIXES):
         return None
     return key
 
@@ -108,7 +116,14 @@ class Checkpoint:
         if self._made is None:
             plan: dict[str, tuple[str, tuple[str, ...]]] = {}
             experts: dict[tuple[str, str], dict[int, str]] = {}
+            shards: dict[str, dict[int, str]] = {}
             for ck in self._where:
+                if ck.endswith(SCALE_SUFFIXES):
+                    continue  # an FP8 weight's scales: applied to that weight when it is read
+                m = _NGRAM_SHARD.match(ck)
+                if m:
+                    shards.setdefault(f"{m.group(1)}.{m.group(3)}", {})[int(m.group(2))] = ck
+                    continue
                 m = _PER_EXPERT.match(ck)
                 if m:
                     experts.setdefault((m.group(1), m.group(3)), {})[int(m.group(2))] = ck
@@ -124,11 +139,25 @@ class Checkpoint:
                 n = max(per) + 1
                 plan[f"{base}.switch_mlp.{proj}_proj.weight"] = (
                     "stack", tuple(per.get(e, f"{base}.experts.{e}") for e in range(n)))
+            for key, per in shards.items():
+                plan[key] = ("concat", tuple(per.get(i, f"{key}.shard_{i}") for i in range(max(per) + 1)))
             self._made = plan
         return self._made
 
-    def _build(self, key: str, fetch: Callable[[str], mx.array]) -> mx.array:
+    def _build(self, key: str, read: Callable[[str], mx.array]) -> mx.array:
         how, sources = self._plan()[key]
+
+        def fetch(ck: str) -> mx.array:
+            v = read(ck)
+            if v.dtype == mx.uint8:      # an FP8 release's bytes
+                m = _NGRAM_SHARD.match(ck)
+                v = self._from_fp8(ck, v, m.group(1) if m else None)
+            return v
+        if how == "concat":
+            missing = [s for s in sources if s not in self._where]
+            if missing:
+                raise ModelLoadError(f"{key}: n-gram table shards {[s.rsplit('_', 1)[-1] for s in missing]} missing")
+            return mx.concatenate([fetch(s) for s in sources], axis=0)
         if how == "stack":
             missing = [s for s in sources if s not in self._where]
             if missing:
@@ -167,6 +196,14 @@ class Checkpoint:
         f, key = self._where[ck]
         v = self._arrays(f).pop(key, None)  # a lazy array held by the cache would keep its data once read
         return v if v is not None else mx.load(str(f))[key]
+
+    def _from_fp8(self, ck: str, v: mx.array, table: str | None) -> mx.array:
+        """An FP8 release's weight (uint8 E4M3 bytes) -> bf16 with its scales."""
+        if f"{ck}_scale_inv" in self._where:
+            return from_block_fp8(v, self._raw(f"{ck}_scale_inv"))
+        if table is not None and f"{table}.weight_scale" in self._where:
+            return from_scalar_fp8(v, self._raw(f"{table}.weight_scale"))
+        raise ModelLoadError(f"{ck}: 8-bit bytes without FP8 scales (neither {ck}_scale_inv nor a table scale)")
 
     def close(self) -> None:
         self._files.clear()
