@@ -167,6 +167,20 @@ def scenario_prefill(b: Bench) -> dict:
             "pipelined_over_one_after_another": round(med["pipelined"] / med["one_after_another"], 4)}
 
 
+def scenario_interleave(b: Bench) -> dict:
+    """A 4-token request arriving a second into a long prompt's prefill: both first tokens."""
+    base = [t for p in b.prompts for t in p]
+    prompt = tuple((base * (b.args.prompt_tokens // len(base) + 1))[:b.args.prompt_tokens])
+    short = tuple(b.prompts[5][:4])
+    b.run([GenerationRequest(short, 2)])                          # warm up
+    results, _, _ = b.run([GenerationRequest(prompt, 2), GenerationRequest(short, 2)], stagger=1.0)
+    alone, _, _ = b.run([GenerationRequest(short, 2)])
+    return {"prompt_tokens": len(prompt), "chunk": b.args.prefill_step,
+            "ttft_s": {"long_prompt": round(results[0].time_to_first_token, 4),
+                       "short_request_during_prefill": round(results[1].time_to_first_token, 4),
+                       "short_request_alone": round(alone[0].time_to_first_token, 4)}}
+
+
 def scenario_chat(b: Bench) -> dict:
     """Two turns of a chat with a long history: the second turn's time to first token when it
     continues from the first turn's kept state, and when it is prefilled afresh."""
@@ -203,6 +217,7 @@ def scenario_hop(b: Bench) -> dict:
 
 
 SCENARIOS = {"streams": scenario_streams, "depths": scenario_depths, "prefill": scenario_prefill,
+             "interleave": scenario_interleave,
              "hop": scenario_hop, "chat": scenario_chat}
 
 
