@@ -211,7 +211,7 @@ def test_a_busy_worker_is_not_a_lost_one(tmp_path, tiny_dense):
     with pipeline(tmp_path, tiny_dense[0], 2, "--step-timeout", "1", "--prefill-step", "64",
                   worker_args=("--emulate-ms", "700,1")) as (c, _):
         client = openai.OpenAI(base_url=c.url, api_key="x", timeout=300, max_retries=0)
-        long_prompt = " ".join(f"w{i}" for i in range(500))
+        long_prompt = " ".join(f"w{i}" for i in range(300))
         with cf.ThreadPoolExecutor(6) as pool:
             jobs = [pool.submit(client.completions.create, model=tiny_dense[0].name, prompt=long_prompt, max_tokens=2,
                                 temperature=0)]
@@ -221,5 +221,5 @@ def test_a_busy_worker_is_not_a_lost_one(tmp_path, tiny_dense):
                                         temperature=0))
             results = [j.result() for j in jobs]
         assert all(r.choices[0].text is not None for r in results)
-        assert results[0].usage.prompt_tokens > 500
+        assert results[0].usage.prompt_tokens > 300
         assert "lost a worker" not in c.log and "re-planning" not in c.log, c.log[-3000:]
