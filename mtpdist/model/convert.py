@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from ..errors import ModelLoadError
 from .config import read_config
-from .loader import RECONVERT_HINT, model_classes
+from .loader import RECONVERT_HINT, mismatches, model_classes
 from .weights import Checkpoint
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
@@ -210,16 +210,8 @@ def _check(ckpt: Checkpoint, parts: list[_Part], config) -> None:
             mine = {k for k in have if k.startswith("model.layers.")}
         else:   # the head: embedding, final norm (or mixer), lm_head
             mine = {k for k in have if not k.startswith(("model.layers.", "mtp."))}
-        missing = sorted(set(want) - mine)
-        extra = sorted(mine - set(want))
         wrong = [(k, ckpt.shape(k), want[k]) for k in want if k in mine and ckpt.shape(k) != want[k]]
-        if missing:
-            problems.append(f"missing {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
-        if extra:
-            problems.append(f"{len(extra)} unexpected tensors, e.g. {', '.join(extra[:3])}")
-        if wrong:
-            k, got, exp = wrong[0]
-            problems.append(f"{len(wrong)} shape mismatches, e.g. {k}: weights {got}, config expects {exp}")
+        problems += mismatches(sorted(set(want) - mine), sorted(mine - set(want)), wrong)
     if problems:
         raise ModelLoadError(f"{ckpt.path}: checkpoint does not match config.json: " + "; ".join(problems))
 

@@ -52,6 +52,19 @@ def _quant_params(config: ModelConfig, canonical: str) -> dict | None:
     return {k: q[k] for k in ("group_size", "bits", "mode") if k in q}
 
 
+def mismatches(missing: list[str], extra: list[str], wrong: list[tuple]) -> list[str]:
+    """What is wrong between a checkpoint and the tensors a config calls for, in words."""
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensors, e.g. {', '.join(missing[:3])}")
+    if extra:
+        problems.append(f"{len(extra)} unexpected tensors, e.g. {', '.join(extra[:3])}")
+    if wrong:
+        k, got, want = wrong[0]
+        problems.append(f"{len(wrong)} shape mismatches, e.g. {k}: weights {got}, config expects {want}")
+    return problems
+
+
 def load_module(module: nn.Module, weights: dict[str, mx.array], config: ModelConfig,
                 to_canonical: Callable[[str], str], what: str) -> None:
     """Quantize `module` where the weights are quantized, check every shape, then load."""
@@ -66,14 +79,8 @@ def load_module(module: nn.Module, weights: dict[str, mx.array], config: ModelCo
     extra = sorted(set(weights) - set(params))
     wrong = [(k, tuple(weights[k].shape), tuple(params[k].shape))
              for k in params if k in weights and weights[k].shape != params[k].shape]
-    problems = []
-    if missing:
-        problems.append(f"missing {len(missing)} tensors, e.g. {', '.join(to_canonical(k) for k in missing[:3])}")
-    if extra:
-        problems.append(f"{len(extra)} unexpected tensors, e.g. {', '.join(to_canonical(k) for k in extra[:3])}")
-    if wrong:
-        k, got, want = wrong[0]
-        problems.append(f"{len(wrong)} shape mismatches, e.g. {to_canonical(k)}: weights {got}, config expects {want}")
+    problems = mismatches([to_canonical(k) for k in missing], [to_canonical(k) for k in extra],
+                          [(to_canonical(k), got, want) for k, got, want in wrong])
     if problems:
         raise ModelLoadError(f"{what}: checkpoint does not match config.json: " + "; ".join(problems))
     module.load_weights(list(weights.items()), strict=True)
