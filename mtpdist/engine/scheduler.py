@@ -154,6 +154,9 @@ class Scheduler:
             return
         if entry is not None and length != len(entry.tokens):
             self.prefixes.drop(entry.name)
+            if length is not None:       # forked, but not to the same length everywhere: start afresh
+                self.transport.release([s.wire_id])
+                s.wire_id = uuid.uuid4().hex
             entry = None
         req = s.req
         try:
