@@ -171,13 +171,16 @@ def _stackable(segments: Sequence[Segment]) -> bool:
 class RaggedAttention(Attention):
     """mlx-lm's gated attention, run over several sequences' rows with one projection each."""
 
-    def ragged(self, x: mx.array, segments: Sequence[Segment]) -> mx.array:
+    def project(self, x: mx.array) -> tuple[mx.array, mx.array, mx.array, mx.array]:
+        """Queries (q-normed), the output gate, keys (k-normed) and values of rows x [1, N, H]."""
         _, N, _ = x.shape
         queries, gate = mx.split(self.q_proj(x).reshape(1, N, self.num_attention_heads, -1), 2, axis=-1)
-        gate = gate.reshape(1, N, -1)
-        queries = self.q_norm(queries)
         keys = self.k_norm(self.k_proj(x).reshape(1, N, self.num_key_value_heads, -1))
         values = self.v_proj(x).reshape(1, N, self.num_key_value_heads, -1)
+        return self.q_norm(queries), gate.reshape(1, N, -1), keys, values
+
+    def ragged(self, x: mx.array, segments: Sequence[Segment]) -> mx.array:
+        queries, gate, keys, values = self.project(x)
         outs, s = [], 0
         for seg in segments:
             e, cache = s + seg.rows, seg.cache
@@ -191,7 +194,7 @@ class RaggedAttention(Attention):
                 o = scaled_dot_product_attention(q, k, v, cache=cache, scale=self.scale, mask=mask)
             outs.append(o.transpose(0, 2, 1, 3).reshape(1, seg.rows, -1))
             s = e
-        output = rowstable.fill_rows(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1), N)
+        output = rowstable.fill_rows(outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=1), x.shape[1])
         return self.o_proj(output * mx.sigmoid(gate))
 
     def _rowwise(self, q: mx.array, k: mx.array, v: mx.array, cache) -> mx.array:

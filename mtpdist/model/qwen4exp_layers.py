@@ -205,12 +205,7 @@ class IndexedAttention(RaggedAttention):
         self.indexer = Indexer(e)
 
     def ragged(self, x: mx.array, segments: Sequence[Segment]) -> mx.array:
-        _, N, _ = x.shape
-        queries, gate = mx.split(self.q_proj(x).reshape(1, N, self.num_attention_heads, -1), 2, axis=-1)
-        gate = gate.reshape(1, N, -1)
-        queries = self.q_norm(queries)
-        keys = self.k_norm(self.k_proj(x).reshape(1, N, self.num_key_value_heads, -1))
-        values = self.v_proj(x).reshape(1, N, self.num_key_value_heads, -1)
+        queries, gate, keys, values = self.project(x)
         qk = self.indexer.index_qk_proj(x)[0]
         outs, s = [], 0
         for seg in segments:
