@@ -21,7 +21,7 @@ from mtpdist.model.config import read_config
 from mtpdist.model.hashing import model_hash
 from mtpdist.model.loader import load_parts
 from mtpdist.model.weights import Checkpoint, layer_of
-from mtpdist.placement import Placement, PlacementError, plan_layers, share_host_budgets
+from mtpdist.placement import Placement, PlacementError, keep_held, plan_layers, share_host_budgets
 from mtpdist.wire.auth import is_handshake_failure
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.types import PROTOCOL_VERSION, ShardSpec, WorkerInfo
@@ -130,6 +130,12 @@ class PipelineSession:
             placement = plan_layers(usable, self.layer_bytes, self.headroom, speed)
         except PlacementError as e:
             raise MtpdistError(f"the model does not fit: {e}") from e
+        held = [(i.layer_start, i.layer_end) if i.model_hash == self.model_hash else (0, 0) for i in infos]
+        kept = keep_held(placement, held, usable, self.layer_bytes, self.headroom, speed)
+        if kept is not placement and kept.ranges != placement.ranges:
+            log.info("keeping the layers the workers hold (%s): within %d%% of the best plan's slowest stage",
+                     ", ".join(f"{s}-{e - 1}" for s, e in kept.ranges), 15)
+        placement = kept
         if speed:
             log.info("placing by stage time (read speeds %s GB/s): layers %s", [round(i.read_gbps, 1) for i in infos],
                      ", ".join(f"{s}-{e - 1}" for s, e in placement.ranges))

@@ -82,6 +82,26 @@ def _balanced(cap: list[int], cum: list[int], speed: list[float]) -> list[tuple[
     return ranges[::-1]
 
 
+def keep_held(new: Placement, held: list[tuple[int, int]], usable: list[int], layer_bytes: list[int],
+              headroom: float = 0.1, speed: list[float] | None = None, slack: float = 0.15) -> Placement:
+    """The ranges the workers already hold, when they cover the model in order, fit, and their
+    slowest stage is within `slack` of `new`'s; else `new`. A restarted coordinator then keeps
+    loaded shards instead of re-sending weights over a plan that differs only by measurement noise."""
+    L, n = len(layer_bytes), len(usable)
+    if len(held) != n or not held or held[0][0] != 0 or held[-1][1] != L:
+        return new
+    if any(s >= e for s, e in held) or any(a[1] != b[0] for a, b in zip(held, held[1:])):
+        return new
+    sizes = [sum(layer_bytes[s:e]) for s, e in held]
+    if any(b > int(u * (1 - headroom)) for b, u in zip(sizes, usable)):
+        return new
+    rate = speed if speed is not None and len(speed) == n and all(x > 0 for x in speed) else [1.0] * n
+    slowest = max(b / r for b, r in zip(sizes, rate))
+    if slowest > (1 + slack) * max(b / r for b, r in zip(new.bytes_per_worker, rate)):
+        return new
+    return Placement(tuple(held), tuple(sizes))
+
+
 def stage_seconds(placement: Placement, speed: list[float]) -> list[float]:
     """Estimated time of each stage's weight reads per forward."""
     return [b / s for b, s in zip(placement.bytes_per_worker, speed)]

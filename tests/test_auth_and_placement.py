@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mtpdist.placement import PlacementError, plan_layers
+from mtpdist.placement import PlacementError, keep_held, plan_layers
 
 
 @pytest.mark.parametrize("n", range(1, 9))
@@ -62,3 +62,16 @@ def test_placement_balances_stage_time_when_speeds_are_known():
     assert capped.ranges == ((0, 7), (7, 12)) and capped.bytes_per_worker[1] <= 560
     with pytest.raises(PlacementError):
         plan_layers([300, 300], layers, headroom=0.0, speed=[1.0, 1.0])
+
+
+def test_a_restart_keeps_held_ranges_unless_they_are_much_slower():
+    layers, usable = [10] * 8, [1000, 1000]
+    new = plan_layers(usable, layers, speed=[1.0, 0.6])          # noise made worker 1 look slower
+    assert new.ranges != ((0, 4), (4, 8))
+    kept = keep_held(new, [(0, 4), (4, 8)], usable, layers, speed=[1.0, 0.9])
+    assert kept.ranges == ((0, 4), (4, 8)) and kept.bytes_per_worker == (40, 40)
+    # Held ranges that make the slowest stage far worse, leave a gap, or do not fit are replaced.
+    assert keep_held(new, [(0, 7), (7, 8)], usable, layers).ranges == new.ranges
+    assert keep_held(new, [(0, 3), (4, 8)], usable, layers).ranges == new.ranges
+    assert keep_held(new, [(0, 4), (4, 8)], [30, 1000], layers).ranges == new.ranges
+    assert keep_held(new, [(0, 0), (0, 0)], usable, layers).ranges == new.ranges

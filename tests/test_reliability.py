@@ -117,7 +117,8 @@ def test_stalled_worker_is_noticed_by_the_liveness_probe(tmp_path, tiny_dense):
 
 
 def test_coordinator_restart_reuses_loaded_workers(tmp_path, tiny_dense):
-    workers = start_workers(tmp_path, 2)
+    # Declared read speeds: a measured one on this shared box is noisy enough to change the plan.
+    workers = start_workers(tmp_path, 2, "--read-gbps", "50")
     args = ["--model", str(tiny_dense[0]), "--insecure", *sum((["--worker", w.address] for w in workers), [])]
     pids = [w.proc.pid for w in workers]
     try:
