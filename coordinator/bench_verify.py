@@ -68,14 +68,14 @@ def random_parts(size: str, *, num_layers: int | None = None, dtype: str = "bflo
 
 
 def _save(caches) -> list:
-    return [(c.conv, c.ssm, c.offset, c.pass_len, c.snapshots) if isinstance(c, GDNCache) else c.offset
+    return [(c.conv, c.ssm, c.offset, dict(c.snapshots)) if isinstance(c, GDNCache) else c.offset
             for c in caches]
 
 
 def _restore(caches, saved) -> None:
     for c, s in zip(caches, saved):
         if isinstance(c, GDNCache):
-            c.conv, c.ssm, c.offset, c.pass_len, c.snapshots = s
+            c.conv, c.ssm, c.offset, c.snapshots = s[0], s[1], s[2], dict(s[3])
         else:
             c.trim(c.offset - s)
 

@@ -29,6 +29,33 @@ class InProcess:
         raise AssertionError("an in-process backend has nothing to recover")
 
 
+class Pipelined(InProcess):
+    """Every layer in this process, but each unit's result comes back `latency` seconds after it
+    was sent, in order, and up to `stages` units may be out: rounds of one sequence stack up as
+    they do through a pipeline of workers (the store applies each unit at once, in order)."""
+
+    def __init__(self, parts, stages: int = 2, latency: float = 0.02):
+        import queue
+        import threading
+        super().__init__(parts)
+        self.t.stages = stages
+        self.q: queue.Queue = queue.Queue()
+        send = self.t.send
+
+        def delayed(rows, hidden, done):
+            import time
+            send(rows, hidden, lambda r: self.q.put((time.monotonic() + latency, done, r)))
+
+        def deliver():
+            import time
+            while True:
+                at, done, r = self.q.get()
+                time.sleep(max(0.0, at - time.monotonic()))
+                done(r)
+        self.t.send = delayed
+        threading.Thread(target=deliver, daemon=True).start()
+
+
 def local_session(path, mtp: bool = False, prefill_step: int = 512, tokenizer: bool = True) -> LocalSession:
     """All layers in this process, composed as `mtpdist generate` does without workers."""
     return LocalSession(path, LocalTransport, mtp=mtp, prefill_step=prefill_step, tokenizer=tokenizer)
@@ -79,7 +106,7 @@ class OracleDrafter:
         self.n -= n
 
 
-__all__ = ["FixedDepth", "InProcess", "OracleDrafter", "decode", "local_session", "plain_greedy", "spec_greedy"]
+__all__ = ["FixedDepth", "InProcess", "OracleDrafter", "Pipelined", "decode", "local_session", "plain_greedy", "spec_greedy"]
 
 
 class Layers:

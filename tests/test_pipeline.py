@@ -89,7 +89,7 @@ def test_bad_calls_get_the_right_status_and_worker_keeps_serving(three_workers, 
 
     assert c.forward(ForwardCall.single("seq-a", 0, h)).position == 2
     assert code(ForwardCall.single("seq-a", 5, h)) == "FAILED_PRECONDITION"     # wrong position
-    assert code(ForwardCall.single("seq-a", 1, h, undo=1)) == "FAILED_PRECONDITION"  # no snapshot to undo to
+    assert code(ForwardCall.single("seq-a", 0, h, epoch=1)) == "FAILED_PRECONDITION"  # no snapshot to go back to
     assert code(ForwardCall.single("never-seen", 3, h)) == "NOT_FOUND"
     assert c.release("seq-a") and not c.release("seq-a")
     assert code(ForwardCall.single("seq-a", 2, h)) == "NOT_FOUND"              # released

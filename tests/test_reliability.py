@@ -153,7 +153,7 @@ def test_hostile_grpc_input_never_corrupts_another_sequence(tmp_path, tiny_dense
             ForwardCall.single("victim", 0, type(x)(x.data, "float64", x.shape)),
             ForwardCall.single("victim", 0, type(x)(x.data, x.dtype, (3, 65))),
             ForwardCall.single("victim", 0, type(x)(x.data, x.dtype, (-1, 64))),
-            ForwardCall.single("victim", 3, y, undo=2),
+            ForwardCall.single("victim", 1, y, epoch=1),                          # no snapshot at 1
             ForwardCall.single("", 0, x), ForwardCall.single("v" * 500, 0, x),
             ForwardCall.single("other", 0, x, snapshots=(0, 1, 2, 3)),
         ]

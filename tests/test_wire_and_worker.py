@@ -226,7 +226,7 @@ def test_store_expires_only_unused_prefixes(tiny_dense):
     x = mx.ones((3, parts.config.hidden_size))
     for seq in ("a", "b"):
         stage.forward([SequenceRows(seq, 0, 3)], x)
-        stage.keep(seq, 0, f"{seq}:turn")
+        stage.keep(seq, 3, f"{seq}:turn")
     stage.prefix_used["a:turn"] -= 100                    # kept 100 s ago and never forked since
     assert stage.expire_prefixes(time.monotonic(), ttl=60) == ["a:turn"]
     assert list(stage.prefixes) == ["b:turn"] and stage.prefix_bytes == sum(c.nbytes() for c in stage.prefixes["b:turn"])

@@ -76,7 +76,7 @@ class ComputeLoop:
     def __init__(self, max_batch_rows: int = 4096, emulate: StageEmulation | None = None):
         self.max_batch_rows, self.emulate = max_batch_rows, emulate
         self.tasks: deque[_Task] = deque()
-        self.queued_end: dict[str, int] = {}  # where queued Forwards will leave each sequence
+        self.queued_end: dict[str, tuple[int, int]] = {}  # (end, epoch) queued Forwards leave each sequence at
         self.cond = threading.Condition()
         self.batches = 0           # merged forwards run
         self.merged = 0            # Forwards that ran in a batch with others
@@ -107,13 +107,13 @@ class ComputeLoop:
         return task.wait()
 
     def _ready(self, stage, rows) -> bool:
-        queued = self.queued_end.get(rows.sequence_id)
-        return stage.ready(rows) or (queued is not None and queued - rows.undo >= rows.position)
+        queued = self.queued_end.get(rows.sequence_id)   # (end, epoch) of its last queued rows
+        return stage.ready(rows) or (queued is not None and (queued[1] != rows.epoch or queued[0] >= rows.position))
 
     def _enqueue(self, task: _Task) -> None:
         if task.call is not None:
             for s in task.call.sequences:
-                self.queued_end[s.sequence_id] = s.position + s.tokens
+                self.queued_end[s.sequence_id] = (s.position + s.tokens, s.epoch)
         self.tasks.append(task)
         self.cond.notify_all()
 
@@ -163,7 +163,7 @@ class ComputeLoop:
                 with self.cond:
                     for t in batch:
                         for s in (t.call.sequences if t.call is not None else ()):
-                            if self.queued_end.get(s.sequence_id) == s.position + s.tokens:
+                            if self.queued_end.get(s.sequence_id) == (s.position + s.tokens, s.epoch):
                                 del self.queued_end[s.sequence_id]
                     self.cond.notify_all()  # wakes Forwards waiting for this work
 

@@ -32,9 +32,9 @@ class LocalTransport:
         for s in sequence_ids:
             self.store.release(s)
 
-    def keep_async(self, sequence_id, undo, name, done) -> None:
+    def keep_async(self, sequence_id, length, name, done) -> None:
         try:
-            done(self.store.keep(sequence_id, undo, name))
+            done(self.store.keep(sequence_id, length, name))
         except RequestError:
             self.store.release(sequence_id)
             done(None)

@@ -14,7 +14,7 @@ from typing import Sequence
 import mlx.core as mx
 
 from mtpdist.errors import RequestError
-from mtpdist.model.cache import GDNCache, cache_arrays, copy_caches, rewind_all
+from mtpdist.model.cache import cache_arrays, copy_caches, forget_all, rewind_all
 from mtpdist.model.qwen35 import LayerStack
 from mtpdist.wire.types import SequenceRows
 
@@ -26,6 +26,7 @@ class _State:
 
     def __init__(self, stack: LayerStack):
         self.caches = stack.make_caches()
+        self.epoch = 0      # the newest epoch of rows seen: older rows are stale
 
     @property
     def offset(self) -> int:
@@ -33,6 +34,9 @@ class _State:
 
     def rewind(self, n: int) -> None:
         rewind_all(self.caches, n)
+
+    def can_rewind(self, n: int) -> bool:
+        return 0 <= n <= self.offset and all(c.can_rewind(n) for c in self.caches if hasattr(c, "can_rewind"))
 
 
 @dataclass
@@ -99,7 +103,9 @@ class SequenceStore:
         state = self.seqs.get(rows.sequence_id)
         if state is None:
             return rows.position == 0 or rows.sequence_id in self.evicted
-        return state.offset - rows.undo >= rows.position
+        # A newer epoch goes back (the work it follows was applied before it was sent); an
+        # older one is stale and skipped.
+        return rows.epoch != state.epoch or state.offset >= rows.position
 
     def _evict(self, keep: set[str]) -> None:
         # Kept prefixes go first: losing one costs a prefill later, never a request.
@@ -143,12 +149,12 @@ class SequenceStore:
         self._keep_prefix(name, copy_caches(state.caches))
         self._evict(keep={seq_id})
 
-    def keep(self, seq_id: str, undo: int, name: str) -> int:
-        """End a sequence but keep its state (after undoing `undo` rows) under `name`; its length."""
+    def keep(self, seq_id: str, length: int, name: str) -> int:
+        """End a sequence but keep its state (taken back to `length` tokens) under `name`; its length."""
         self._name_ok(name)
         state = self._lookup_existing(seq_id)
-        self._check_rewind(seq_id, state, undo)
-        state.rewind(undo)
+        self._check_rewind(seq_id, state, state.offset - length)
+        state.rewind(state.offset - length)
         del self.seqs[seq_id]
         self.last_used.pop(seq_id, None)
         self._keep_prefix(name, copy_caches(state.caches))
@@ -188,38 +194,65 @@ class SequenceStore:
                                    f"snapshot positions {list(s.snapshots)} must lie in [1, {s.tokens - 1}]")
 
     def forward(self, sequences: Sequence[SequenceRows], x: mx.array) -> StoreOutput:
-        """Run several sequences' rows [N, H] as one forward; each first undoes its `undo` rows and
-        must then stand at its `position`. Every check comes before any state changes."""
+        """Run several sequences' rows [N, H] as one forward. Rows of a newer epoch first take
+        their cache back to `position`; rows of an older epoch are stale and come back as zeros;
+        the others must find their cache at `position`. Every check comes before any state changes."""
         self.check(sequences, x.shape[0])
-        states = []
+        states, live = [], []
         for s in sequences:
             state = self._existing(s.sequence_id, s.position)
             offset = 0 if state is None else state.offset
-            if state is not None:
-                self._check_rewind(s.sequence_id, state, s.undo)
-            elif s.undo:
-                raise RequestError("conflict", f"sequence {s.sequence_id!r} is new; nothing to rewind")
-            if offset - s.undo != s.position:
-                raise RequestError("conflict",
-                                   f"sequence {s.sequence_id!r}: cache stands at {offset - s.undo}"
-                                   f"{f' after rewinding {s.undo}' if s.undo else ''}, "
-                                   f"request expects {s.position}")
+            if state is not None and s.epoch < state.epoch:
+                states.append(state)          # a voided round still in the pipe: skipped quietly
+                continue
+            back = offset - s.position if state is not None and s.epoch > state.epoch else 0
+            if back:
+                self._check_rewind(s.sequence_id, state, back)
+            elif offset != s.position:
+                raise RequestError("conflict", f"sequence {s.sequence_id!r} (epoch {s.epoch}): cache stands at "
+                                               f"{offset}, request expects {s.position}")
             states.append(state)
-        for i, s in enumerate(sequences):
+            live.append(len(states) - 1)
+        for i in live:
+            s = sequences[i]
             if states[i] is None:
                 states[i] = self.seqs[s.sequence_id] = _State(self.stack)
+            state = states[i]
             self.seqs.move_to_end(s.sequence_id)
             self.last_used[s.sequence_id] = time.monotonic()
-            states[i].rewind(s.undo)
+            state.rewind(state.offset - s.position)
+            state.epoch = s.epoch
+            forget_all(state.caches, min(s.floor or s.position, s.position))
         t0 = time.perf_counter()
-        out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.snapshots) for t, s in zip(states, sequences)])[0]
-        mx.eval(out, *(a for t in states for a in cache_arrays(t.caches)))
+        out = self._run(sequences, states, live, x)
         us = int((time.perf_counter() - t0) * 1e6)
-        for s in sequences:
-            if s.keep_as:
-                self.save(s.sequence_id, s.keep_as)
+        for i in live:
+            if sequences[i].keep_as:
+                self.save(sequences[i].sequence_id, sequences[i].keep_as)
         self._evict(keep={s.sequence_id for s in sequences})
         return StoreOutput(out, [t.offset for t in states], us)
+
+    def _run(self, sequences: Sequence[SequenceRows], states: list, live: list[int], x: mx.array) -> mx.array:
+        """The live sequences' rows through the layers; stale rows stay zeros."""
+        if len(live) == len(sequences):
+            out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.snapshots) for t, s in zip(states, sequences)])[0]
+            mx.eval(out, *(a for t in states for a in cache_arrays(t.caches)))
+            return out
+        starts = [0]
+        for s in sequences:
+            starts.append(starts[-1] + s.tokens)
+        parts = [mx.zeros((s.tokens, x.shape[1]), dtype=x.dtype) for s in sequences]
+        if live:
+            xs = mx.concatenate([x[starts[i]:starts[i + 1]] for i in live], axis=0)
+            y = self.stack.ragged(xs[None], [(states[i].caches, sequences[i].tokens, sequences[i].snapshots)
+                                             for i in live])[0]
+            r = 0
+            for i in live:
+                parts[i] = y[r:r + sequences[i].tokens]
+                r += sequences[i].tokens
+        out = mx.concatenate(parts, axis=0)
+        mx.eval(out, *(a for i in live for a in cache_arrays(states[i].caches)))
+        return out
 
     def _lookup_existing(self, seq_id: str) -> _State:
         if seq_id not in self.seqs:
@@ -228,13 +261,9 @@ class SequenceStore:
 
     @staticmethod
     def _check_rewind(seq_id: str, state: _State, n: int) -> None:
-        if n == 0:
-            return
-        gdn = next((c for c in state.caches if isinstance(c, GDNCache)), None)
-        ok = n <= state.offset and (gdn is None or (gdn.pass_len - n) in gdn.snapshots)
-        if not ok:
-            raise RequestError("conflict",
-                               f"sequence {seq_id!r}: cannot rewind {n} tokens (no snapshot for that position)")
+        if not state.can_rewind(n):
+            raise RequestError("conflict", f"sequence {seq_id!r}: cannot go back {n} tokens to position "
+                                           f"{state.offset - n} (no snapshot there)")
 
     def release(self, seq_id: str) -> bool:
         self.evicted.pop(seq_id, None)

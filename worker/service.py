@@ -239,8 +239,8 @@ class WorkerService:
     def release(self, sequence_id: str) -> bool:
         return self._on_mlx(self._stage().release, sequence_id) if self.stage else False
 
-    def keep(self, sequence_id: str, undo: int, name: str) -> int:
-        return self._on_mlx(self._stage().keep, sequence_id, undo, name)
+    def keep(self, sequence_id: str, length: int, name: str) -> int:
+        return self._on_mlx(self._stage().keep, sequence_id, length, name)
 
     def fork(self, prefix: str, sequence_id: str) -> int:
         return self._on_mlx(self._stage().fork, prefix, sequence_id)

@@ -5,11 +5,18 @@ decode step, or a verify pass over [pending, d1..dk]). Prefill results come back
 `prefilled()`; every other result is resolved for a whole unit at once by
 `rounds.resolve_unit`, which calls `confirm()` and then drafts. The decoder's state changes
 only through these methods, so one sequence alone and many in a batch run the same code.
+
+Verify rounds may be in flight together (`window` > 1, to keep every stage of a pipeline
+busy for one stream): a round sent while others are out assumes they will be accepted whole,
+its first row guessing the bonus token of the one before (the MTP chain continued). A round
+that comes back with a rejection voids every round sent after it: the epoch goes up, and the
+next step takes the workers' caches back to the confirmed position.
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol, Sequence
 
@@ -40,6 +47,10 @@ class SpecStats:
     verify_passes: int = 0
     tried_at: list[int] = field(default_factory=list)      # rounds that drafted >= j+1 tokens
     accepted_at: list[int] = field(default_factory=list)   # of those, rounds whose first j+1 were accepted
+    max_rounds_in_flight: int = 0
+    speculative_rounds: int = 0     # rounds sent while an earlier one was still out
+    voided_rounds: int = 0          # of those, rounds a rejection before them made void
+    wasted_rows: int = 0            # rows of voided rounds
 
     def record(self, depth: int, accepted: int) -> None:
         self.verify_passes += 1
@@ -52,6 +63,10 @@ class SpecStats:
             self.tried_at[j] += 1
             self.accepted_at[j] += j < accepted
 
+    def record_void(self, rounds: int, rows: int) -> None:
+        self.voided_rounds += rounds
+        self.wasted_rows += rows
+
     def acceptance_by_depth(self) -> list[float]:
         """Cumulative: at depth j, the share of rounds drafting >= j whose first j drafts all held."""
         return [round(a / t, 4) if t else 0.0 for a, t in zip(self.accepted_at, self.tried_at)]
@@ -59,19 +74,29 @@ class SpecStats:
 
 @dataclass(frozen=True)
 class Step:
-    """One forward of one sequence: rows to run, where snapshots are wanted, tokens undone first."""
+    """One forward of one sequence: rows to run, where its cache must stand, where snapshots go.
+    Steps compare by what they compute, not by the epoch they were sent under."""
     kind: str                  # "prefill" | "decode" | "verify"
     tokens: tuple[int, ...]
     snapshots: tuple[int, ...]  # row counts after which the workers snapshot recurrent state
-    position: int              # where the cache stands after `undo`, before these rows
-    undo: int = 0              # tokens of the last verify pass rejected, dropped before these rows
+    position: int              # where the cache stands before these rows
     index: int = 0             # prefill chunk number
     drafts: tuple[int, ...] = ()
+    epoch: int = field(default=0, compare=False)   # a newer epoch takes the cache back to `position`
+    floor: int = field(default=0, compare=False)   # no later step goes back before this (0: position)
+
+
+@dataclass
+class Round:
+    """A decode/verify step in flight, with its drafts' distributions and when it was sent."""
+    step: Step
+    qs: list
+    sent: float
 
 
 class SequenceDecoder:
     """Plain or MTP (depth k) decoding of one sequence. Prefill chunks may be in flight together;
-    every other step waits for the one before it."""
+    up to `window` verify rounds may be in flight together, each after the first speculative."""
 
     def __init__(self, head: Head, sampler: Sampler, prompt: Sequence[int], drafter: Drafter | None = None,
                  depth: DepthPolicy | None = None, chunk: int = 512, start: int = 0,
@@ -90,10 +115,12 @@ class SequenceDecoder:
         self.chunks: list[tuple[int, int]] = []  # prefill chunks sent, as prompt ranges
         self.chunks_done = 0         # prefill chunks processed (in order)
         self.early: dict[int, mx.array] = {}  # prefill results that came back out of order
-        self.position = start        # cache position after everything sent so far
+        self.position = start        # where the next step starts (the cache, once rejected rows are gone)
+        self.epoch = 0               # bumped whenever the workers must go back: rows past `position` are void
         self.confirmed: list[int] = []  # every token confirmed (may run past what the caller keeps)
-        self.undo = 0                # rejected draft rows to drop before the next step
-        self.awaiting = False        # a decode/verify step is in flight
+        self.rounds: deque[Round] = deque()   # decode/verify steps in flight, oldest first
+        self.window = 1              # rounds allowed in flight (the scheduler's policy sets it)
+        self.spec_logits: mx.array | None = None  # draft logits for the row after the last round sent
         self.pending = self.prompt[-1]
         self.drafts: list[int] = []
         self.qs: list[np.ndarray | None] = []
@@ -111,6 +138,11 @@ class SequenceDecoder:
         return self.chunks[-1][1] if self.chunks else self.start
 
     @property
+    def awaiting(self) -> bool:
+        """A decode/verify step is in flight."""
+        return bool(self.rounds)
+
+    @property
     def prefilling(self) -> bool:
         return self.chunks_done < len(self.chunks) or self.sent_prefill < self.body
 
@@ -118,9 +150,15 @@ class SequenceDecoder:
         """(kind, rows) of the step `next_step` would send now, without sending it."""
         if self.sent_prefill < self.body:
             return "prefill", self._chunk_end(self.sent_prefill) - self.sent_prefill
-        if self.prefilling or self.awaiting:
+        if self.prefilling:
             return None
+        if self.rounds:
+            return ("verify", len(self.rounds[-1].step.tokens)) if self._can_stack() else None
         return ("verify", 1 + len(self.drafts)) if self.drafts else ("decode", 1)
+
+    def _can_stack(self) -> bool:
+        """Whether another round may go out on top of those in flight (they carry drafts)."""
+        return len(self.rounds) < self.window and self.drafter is not None and bool(self.rounds[-1].step.drafts)
 
     def _chunk_end(self, s: int) -> int:
         return min((s // self.chunk + 1) * self.chunk, next(c for c in self.cuts if c > s))
@@ -130,21 +168,48 @@ class SequenceDecoder:
         if self.sent_prefill < self.body:
             s = self.sent_prefill
             e = self._chunk_end(s)
-            step = Step("prefill", tuple(self.prompt[s:e]), (), self.position, index=len(self.chunks))
+            step = Step("prefill", tuple(self.prompt[s:e]), (), self.position, index=len(self.chunks),
+                        epoch=self.epoch)
             self.chunks.append((s, e))
             self.position += e - s
             return step
-        if self.prefilling or self.awaiting:
+        if self.prefilling:
             return None
+        if self.rounds:
+            return self._stacked_step() if self._can_stack() else None
         tokens = (self.pending, *self.drafts)
         kind = "verify" if self.drafts else "decode"
-        self.round_start = time.perf_counter()
-        step = Step(kind, tokens, tuple(range(1, len(tokens))), self.position - self.undo, self.undo,
-                    drafts=tuple(self.drafts))
-        self.position = step.position + len(tokens)
-        self.undo = 0
-        self.awaiting = True
+        return self._send(Step(kind, tokens, tuple(range(1, len(tokens))), self.position,
+                               drafts=tuple(self.drafts), epoch=self.epoch, floor=self.position), self.qs)
+
+    def _send(self, step: Step, qs: list) -> Step:
+        self.rounds.append(Round(step, qs, time.perf_counter()))
+        self.position = step.position + len(step.tokens)
+        self.stats.max_rounds_in_flight = max(self.stats.max_rounds_in_flight, len(self.rounds))
         return step
+
+    def _stacked_step(self) -> Step:
+        """A round on top of those in flight, as if they will be accepted whole: its first row
+        guesses the last one's bonus token, the rest continue the MTP chain."""
+        k = len(self.rounds[-1].step.drafts)
+        if self.spec_logits is None:
+            self._chain(self.rounds[-1].step.tokens[-1:])
+        tokens, qs = [], []
+        for j in range(k + 1):
+            q = None if j == 0 or self.sampler.params.greedy else self.sampler.probs(self.spec_logits)
+            tokens.append(int(mx.argmax(self.spec_logits).item()) if q is None else self.sampler.draw(q))
+            qs.append(q)
+            self._chain(tokens[-1:])
+        self.stats.speculative_rounds += 1
+        floor = self.rounds[0].step.position    # the round before may still be rejected anywhere
+        return self._send(Step("verify", tuple(tokens), tuple(range(1, k + 1)), self.position,
+                               drafts=tuple(tokens[1:]), epoch=self.epoch, floor=floor), qs[1:])
+
+    def _chain(self, tokens: Sequence[int]) -> None:
+        """Feed known tokens through the MTP chain; keep the draft logits after the last."""
+        for t in tokens:
+            self.spec_logits = self.drafter.chain(t)
+            self.speculative += 1
 
     def prefilled(self, step: Step, hidden: mx.array, applied=lambda end: None) -> None:
         """Take a prefill chunk's pre-norm hidden [1, T, H]; chunks are applied in order, and
@@ -161,24 +226,52 @@ class SequenceDecoder:
             self.chunks_done += 1
             applied(self.chunks[i][1])
 
+    def expects(self, step: Step) -> bool:
+        """Whether a returning decode/verify step is the oldest round in flight (else it was voided)."""
+        return bool(self.rounds) and self.rounds[0].step is step
+
+    def in_flight(self, step: Step) -> bool:
+        """Whether a decode/verify step is still awaited (it may come back before an older one)."""
+        return any(r.step is step for r in self.rounds)
+
+    def round_qs(self, step: Step) -> list:
+        """The distributions the step's drafts were drawn from (None where greedy)."""
+        return self.rounds[0].qs if self.expects(step) else []
+
     def confirm(self, step: Step, out: list[int], accepted: int) -> tuple[int, int] | None:
-        """Record a decode/verify step's confirmed tokens; returns the (depth, accepted) the depth
-        policy should learn from, or None."""
-        self.awaiting = False
+        """Record the oldest round's confirmed tokens; returns the (depth, accepted) the depth
+        policy should learn from, or None. Rounds sent after it stay in flight only if it held
+        whole and the next one guessed its bonus token; otherwise they are void."""
+        done = self.rounds.popleft()
+        self.round_start = done.sent
         observe = None
+        k = len(step.drafts)
         if step.kind == "verify":
-            k = len(step.drafts)
             self.stats.record(k, accepted)
-            self.undo = k - accepted
-            # The head's own (speculative) entries go; the backbone's verified hiddens replace them.
-            self.drafter.rewind(self.speculative)
-            self.speculative = 0
             observe = (k, accepted)
         elif self.drafter is not None and (self.stats.verify_passes or self.confirmed):
             observe = (0, 0)                # a round without drafts (depth 0 chosen)
         self.pending = out[-1]
         self.confirmed.extend(out)
+        holds = accepted == k and (not self.rounds or self.rounds[0].step.tokens[0] == out[-1])
+        if not holds:
+            void = list(self.rounds)
+            self.stats.record_void(len(void), sum(len(r.step.tokens) for r in void))
+            self.rounds.clear()
+            self.position = step.position + accepted + 1
+            self.epoch += 1         # rows past the confirmed position are void on every worker
+        if self.drafter is not None and (step.kind == "verify" or self.speculative):
+            # The head's own (speculative) entries go; the backbone's verified hiddens replace them.
+            self.drafter.rewind(self.speculative)
+            self.speculative = 0
+            self.spec_logits = None
         return observe
+
+    def rechain(self) -> None:
+        """After a round held with rounds still in flight (its verified rows just went into the
+        head): run the chain through the tokens in flight, so the next stacked round continues it."""
+        first, *rest = self.rounds
+        self._chain([*first.step.tokens[1:], *(t for r in rest for t in r.step.tokens)])
 
     def take_backlog(self) -> tuple[mx.array, mx.array, list[int]]:
         """The rows that rounds without drafts left for the MTP head, as one (hidden, normed, tokens)."""

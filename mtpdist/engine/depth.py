@@ -121,6 +121,15 @@ class BatchDepth:
         return {"mode": "auto", "by_active_sequences": {b: p.summary() for b, p in sorted(self.policies.items())}}
 
 
+def rounds_window(setting: int, stages: int, active: int) -> int:
+    """Verify rounds one sequence may have in flight. With fewer sequences than stages, a
+    stream's rounds fill the stages its own single round would leave idle; with more, the
+    other sequences fill them and speculation on top of speculation only wastes rows."""
+    if setting:
+        return setting
+    return max(1, stages // max(active, 1))
+
+
 def make_policy(depth: int | str) -> DepthPolicy:
     """`--mtp-depth K` or `--mtp-depth auto`."""
     if depth == "auto":

@@ -47,6 +47,7 @@ class GenerationResult:
     rounds_by_depth: tuple[tuple[int, int], ...] = ()  # per depth j: (rounds drafting >= j, first j all held)
     time_to_first_token: float = 0.0
     cached_tokens: int = 0      # prompt tokens continued from a kept state instead of prefilled
+    rounds: dict = field(default_factory=dict)  # rounds in flight: max, speculative, voided, wasted rows
 
     @property
     def acceptance(self) -> float:
@@ -60,7 +61,7 @@ class GenerationResult:
                 "verify_passes": self.verify_passes, "acceptance_by_depth": list(self.acceptance_by_depth),
                 "acceptance_by_depth_kind": "cumulative",
                 "time_to_first_token": round(self.time_to_first_token, 4), "cached_tokens": self.cached_tokens,
-                "finish_reason": self.finish_reason,
+                "finish_reason": self.finish_reason, "rounds": dict(self.rounds),
                 # Whether greedy output here equals plain greedy decoding, on this backend (issue 17.2).
                 "greedy_identity": rowstable.identity_note()}
 
@@ -159,7 +160,9 @@ class Output:
             drafted=stats.drafted, accepted=stats.accepted, finish_reason=self.finish_reason,
             verify_passes=stats.verify_passes, acceptance_by_depth=tuple(stats.acceptance_by_depth()),
             rounds_by_depth=tuple(zip(stats.tried_at, stats.accepted_at)),
-            time_to_first_token=ttft, cached_tokens=self.cached_tokens)
+            time_to_first_token=ttft, cached_tokens=self.cached_tokens,
+            rounds={"max_in_flight": stats.max_rounds_in_flight, "speculative": stats.speculative_rounds,
+                    "voided": stats.voided_rounds, "wasted_rows": stats.wasted_rows})
         return Delta(tail, [], result)
 
 

@@ -3,7 +3,7 @@ goes, where layers run) and the record of each request it serves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from .decoder import SequenceDecoder, Step
@@ -36,6 +36,7 @@ class SchedulerSettings:
     prefix_min_tokens: int = 16      # shorter prompts are not worth keeping
     prefix_capacity: int = 64
     prefix_max_bytes: int = 2 << 30  # the coordinator's copies of kept MTP-head caches
+    rounds_in_flight: int = 0        # verify rounds of one sequence in flight; 0 = chosen per load
 
 
 @dataclass
@@ -51,22 +52,22 @@ class LiveSequence:
     inflight: int = 0
     ended: bool = False
     inherited: int = 0               # leading steps of `log` that built the kept state it started from
-    inherited_undo: int = 0          # rows that kept state undid after its last step
     keep_at: dict[int, str] = field(default_factory=dict)  # prompt positions to keep state at -> names
     kept: bool = False               # its state was kept for reuse instead of released
     wire_id: str = ""                # the sequence's id on the workers (new after each recovery)
     replay: Replay | None = None
+    early: dict = field(default_factory=dict)   # rounds back before an older one of the same sequence
+    keep_turn: bool = False          # keep its state for the next turn once no round is in flight
 
     def __post_init__(self):
         self.wire_id = self.wire_id or self.key
 
     def replay_log(self, upto: int | None = None) -> list[Step]:
         """The steps that rebuild this sequence's state from position 0 (only those ending by
-        `upto`): the inherited ones, then its own in the order they were sent, the first of
-        them also undoing what the kept state had undone."""
+        `upto`): the inherited ones, then its own in the order they were sent. Their epochs are
+        those they were sent under; `recovery.renumber` gives a replay its own."""
         own = sorted(self.log[self.inherited:], key=lambda st: (st.position, st.index))
         if upto is not None:
             own = [st for st in own if st.position + len(st.tokens) <= upto]
-        if own and self.inherited_undo:
-            own[0] = replace(own[0], undo=own[0].undo + self.inherited_undo)
         return self.log[:self.inherited] + own
+

@@ -21,7 +21,6 @@ class PrefixEntry:
     name: str
     tokens: tuple[int, ...]
     log: tuple[Step, ...]        # the steps (as sent) that built it, for exact replay
-    undo: int                    # rows undone after the last step of the log
     mtp_caches: list | None      # the MTP head's cache at the same point (None: plain)
 
     @property
@@ -78,14 +77,14 @@ class PrefixIndex:
 def boundary_entry(name: str, prompt: Sequence[int], end: int, decoder, log: Sequence[Step]) -> PrefixEntry:
     """The state a sequence kept while prefilling, at prompt position `end` (a message boundary
     or the end of its prompt: the chunk ending there carried `keep_as`)."""
-    return PrefixEntry(name, tuple(prompt[:end]), tuple(log), 0, mtp_copy(decoder))
+    return PrefixEntry(name, tuple(prompt[:end]), tuple(log), mtp_copy(decoder))
 
 
 def turn_entry(name: str, prompt: Sequence[int], decoder, log: Sequence[Step]) -> PrefixEntry:
     """A finished turn's state: the prompt and every confirmed token but the last (the next
-    turn's input), undone past its last verify pass's rejected rows."""
+    turn's input), without its last verify pass's rejected rows."""
     decoder.settle_drafter()
-    return PrefixEntry(name, (*prompt, *decoder.confirmed[:-1]), tuple(log), decoder.undo, mtp_copy(decoder))
+    return PrefixEntry(name, (*prompt, *decoder.confirmed[:-1]), tuple(log), mtp_copy(decoder))
 
 
 def mtp_copy(decoder):

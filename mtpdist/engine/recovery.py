@@ -1,7 +1,7 @@
 """After a lost worker or lost state: re-plan over the workers still alive, then replay.
 
 Every live sequence gets a fresh id on the workers and its log of confirmed steps (from
-position 0: the same chunks, the same undos, so the same arithmetic) queued for replay
+position 0: the same chunks, the same rewinds, so the same arithmetic) queued for replay
 ahead of the steps that failed; the scheduler sends them through its ordinary path, one
 step of a sequence at a time, and only the failed steps' results are used. Greedy output is
 then identical to an undisturbed run.
@@ -13,7 +13,7 @@ import logging
 import time
 import uuid
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..errors import MtpdistError, WorkerCallError
 from .decoder import Step
@@ -23,9 +23,22 @@ log = logging.getLogger("mtpdist.engine")
 
 @dataclass
 class Replay:
-    """Steps a sequence must send again; `use` marks those whose results are delivered."""
-    steps: deque[tuple[Step, bool]]
+    """Steps a sequence must send again, as (step sent, original or None): an original's
+    result is delivered as that step's (a round the decoder still waits on)."""
+    steps: deque[tuple[Step, Step | None]]
     inflight: bool = False
+
+
+def renumber(steps: list[Step]) -> list[Step]:
+    """The steps with epochs for a fresh sequence: a new epoch wherever a step starts before
+    the end of the one before it (rows the original run voided are taken back there)."""
+    out, epoch, end = [], 0, 0
+    for st in steps:
+        if st.position < end:
+            epoch += 1
+        out.append(replace(st, epoch=epoch, floor=0))
+        end = st.position + len(st.tokens)
+    return out
 
 
 class Recovery:
@@ -81,8 +94,12 @@ class Recovery:
                 log_steps = s.replay_log()
                 owed = [st for st in retry.get(s.key, []) if st not in s.log]
                 if s.replay is not None:
-                    owed += [st for st, use in s.replay.steps if use and st not in owed]
+                    owed += [orig for _, orig in s.replay.steps if orig is not None and orig not in owed]
                 again = sorted(owed, key=lambda st: (st.position, st.index))
                 log.info("replaying %d steps of a sequence", len(log_steps))
-                s.replay = Replay(deque([(st, False) for st in log_steps] + [(st, True) for st in again]))
+                steps = renumber(log_steps + again)
+                s.replay = Replay(deque([(st, None) for st in steps[:len(log_steps)]]
+                                        + list(zip(steps[len(log_steps):], again))))
+                # Newer than any replayed step: the decoder's next step goes back to where it starts.
+                s.decoder.epoch = (steps[-1].epoch + 1) if steps else s.decoder.epoch + 1
             return None

@@ -48,7 +48,8 @@ def resolve_unit(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.arr
     outs, drafting, r = [], [], 0
     for dec, step, h in items:
         T = h.shape[1]
-        out, a = accept(dec.sampler, step.drafts, dec.qs, logits[r:r + T], target[r:r + T] if greedy else None)
+        out, a = accept(dec.sampler, step.drafts, dec.round_qs(step), logits[r:r + T],
+                        target[r:r + T] if greedy else None)
         dec.note_logprobs(logits[r:r + len(out)], out)   # row j of a round chose out[j]
         n = normed[:, r:r + T]
         r += T
@@ -56,7 +57,14 @@ def resolve_unit(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.arr
         outs.append(out)
         if dec.drafter is not None:
             rows = a + 1 if step.kind == "verify" else T
-            drafting.append((dec, h[:, :rows], n[:, :rows], out, observe))
+            if dec.rounds:      # it held and rounds sent after it stay in flight: no new drafts
+                dec.backlog.append((h[:, :rows], n[:, :rows], list(out)))
+                dec.drafter.extend(*dec.take_backlog())
+                dec.rechain()
+                if observe is not None:
+                    dec.depth.observe(observe[0], observe[1], time.perf_counter() - dec.round_start)
+            else:
+                drafting.append((dec, h[:, :rows], n[:, :rows], out, observe))
     if drafting:
         _draft_all(head, drafting)
     return outs

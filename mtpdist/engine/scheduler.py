@@ -24,7 +24,7 @@ from ..errors import MtpdistError, is_recoverable
 from ..model.cache import copy_caches
 from ..wire.types import SequenceRows
 from .decoder import SequenceDecoder, Step
-from .depth import BatchDepth, FixedDepth
+from .depth import BatchDepth, FixedDepth, rounds_window
 from .generate import GenerationRequest, GenerationResult, Generator, Output
 from .plan import Candidate, PlanLimits, plan_units
 from .prefix_cache import PrefixEntry, PrefixIndex, boundary_entry, turn_entry
@@ -92,8 +92,11 @@ class Scheduler:
         self._drop_cancelled()
         if self.recovery.pending and not self.units:
             self._recover()
-        if not self.recovery.pending:
-            for unit in self.schedule():
+        while not self.recovery.pending:   # again after each launch: a round may stack on the last
+            units = self.schedule()
+            if not units:
+                break
+            for unit in units:
                 self._launch(unit)
         try:
             event = self.events.get(timeout=timeout)
@@ -178,7 +181,7 @@ class Scheduler:
         s.output = Output(self.generator, req)
         s.output.cached_tokens = s.decoder.start
         if entry is not None:
-            s.log, s.inherited, s.inherited_undo = list(entry.log), len(entry.log), entry.undo
+            s.log, s.inherited = list(entry.log), len(entry.log)
         if self.settings.reuse_prefixes:   # message boundaries and the end of the prompt
             s.keep_at = {p: f"{key}:{p}" for p in s.decoder.cuts
                          if p > s.decoder.start and p >= self.settings.prefix_min_tokens}
@@ -207,26 +210,33 @@ class Scheduler:
             if peek is not None:
                 cands.append(Candidate(s.key, peek[0], peek[1], s.order, s.decoder.body - s.decoder.sent_prefill))
         self.auto_depth.active = active
+        window = rounds_window(self.settings.rounds_in_flight, self.transport.stages, active)
+        for s in self.live.values():
+            if s.decoder is not None:
+                s.decoder.window = window
         return plan_units(cands, len(self.units), active, limits)
 
-    def _take(self, s: LiveSequence, rows: int) -> tuple[Step, bool]:
-        """The step a planned unit carries for `s`, and whether its result is to be used."""
+    def _take(self, s: LiveSequence, rows: int) -> tuple[Step, Step | None]:
+        """The step a planned unit carries for `s`, and the step whose result it is (None: a
+        replay of the log, whose result is not used)."""
         if s.replay is not None:
             s.replay.inflight = True
             return s.replay.steps[0]
-        return s.decoder.next_step(), True
+        step = s.decoder.next_step()
+        return step, step
 
     def _launch(self, unit: list[tuple[str, int]]) -> None:
         members = [(key, *self._take(self.live[key], rows)) for key, rows in unit]
         uid = next(self.unit_ids)
-        self.units[uid] = [(key, step) for key, step, _ in members]
+        self.units[uid] = [(key, orig or step) for key, step, orig in members]
         rows = []
         for key, step, _ in members:
             s = self.live[key]
             s.inflight += 1
             end = step.position + len(step.tokens)
             keep = s.keep_at.get(end, "") if step.kind == "prefill" and s.replay is None else ""
-            rows.append(SequenceRows(s.wire_id, step.position, len(step.tokens), step.undo, step.snapshots, keep))
+            rows.append(SequenceRows(s.wire_id, step.position, len(step.tokens), step.epoch, step.snapshots, keep,
+                                     step.floor))
         hidden = self.head.embed(mx.array([t for _, step, _ in members for t in step.tokens]))
         st = self.stats
         st["units"] += 1
@@ -267,29 +277,37 @@ class Scheduler:
             if s is None or s.ended:
                 continue
             if s.replay is not None:
-                _, use = s.replay.steps.popleft()
+                _, orig = s.replay.steps.popleft()
                 s.replay.inflight = False
                 if not s.replay.steps:
                     s.replay = None
-                if not use:
+                if orig is None:
                     continue
-            s.log.append(step)
             if step.kind == "prefill":
+                s.log.append(step)
                 self._guard(s, lambda s=s, step=step, rows=rows:
                             s.decoder.prefilled(step, rows, lambda end, s=s: self._kept_at(s, end)) or [])
-            else:
-                rounds.append((s, step, rows))
-        if not rounds:
-            return
-        try:
-            outs = resolve_unit(self.head, [(s.decoder, step, rows) for s, step, rows in rounds])
-        except Exception as e:
-            log.exception("decoding failed")
-            for s, _, _ in rounds:
-                self._end(s, MtpdistError(f"internal error: {e}"))
-            return
-        for (s, _, _), tokens in zip(rounds, outs):
-            self._guard(s, lambda tokens=tokens: tokens)
+            elif s.decoder.in_flight(step):     # else a round a rejection before it made void
+                s.early[id(step)] = (step, rows)
+                rounds.append(s)
+        while rounds:        # each sequence's oldest round in flight, if it is back
+            unique = list({s.key: s for s in rounds}.values())
+            ready = [(s, *s.early.pop(id(s.decoder.rounds[0].step))) for s in unique
+                     if not s.ended and s.decoder.rounds and id(s.decoder.rounds[0].step) in s.early]
+            if not ready:
+                return
+            for s, step, _ in ready:
+                s.log.append(step)
+            try:
+                outs = resolve_unit(self.head, [(s.decoder, step, rows) for s, step, rows in ready])
+            except Exception as e:
+                log.exception("decoding failed")
+                for s, _, _ in ready:
+                    self._end(s, MtpdistError(f"internal error: {e}"))
+                return
+            for (s, _, _), tokens in zip(ready, outs):
+                self._guard(s, lambda tokens=tokens: tokens)
+            rounds = [s for s, _, _ in ready if s.early]
 
     def _guard(self, s: LiveSequence, decode) -> None:
         """Run one sequence's part of a result and hand its new text to its sink."""
@@ -315,8 +333,8 @@ class Scheduler:
     def _keep_turn(self, s: LiveSequence) -> None:
         """Keep a finished sequence's state, so that the next turn of a chat continues from it."""
         d = s.decoder
-        length = d.position - d.undo
-        if length < self.settings.prefix_min_tokens or d.awaiting or d.prefilling or s.replay is not None:
+        length = len(d.prompt) + len(d.confirmed) - 1   # the cache once voided rows are gone
+        if length < self.settings.prefix_min_tokens or d.prefilling or s.replay is not None:
             return
         name = f"{s.key}:turn"
         entry = turn_entry(name, s.req.prompt_ids, d, s.replay_log())
@@ -324,13 +342,15 @@ class Scheduler:
         def kept(n: int | None) -> None:
             self.events.put(("kept", name, entry if n == length else None))
         self.control += 1
-        self.transport.keep_async(s.wire_id, d.undo, name, kept)
+        self.transport.keep_async(s.wire_id, length, name, kept)
         s.kept = True
 
     # -- endings ------------------------------------------------------------------------------
     def _finish(self, s: LiveSequence) -> None:
         last = s.output.finish(s.decoder.stats)
-        if self.settings.reuse_prefixes:
+        if self.settings.reuse_prefixes and s.inflight:
+            s.keep_turn = True          # once its rounds in flight are back (see _maybe_release)
+        elif self.settings.reuse_prefixes:
             self._keep_turn(s)
         s.sink.emit(last)
         self.on_result(last.result)
@@ -348,6 +368,9 @@ class Scheduler:
     def _maybe_release(self, key: str) -> None:
         s = self.live.get(key)
         if s is not None and s.ended and s.inflight == 0:
+            if s.keep_turn:      # only now: no round of it is left in any worker's queue
+                s.keep_turn = False
+                self._keep_turn(s)
             del self.live[key]
             if not s.kept and (s.log or (s.decoder is not None and s.decoder.chunks)):
                 self.transport.release([s.wire_id])

@@ -52,7 +52,7 @@ class Transport(Protocol):
     stages: int
     def send(self, rows: Sequence[SequenceRows], hidden: mx.array, done: Done) -> None: ...
     def release(self, sequence_ids: Sequence[str]) -> None: ...
-    def keep_async(self, sequence_id: str, undo: int, name: str, done: Callable[[int | None], None]) -> None: ...
+    def keep_async(self, sequence_id: str, length: int, name: str, done: Callable[[int | None], None]) -> None: ...
     def fork_async(self, prefix: str, sequence_id: str, done: Callable[[int | None], None]) -> None: ...
     def close(self) -> None: ...
 
@@ -137,13 +137,13 @@ class WorkerTransport:
             for s in sequence_ids:
                 c.release_nowait(s)
 
-    def keep_async(self, sequence_id, undo, name, done) -> None:
+    def keep_async(self, sequence_id, length, name, done) -> None:
         """Every worker keeps the sequence's state under `name`; `done(length)`, or None if any could not."""
         def run():
             lengths = set()
             for c in self.clients:
                 try:
-                    lengths.add(c.keep(sequence_id, undo, name))
+                    lengths.add(c.keep(sequence_id, length, name))
                 except WorkerCallError:
                     c.release_nowait(sequence_id)
                     return None

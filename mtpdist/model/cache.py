@@ -1,9 +1,11 @@
-"""Per-sequence layer state with one protocol: `offset` and `rewind(n)`.
+"""Per-sequence layer state with one protocol: `offset`, `rewind(n)` and `forget_before(p)`.
 
-`rewind(n)` undoes the last n tokens of the most recent forward pass. Attention KV
-caches drop entries; GatedDeltaNet state cannot be un-folded, so the GDN layer records
-a snapshot after every position the caller asked for and `rewind` restores one. The
-snapshots are references to arrays MLX already computed: taking them copies nothing.
+`rewind(n)` takes the cache back to `offset - n`. Attention KV caches drop entries;
+GatedDeltaNet state cannot be un-folded, so the GDN layer keeps snapshots, by absolute
+position, at the ends of passes and after every row the caller asked for, and `rewind`
+restores one. Snapshots of several passes may be kept (verify rounds in flight stack up),
+until `forget_before` drops those below a position no rewind will reach. Snapshots are
+references to arrays MLX already computed: taking them copies nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ class AttentionCache(KVCache):
             raise ValueError(f"cannot rewind {n} tokens from a cache at {self.offset}")
         self.trim(n)
 
+    def forget_before(self, position: int) -> None:
+        """Nothing to forget: any earlier position can be trimmed back to."""
+
     def nbytes(self) -> int:
         return 0 if self.keys is None else self.keys.nbytes + self.values.nbytes
 
@@ -34,10 +39,10 @@ class AttentionCache(KVCache):
 
 
 class GDNCache:
-    """Conv and SSM state of one GatedDeltaNet layer, plus snapshots of the last pass.
+    """Conv and SSM state of one GatedDeltaNet layer, plus snapshots by absolute position.
 
-    `snapshots[i]` is the (conv, ssm) state after the first `keep[i]` tokens of the last
-    forward; `pass_len` is how many tokens that forward had.
+    `snapshots[p]` is the (conv, ssm) state after the first `p` tokens of the sequence; the end
+    of every pass is one, so a pass stacked on another can be taken back whole.
     """
 
     def __init__(self) -> None:
@@ -45,34 +50,40 @@ class GDNCache:
         self.ssm: mx.array | None = None
         self.offset = 0
         self.snapshots: dict[int, tuple[mx.array, mx.array]] = {}
-        self.pass_len = 0
 
     def record(self, conv: mx.array, ssm: mx.array, pass_len: int,
                snapshots: dict[int, tuple[mx.array, mx.array]]) -> None:
+        """The state after a pass of `pass_len` tokens; `snapshots` are keyed by rows of the pass."""
+        start = self.offset
         self.conv, self.ssm = conv, ssm
         self.offset += pass_len
-        self.pass_len = pass_len
-        self.snapshots = snapshots
+        self.snapshots.update({start + k: v for k, v in snapshots.items()})
+        self.snapshots[self.offset] = (conv, ssm)
+
+    def can_rewind(self, n: int) -> bool:
+        return n == 0 or (0 < n <= self.offset and self.offset - n in self.snapshots)
 
     def rewind(self, n: int) -> None:
         if n == 0:
             return
-        keep = self.pass_len - n
-        if keep not in self.snapshots:
-            raise ValueError(
-                f"no snapshot to rewind {n} of {self.pass_len} tokens "
-                f"(snapshots after {sorted(self.snapshots)})"
-            )
+        keep = self.offset - n
+        if not self.can_rewind(n):
+            raise ValueError(f"no snapshot to go back {n} tokens to position {keep} "
+                             f"(snapshots at {sorted(self.snapshots)})")
         self.conv, self.ssm = self.snapshots[keep]
-        self.offset -= n
-        self.pass_len = keep
-        self.snapshots = {k: v for k, v in self.snapshots.items() if k < keep}
+        self.offset = keep
+        self.snapshots = {k: v for k, v in self.snapshots.items() if k <= keep}
+
+    def forget_before(self, position: int) -> None:
+        """Drop snapshots below `position` (no rewind will go there): their memory is freed."""
+        self.snapshots = {k: v for k, v in self.snapshots.items() if k >= position}
 
     def nbytes(self) -> int:
-        """State plus the snapshots of the last pass (they hold memory until the next pass)."""
+        """State plus its snapshots (they hold memory until forgotten or rewound past)."""
         if self.ssm is None:
             return 0
-        return self.ssm.nbytes + self.conv.nbytes + sum(c.nbytes + s.nbytes for c, s in self.snapshots.values())
+        return self.ssm.nbytes + self.conv.nbytes + sum(c.nbytes + s.nbytes for p, (c, s) in self.snapshots.items()
+                                                        if p != self.offset)
 
     def copy(self) -> "GDNCache":
         """The same state without snapshots (arrays are immutable: nothing is copied)."""
@@ -86,9 +97,15 @@ class GDNCache:
 
 
 def rewind_all(caches, n: int) -> None:
-    """Undo the last `n` tokens of the last pass on every layer cache."""
+    """Take every layer cache back by `n` tokens."""
     for c in caches:
         c.rewind(n)
+
+
+def forget_all(caches, position: int) -> None:
+    """Drop every layer's snapshots below `position`."""
+    for c in caches:
+        c.forget_before(position)
 
 
 def copy_caches(caches) -> list:

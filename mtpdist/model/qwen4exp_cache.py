@@ -89,21 +89,35 @@ class PLEGDNCache(GDNCache):
         self.ple_snapshots: dict[int, tuple[np.ndarray, mx.array]] = {}
 
     def record_ple(self, tokens: np.ndarray, conv: mx.array, snapshots: dict) -> None:
-        """The PLE state after a pass and after each kept position (set before the GDN's record)."""
-        self.ple_tokens, self.ple_conv, self.ple_snapshots = tokens, conv, snapshots
+        """The PLE state after a pass and after each kept row of it (set before the GDN's record,
+        so `offset` is still where the pass began); kept by absolute position like the GDN's."""
+        start = self.offset
+        self.ple_tokens, self.ple_conv = tokens, conv
+        self.ple_snapshots.update({start + k: v for k, v in snapshots.items()})
+
+    def record(self, conv, ssm, pass_len, snapshots) -> None:
+        super().record(conv, ssm, pass_len, snapshots)
+        self.ple_snapshots[self.offset] = (self.ple_tokens, self.ple_conv)
+
+    def can_rewind(self, n: int) -> bool:
+        return super().can_rewind(n) and (n == 0 or self.offset - n in self.ple_snapshots)
 
     def rewind(self, n: int) -> None:
-        keep = self.pass_len - n
+        keep = self.offset - n
         if n and keep not in self.ple_snapshots:
-            raise ValueError(f"no PLE snapshot to rewind {n} of {self.pass_len} tokens")
+            raise ValueError(f"no PLE snapshot to go back {n} tokens to position {keep}")
         super().rewind(n)   # checks and restores the GDN state first
         if n:
             self.ple_tokens, self.ple_conv = self.ple_snapshots[keep]
-            self.ple_snapshots = {k: v for k, v in self.ple_snapshots.items() if k < keep}
+            self.ple_snapshots = {k: v for k, v in self.ple_snapshots.items() if k <= keep}
+
+    def forget_before(self, position: int) -> None:
+        super().forget_before(position)
+        self.ple_snapshots = {k: v for k, v in self.ple_snapshots.items() if k >= position}
 
     def nbytes(self) -> int:
         extra = 0 if self.ple_conv is None else self.ple_conv.nbytes + sum(
-            c.nbytes for _, c in self.ple_snapshots.values())
+            c.nbytes for p, (_, c) in self.ple_snapshots.items() if p != self.offset)
         return super().nbytes() + extra
 
     def copy(self) -> "PLEGDNCache":

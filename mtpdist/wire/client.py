@@ -161,9 +161,9 @@ class WorkerClient:
     def release(self, sequence_id: str) -> bool:
         return self._call(self.stub.Release, pb.ReleaseRequest(sequence_id=sequence_id)).released
 
-    def keep(self, sequence_id: str, undo: int, name: str, timeout: float = 5.0) -> int:
-        """End a sequence but keep its state (after undoing `undo` rows) under `name`; the kept length."""
-        req = pb.ReleaseRequest(sequence_id=sequence_id, undo=undo, keep_as=name)
+    def keep(self, sequence_id: str, length: int, name: str, timeout: float = 5.0) -> int:
+        """End a sequence but keep its state (taken back to `length` tokens) under `name`; the kept length."""
+        req = pb.ReleaseRequest(sequence_id=sequence_id, length=length, keep_as=name)
         return self._call(self.stub.Release, req, timeout).position
 
     def fork(self, prefix: str, sequence_id: str, timeout: float = 5.0) -> int:

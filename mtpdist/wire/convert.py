@@ -42,14 +42,14 @@ def info_from_pb(r: pb.DescribeReply) -> WorkerInfo:
 
 def forward_to_pb(c: ForwardCall) -> pb.ForwardRequest:
     return pb.ForwardRequest(
-        sequences=[pb.SequenceRows(sequence_id=s.sequence_id, undo=s.undo, position=s.position,
+        sequences=[pb.SequenceRows(sequence_id=s.sequence_id, epoch=s.epoch, position=s.position, floor=s.floor,
                                    tokens=s.tokens, snapshots=list(s.snapshots), keep_as=s.keep_as) for s in c.sequences],
         hidden=activation_to_pb(c.hidden), next=[pb.Hop(address=a) for a in c.next])
 
 
 def forward_from_pb(r: pb.ForwardRequest) -> ForwardCall:
     return ForwardCall(
-        sequences=tuple(SequenceRows(s.sequence_id, s.position, s.tokens, s.undo, tuple(s.snapshots), s.keep_as)
+        sequences=tuple(SequenceRows(s.sequence_id, s.position, s.tokens, s.epoch, tuple(s.snapshots), s.keep_as, s.floor)
                         for s in r.sequences),
         hidden=activation_from_pb(r.hidden), next=tuple(h.address for h in r.next))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -78,9 +78,10 @@ class SequenceRows:
     sequence_id: str
     position: int
     tokens: int
-    undo: int = 0                    # rejected draft rows of the last pass, dropped first
+    epoch: int = 0                   # newer than the worker's: go back to `position` first; older: stale
     snapshots: tuple[int, ...] = ()  # row counts after which recurrent state is snapshotted
-    keep_as: str = ""                 # after these rows, also keep a copy of the state under this name
+    keep_as: str = ""                # after these rows, also keep a copy of the state under this name
+    floor: int = 0                   # no later rows go back before this position (0: `position`)
 
 
 @dataclass(frozen=True)
@@ -95,11 +96,11 @@ class ForwardCall:
         return sum(s.tokens for s in self.sequences)
 
     @classmethod
-    def single(cls, sequence_id: str, position: int, hidden: Activation, undo: int = 0,
+    def single(cls, sequence_id: str, position: int, hidden: Activation, epoch: int = 0,
                snapshots: tuple[int, ...] = (), next: tuple[str, ...] = ()) -> "ForwardCall":
         """A Forward of one sequence's rows (all of `hidden`)."""
         rows = max(hidden.shape[0], 0) if hidden.shape else 0
-        return cls((SequenceRows(sequence_id, position, rows, undo, tuple(snapshots)),), hidden, tuple(next))
+        return cls((SequenceRows(sequence_id, position, rows, epoch, tuple(snapshots)),), hidden, tuple(next))
 
 
 @dataclass(frozen=True)
