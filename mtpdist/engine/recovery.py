@@ -92,12 +92,15 @@ class Recovery:
                 # Steps whose results are still owed: those of failed units (not replays of the
                 # log) and those an interrupted replay had not delivered yet.
                 log_steps = s.replay_log()
-                owed = [st for st in retry.get(s.key, []) if st not in s.log]
+                owed = [st for st in retry.get(s.key, []) if st not in s.log
+                        and (st.kind == "prefill" or s.decoder.in_flight(st))]   # not a voided round
                 if s.replay is not None:
                     owed += [orig for _, orig in s.replay.steps if orig is not None and orig not in owed]
                 again = sorted(owed, key=lambda st: (st.position, st.index))
                 log.info("replaying %d steps of a sequence", len(log_steps))
                 steps = renumber(log_steps + again)
+                if again:   # rounds stacked on the first owed one may still be rejected back to it
+                    steps[len(log_steps):] = [replace(st, floor=again[0].position) for st in steps[len(log_steps):]]
                 s.replay = Replay(deque([(st, None) for st in steps[:len(log_steps)]]
                                         + list(zip(steps[len(log_steps):], again))))
                 # Newer than any replayed step: the decoder's next step goes back to where it starts.

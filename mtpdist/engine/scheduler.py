@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from typing import Callable
 
 import mlx.core as mx
@@ -307,6 +308,10 @@ class Scheduler:
                 return
             for (s, _, _), tokens in zip(ready, outs):
                 self._guard(s, lambda tokens=tokens: tokens)
+                if s.replay is not None:    # replays of rounds this result voided are not sent
+                    s.replay.steps = deque(e for e in s.replay.steps if e[1] is None or e[1].kind == "prefill"
+                                           or s.decoder.in_flight(e[1]) or e is s.replay.steps[0] and s.replay.inflight)
+                    s.replay = s.replay if s.replay.steps else None
             rounds = [s for s, _, _ in ready if s.early]
 
     def _guard(self, s: LiveSequence, decode) -> None:
