@@ -77,11 +77,11 @@ class Bench:
             self.session = LocalSession(args.model, make_transport, mtp=True, prefill_step=args.prefill_step)
         self.prompts = [self.session.generator.encode(p) for p in PROMPTS]
 
-    def run(self, reqs, max_inflight: int = 0, stagger: float = 0.0, reuse: bool = True):
+    def run(self, reqs, max_inflight: int = 0, stagger: float = 0.0, reuse: bool = True, rounds: int = 0):
         """Run requests on a fresh scheduler: (results, wall seconds, the scheduler)."""
         sched = Scheduler(self.session.generator, self.session,
                           SchedulerSettings(max_inflight=max_inflight, prefill_budget=self.args.prefill_step,
-                                            reuse_prefixes=reuse))
+                                            reuse_prefixes=reuse, rounds_in_flight=rounds))
         t0 = time.perf_counter()
         sinks = run_all(sched, reqs, timeout=1800, stagger=stagger)
         wall = time.perf_counter() - t0
@@ -230,6 +230,9 @@ def run_scenario(args, make_transport) -> dict:
         if args.scenario == "agent":
             from .bench_agent import scenario_agent
             figures = scenario_agent(args, Path(tmp))
+        elif args.scenario == "macs":
+            from .bench_macs import scenario_macs
+            figures = scenario_macs(args, Path(tmp))
         else:
             b = Bench(args, Path(tmp), make_transport)
             try:

@@ -87,7 +87,8 @@ def run_generate(cluster: ClusterConfig, model: ModelOptions, opts: GenerateOpti
             sys.stdout.write(delta.text)
             sys.stdout.flush()
     try:
-        result = generate(Scheduler(gen, session, SchedulerSettings(reuse_prefixes=False)), req, on_delta=show)
+        settings = SchedulerSettings(reuse_prefixes=False, rounds_in_flight=model.rounds_in_flight)
+        result = generate(Scheduler(gen, session, settings), req, on_delta=show)
     finally:
         session.close()
     if opts.json:

@@ -52,6 +52,7 @@ class ModelOptions:
     mtp_hidden: str = "post-norm"
     mtp_depth: int | str = 1
     prefill_step: int = 512
+    rounds_in_flight: int = 0       # verify rounds of one sequence in flight; 0: one per stage when alone
 
     @property
     def post_norm(self) -> bool:
@@ -83,6 +84,15 @@ class GenerateOptions:
     json: bool = False
 
 
+def _rounds_flag(text: str) -> int:
+    """The value of `--rounds-in-flight`: 1-16 or 'auto' (0)."""
+    if text == "auto":
+        return 0
+    if not text.isdigit() or not 1 <= int(text) <= 16:
+        raise argparse.ArgumentTypeError(f"must be 1-16 or 'auto', not {text!r}")
+    return int(text)
+
+
 def _depth_flag(text: str):
     from mtpdist.engine.depth import parse_depth
     try:
@@ -101,6 +111,10 @@ def add_model_arguments(p: argparse.ArgumentParser, prefill_default: int = 512) 
                    help="drafts per round with --mtp: 1-8, or 'auto' to choose from measured acceptance and "
                         "verify cost (default 1)")
     p.add_argument("--prefill-step", type=int, default=prefill_default, help="prompt tokens per prefill chunk")
+    p.add_argument("--rounds-in-flight", type=_rounds_flag, default=0, metavar="N|auto",
+                   help="with --mtp: verify rounds of one sequence in flight through the pipeline at once, each "
+                        "after the first assuming those before it hold (default auto: as many as there are "
+                        "stages per active sequence; 1 turns speculative rounds off)")
 
 
 def add_cluster_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,7 +141,8 @@ def cluster_from(args) -> ClusterConfig:
 
 def model_from(args) -> ModelOptions:
     """ModelOptions from parsed flags."""
-    return ModelOptions(args.model, args.mtp, args.mtp_hidden, args.mtp_depth, args.prefill_step)
+    return ModelOptions(args.model, args.mtp, args.mtp_hidden, args.mtp_depth, args.prefill_step,
+                        args.rounds_in_flight)
 
 
 def server_from(args) -> ServerOptions:

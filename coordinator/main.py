@@ -78,6 +78,7 @@ def run_coordinator(cluster: ClusterConfig, model: ModelOptions, server: ServerO
     config = session.parts.config
     metrics = Metrics()
     settings = SchedulerSettings(max_inflight=server.max_inflight, prefill_budget=model.prefill_step,
+                                 rounds_in_flight=model.rounds_in_flight,
                                  reuse_prefixes=server.prefix_reuse)
     engine = EngineThread(session.generator, session, settings,
                           on_result=metrics.record_generation,

@@ -92,13 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--worker", action="append", default=[], metavar="HOST:PORT",
                    help="also run through these (already running) workers")
     b.add_argument("--scenario", default="single",
-                   choices=["single", "streams", "depths", "prefill", "interleave", "hop", "chat", "agent"],
+                   choices=["single", "streams", "depths", "prefill", "interleave", "hop", "chat", "agent", "macs"],
                    help="single: plain vs MTP vs mlx-lm (default); streams: aggregate tok/s of concurrent "
                         "streams; depths: plain, MTP depth 1..K and auto; prefill: time to first token of a long "
                         "prompt, chunks pipelined vs one after another, and a short request during it; "
                         "interleave: a 4-token request during a long prefill; hop: overhead per stage; chat: a "
                         "long prompt continued as token ids from kept state vs afresh; agent: a tool-using chat "
-                        "session through the HTTP API, once per --worker-counts")
+                        "session through the HTTP API, once per --worker-counts; macs: one stream on N workers each "
+                        "emulating 1/N of a Mac, plain, MTP, and MTP with verify rounds in flight")
     b.add_argument("--emulate-ms", default=None, metavar="A,B",
                    help="local workers emulate Mac-speed stages (A + B*(rows-1) ms per forward); figures say so")
     b.add_argument("--pin-cores", type=int, default=0, metavar="K",
