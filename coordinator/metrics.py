@@ -30,6 +30,13 @@ class Metrics:
         self.accepted = Counter("mtpdist_mtp_accepted", "MTP drafts accepted", registry=r)
         self.acceptance = Gauge("mtpdist_mtp_acceptance", "Draft acceptance of the last request", registry=r)
         self.tps = Gauge("mtpdist_generation_tokens_per_second", "Decode rate of the last request", registry=r)
+        self.spec_rounds = Counter("mtpdist_mtp_speculative_rounds", "Verify rounds sent while an earlier round "
+                                   "of the same sequence was in flight", registry=r)
+        self.voided_rounds = Counter("mtpdist_mtp_voided_rounds", "Of those, rounds a rejection before them made "
+                                     "void", registry=r)
+        self.wasted_rows = Counter("mtpdist_mtp_wasted_rows", "Rows of voided rounds", registry=r)
+        self.rounds_in_flight = Gauge("mtpdist_mtp_rounds_in_flight", "Most verify rounds the last request had in "
+                                      "flight at once", registry=r)
         self.queue_depth = Gauge("mtpdist_queue_depth", "Requests waiting or running", registry=r)
         self.hop_latency = Histogram("mtpdist_pipeline_overhead_seconds",
                                      "Per-stage time of a forward outside worker compute (network, serialization, queueing)",
@@ -56,6 +63,11 @@ class Metrics:
             self.depth_rounds.labels(str(depth)).inc(rounds)
             self.depth_held.labels(str(depth)).inc(held)
         self.tps.set(result.generation_tps)
+        if result.rounds:
+            self.spec_rounds.inc(result.rounds.get("speculative", 0))
+            self.voided_rounds.inc(result.rounds.get("voided", 0))
+            self.wasted_rows.inc(result.rounds.get("wasted_rows", 0))
+            self.rounds_in_flight.set(result.rounds.get("max_in_flight", 0))
 
     def record_unit(self, wall_s: float, result) -> None:
         """One unit back from the pipeline: its time outside worker compute, per stage."""

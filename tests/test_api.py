@@ -72,6 +72,9 @@ def test_models_health_metrics_cluster(served):
     assert "mtpdist_generated_tokens_total" in metrics and "mtpdist_pipeline_overhead_seconds_count" in metrics
     assert 'mtpdist_mtp_rounds_at_depth_total{depth="1"}' in metrics      # acceptance by depth
     assert 'mtpdist_mtp_rounds_held_at_depth_total{depth="1"}' in metrics
+    # One stream through 2 workers with MTP: its verify rounds went out two at a time.
+    spec = next(ln for ln in metrics.splitlines() if ln.startswith("mtpdist_mtp_speculative_rounds_total"))
+    assert float(spec.split()[-1]) > 0 and "mtpdist_mtp_voided_rounds_total" in metrics
     info = httpx.get(c.url + "/cluster", headers={"authorization": f"Bearer {KEY}"}).json()
     assert [w["address"] for w in info["workers"]] == cluster.addresses
     assert info["workers"][0]["layers"][0] == 0 and info["workers"][1]["layers"][1] == 8

@@ -50,3 +50,73 @@ def test_real_mtp_head_with_rounds_in_flight_is_identical(dense, depth):
     want = plain_greedy(dense, PROMPT, N, step=4)
     got, _ = stacked(dense, N, None, depth)
     assert got == want
+
+
+def test_sampling_with_rounds_in_flight_follows_the_target_joint(tiny_vocab32):
+    """Two rounds of depth 1 in flight (the second one stacked on a guess of the first's bonus
+    token): the first four tokens, which span both rounds, follow the target joint."""
+    import mlx.core as mx
+    import numpy as np
+    from scipy.stats import chisquare
+
+    from mtpdist.engine.sampling import SamplingParams, filtered_probs
+    from helpers import Layers
+    from test_sampling import sample_through_scheduler
+
+    parts = load_parts(tiny_vocab32, mtp=True)
+    sp = SamplingParams(temperature=1.0, top_k=3)
+    prompt, n, draws = [3, 1, 4, 1, 5], 4, 900
+
+    def dist(ids):
+        t = Layers(parts.stack)
+        h = t.forward(parts.head.embed(mx.array([ids])))
+        return np.asarray(filtered_probs(parts.head.logits(parts.head.norm(h[0, -1])), sp), dtype=np.float64)
+
+    joint: dict[tuple, float] = {}
+
+    def expand(prefix, prob):
+        if len(prefix) == n:
+            joint[prefix] = prob
+            return
+        p = dist(prompt + list(prefix))
+        for tok in np.nonzero(p)[0]:
+            expand(prefix + (int(tok),), prob * p[tok])
+    expand((), 1.0)
+    settings = SchedulerSettings(reuse_prefixes=False, rounds_in_flight=2, max_inflight=2)
+    drawn, accepted, drafted = sample_through_scheduler(parts, prompt, n, dict(temperature=1.0, top_k=3), 1, draws,
+                                                        backend=Pipelined(parts, 2, latency=0.002), settings=settings)
+    counts: dict[tuple, int] = {}
+    for key in drawn:
+        assert key in joint, f"drew {key}, which the target gives probability 0"
+        counts[key] = counts.get(key, 0) + 1
+    assert 0 < accepted < drafted
+    keys = sorted(joint)
+    expected = np.array([joint[k] * draws for k in keys])
+    observed = np.array([counts.get(k, 0) for k in keys], dtype=float)
+    big = expected >= 5
+    obs, exp = observed[big], expected[big]
+    if (~big).any():
+        obs, exp = np.append(obs, observed[~big].sum()), np.append(exp, expected[~big].sum())
+    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+
+
+def test_snapshot_windows_are_freed_after_a_burst(dense):
+    """Rounds in flight keep recurrent-state snapshots over their window; once the sequences end
+    the workers' store holds nothing, and while they run it holds at most a window's worth."""
+    want = plain_greedy(dense, PROMPT, N, step=4)
+    backend = Pipelined(dense, 3)
+    settings = SchedulerSettings(reuse_prefixes=False, rounds_in_flight=3, max_inflight=3)
+    store = backend.t.store
+    peak = []
+    forward = store.forward
+
+    def watched(rows, x):
+        out = forward(rows, x)
+        gdn = [c for st in store.seqs.values() for c in st.caches if hasattr(c, "snapshots")]
+        peak.append(max((len(c.snapshots) for c in gdn), default=0))
+        return out
+    store.forward = watched
+    got, r = decode(dense, PROMPT, N, step=4, mtp=True, depth=2, backend=backend, settings=settings)
+    assert got == want and r.rounds["speculative"] > 0
+    assert 0 < max(peak) <= 3 * 3 + 3          # three rounds of three rows (and their ends), no more
+    assert not store.seqs and store.state_bytes() == 0

@@ -17,10 +17,11 @@ from mtpdist.model.loader import load_parts
 from helpers import InProcess, Layers
 
 
-def sample_through_scheduler(parts, prompt, n, params: dict, depth: int, draws: int, batch: int = 16):
+def sample_through_scheduler(parts, prompt, n, params: dict, depth: int, draws: int, batch: int = 16,
+                             backend=None, settings=SchedulerSettings(reuse_prefixes=False)):
     """`draws` sampled MTP requests (seeds 0..draws-1) of n tokens, `batch` at a time in one
     scheduler (so their rows share units): the tuples drawn, and drafts accepted/made."""
-    sched = Scheduler(Generator(parts, None), InProcess(parts), SchedulerSettings(reuse_prefixes=False))
+    sched = Scheduler(Generator(parts, None), backend or InProcess(parts), settings)
     out, accepted, drafted = [], 0, 0
     for start in range(0, draws, batch):
         reqs = [GenerationRequest(tuple(prompt), n, SamplingParams(**params, seed=seed), mtp=True, mtp_depth=depth,

@@ -92,6 +92,7 @@ class Round:
     step: Step
     qs: list
     sent: float
+    stacked: bool = False       # sent while an earlier round was in flight
 
 
 class SequenceDecoder:
@@ -129,7 +130,7 @@ class SequenceDecoder:
         # running the MTP head; the head catches up in one pass when drafting resumes.
         self.backlog: list[tuple[mx.array, mx.array, list[int]]] = []
         self.stats = SpecStats()
-        self.round_start = 0.0
+        self.round_start: float | None = 0.0   # when the round just confirmed was sent (None: stacked)
         self.logprobs_top: int | None = None  # set: note each confirmed token's logprobs (TokenLogprob)
         self.logprobs: list = []              # those of the tokens returned last, until taken
 
@@ -183,7 +184,7 @@ class SequenceDecoder:
                                drafts=tuple(self.drafts), epoch=self.epoch, floor=self.position), self.qs)
 
     def _send(self, step: Step, qs: list) -> Step:
-        self.rounds.append(Round(step, qs, time.perf_counter()))
+        self.rounds.append(Round(step, qs, time.perf_counter(), stacked=bool(self.rounds)))
         self.position = step.position + len(step.tokens)
         self.stats.max_rounds_in_flight = max(self.stats.max_rounds_in_flight, len(self.rounds))
         return step
@@ -243,7 +244,8 @@ class SequenceDecoder:
         policy should learn from, or None. Rounds sent after it stay in flight only if it held
         whole and the next one guessed its bonus token; otherwise they are void."""
         done = self.rounds.popleft()
-        self.round_start = done.sent
+        # A stacked round waited behind the one before it: its wall time is not a round's latency.
+        self.round_start = None if done.stacked else done.sent
         observe = None
         k = len(step.drafts)
         if step.kind == "verify":

@@ -15,7 +15,7 @@ from typing import Protocol
 class DepthPolicy(Protocol):
     """Chooses the draft depth for the next round and learns from each verified round."""
     def choose(self) -> int: ...
-    def observe(self, depth: int, accepted: int, seconds: float) -> None: ...
+    def observe(self, depth: int, accepted: int, seconds: float | None) -> None: ...
 
 
 class FixedDepth:
@@ -51,6 +51,7 @@ class AutoDepth:
         self.rounds: dict[int, int] = {}
         self.total = 0
         self.current = max_depth
+        self.stages = 1                     # pipeline stages (the scheduler keeps it current)
 
     def conditional(self) -> list[float]:
         """P(draft j holds | drafts before it held), with a weak prior of 1/2."""
@@ -64,26 +65,52 @@ class AutoDepth:
             total += run
         return total
 
+    def rate(self, k: int, window: int) -> float:
+        """Expected tokens per second at depth k with `window` rounds in flight through `stages`.
+        A round's wall time is the pipeline's latency; rounds in flight each take one stage's
+        share of it, but a round that does not hold whole (a draft rejected, or the next round's
+        guess of its bonus wrong) leaves the slots of the rounds stacked on it void."""
+        t = self.time[k]
+        if window <= 1 or k == 0:
+            return self.expected_tokens(k) / t
+        c = self.conditional()
+        held = 1.0
+        for j in range(k + 1):              # k drafts and the guess of the bonus token
+            held *= c[min(j, len(c) - 1)]
+        w = min(window, self.stages)
+        return self.expected_tokens(k) * w / t / (1 + (1 - held) * (w - 1))
+
     def choose(self) -> int:
         for k in range(self.max_depth, self.min_depth - 1, -1):  # warm-up: every depth a few rounds
             if self.rounds.get(k, 0) < self.warmup:
                 self.current = k
                 return k
-        best = max(self.time, key=lambda k: self.expected_tokens(k) / self.time[k])
+        if not self.time:
+            return self.current
+        best = max(self.time, key=lambda k: max(self.rate(k, 1), self.rate(k, self.stages)))
         if self.total % self.revisit_every == 0:  # look again at the neighbours now and then
             up = (self.total // self.revisit_every) % 2
             best = min(self.max_depth, best + 1) if up else max(self.min_depth, best - 1)
         self.current = best
         return best
 
-    def observe(self, depth: int, accepted: int, seconds: float) -> None:
+    def observe(self, depth: int, accepted: int, seconds: float | None) -> None:
+        """Learn from a verified round; `seconds` (its latency) is None for a stacked round."""
         self.total += 1
         self.rounds[depth] = self.rounds.get(depth, 0) + 1
         for j in range(min(depth, accepted + 1)):
             self.tried[j] += 1
             self.held[j] += j < accepted
+        if seconds is None:
+            return
         old = self.time.get(depth)
         self.time[depth] = seconds if old is None else (1 - self.ema) * old + self.ema * seconds
+
+    def window(self) -> int:
+        """Rounds in flight for the current depth: the pipeline's stages when that is faster."""
+        if self.stages <= 1 or self.current not in self.time:
+            return self.stages
+        return self.stages if self.rate(self.current, self.stages) > self.rate(self.current, 1) else 1
 
     def summary(self) -> dict:
         return {"mode": "auto", "depth": self.current,
@@ -101,6 +128,7 @@ class BatchDepth:
         self.max_depth = max_depth
         self.policies: dict[int, AutoDepth] = {}
         self.active = 1
+        self.stages = 1
 
     def bucket(self, active: int) -> int:
         return max(b for b in self.BUCKETS if b <= max(active, 1))
@@ -109,10 +137,14 @@ class BatchDepth:
         b = self.bucket(self.active)
         if b not in self.policies:
             self.policies[b] = AutoDepth(self.max_depth, allow_plain=b > 1)
+        self.policies[b].stages = self.stages
         return self.policies[b]
 
     def choose(self) -> int:
         return self.current().choose()
+
+    def window(self) -> int:
+        return self.current().window()
 
     def observe(self, depth: int, accepted: int, seconds: float) -> None:
         self.current().observe(depth, accepted, seconds)
@@ -121,13 +153,18 @@ class BatchDepth:
         return {"mode": "auto", "by_active_sequences": {b: p.summary() for b, p in sorted(self.policies.items())}}
 
 
-def rounds_window(setting: int, stages: int, active: int) -> int:
+def rounds_window(setting: int, stages: int, active: int, policy: DepthPolicy | None = None) -> int:
     """Verify rounds one sequence may have in flight. With fewer sequences than stages, a
     stream's rounds fill the stages its own single round would leave idle; with more, the
-    other sequences fill them and speculation on top of speculation only wastes rows."""
+    other sequences fill them and speculation on top of speculation only wastes rows. An
+    automatic depth policy also weighs measured acceptance against the slots a void round costs."""
     if setting:
         return setting
-    return max(1, stages // max(active, 1))
+    share = max(1, stages // max(active, 1))
+    if share > 1 and hasattr(policy, "window"):
+        policy.stages = share
+        return max(1, min(share, policy.window()))
+    return share
 
 
 def make_policy(depth: int | str) -> DepthPolicy:

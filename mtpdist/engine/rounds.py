@@ -62,7 +62,7 @@ def resolve_unit(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.arr
                 dec.drafter.extend(*dec.take_backlog())
                 dec.rechain()
                 if observe is not None:
-                    dec.depth.observe(observe[0], observe[1], time.perf_counter() - dec.round_start)
+                    dec.depth.observe(observe[0], observe[1], _took(dec))
             else:
                 drafting.append((dec, h[:, :rows], n[:, :rows], out, observe))
     if drafting:
@@ -119,7 +119,12 @@ def _draft_all(head: Head, entries) -> None:
     now = time.perf_counter()
     for dec, _, _, _, observe in entries:
         if observe is not None:
-            dec.depth.observe(observe[0], observe[1], now - dec.round_start)
+            dec.depth.observe(observe[0], observe[1], _took(dec, now))
+
+
+def _took(dec: SequenceDecoder, now: float | None = None) -> float | None:
+    """The confirmed round's latency, or None for a stacked round (it also waited in line)."""
+    return None if dec.round_start is None else (now or time.perf_counter()) - dec.round_start
 
 
 def _mtp_logits(head: Head, rows) -> dict[int, mx.array]:

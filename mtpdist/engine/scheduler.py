@@ -211,10 +211,10 @@ class Scheduler:
             if peek is not None:
                 cands.append(Candidate(s.key, peek[0], peek[1], s.order, s.decoder.body - s.decoder.sent_prefill))
         self.auto_depth.active = active
-        window = rounds_window(self.settings.rounds_in_flight, self.transport.stages, active)
         for s in self.live.values():
             if s.decoder is not None:
-                s.decoder.window = window
+                s.decoder.window = rounds_window(self.settings.rounds_in_flight, self.transport.stages, active,
+                                                 s.decoder.depth)
         return plan_units(cands, len(self.units), active, limits)
 
     def _take(self, s: LiveSequence, rows: int) -> tuple[Step, Step | None]:
