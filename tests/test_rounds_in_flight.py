@@ -65,7 +65,7 @@ def test_sampling_with_rounds_in_flight_follows_the_target_joint(tiny_vocab32):
 
     parts = load_parts(tiny_vocab32, mtp=True)
     sp = SamplingParams(temperature=1.0, top_k=3)
-    prompt, n, draws = [3, 1, 4, 1, 5], 4, 900
+    prompt, n, draws = [3, 1, 4, 1, 5], 4, 600
 
     def dist(ids):
         t = Layers(parts.stack)
@@ -83,8 +83,12 @@ def test_sampling_with_rounds_in_flight_follows_the_target_joint(tiny_vocab32):
             expand(prefix + (int(tok),), prob * p[tok])
     expand((), 1.0)
     settings = SchedulerSettings(reuse_prefixes=False, rounds_in_flight=2, max_inflight=2)
+    stacked_rounds = []     # unseeded: a seeded request never stacks (its output must not depend on timing)
     drawn, accepted, drafted = sample_through_scheduler(parts, prompt, n, dict(temperature=1.0, top_k=3), 1, draws,
-                                                        backend=Pipelined(parts, 2, latency=0.002), settings=settings)
+                                                        batch=1, backend=Pipelined(parts, 2, latency=0.002),
+                                                        settings=settings, seeded=False,
+                                                        on_result=lambda r: stacked_rounds.append(r.rounds["speculative"]))
+    assert sum(stacked_rounds) > draws // 4
     counts: dict[tuple, int] = {}
     for key in drawn:
         assert key in joint, f"drew {key}, which the target gives probability 0"

@@ -18,19 +18,22 @@ from helpers import InProcess, Layers
 
 
 def sample_through_scheduler(parts, prompt, n, params: dict, depth: int, draws: int, batch: int = 16,
-                             backend=None, settings=SchedulerSettings(reuse_prefixes=False)):
+                             backend=None, settings=SchedulerSettings(reuse_prefixes=False), seeded=True,
+                             on_result=lambda r: None):
     """`draws` sampled MTP requests (seeds 0..draws-1) of n tokens, `batch` at a time in one
     scheduler (so their rows share units): the tuples drawn, and drafts accepted/made."""
     sched = Scheduler(Generator(parts, None), backend or InProcess(parts), settings)
     out, accepted, drafted = [], 0, 0
     for start in range(0, draws, batch):
-        reqs = [GenerationRequest(tuple(prompt), n, SamplingParams(**params, seed=seed), mtp=True, mtp_depth=depth,
+        reqs = [GenerationRequest(tuple(prompt), n, SamplingParams(**params, seed=seed if seeded else None),
+                                  mtp=True, mtp_depth=depth,
                                   ignore_eos=True) for seed in range(start, min(start + batch, draws))]
         for sink in run_all(sched, reqs, timeout=600):
             r = sink.wait()
             out.append(tuple(r.token_ids[:n]))
+            on_result(r)
             accepted, drafted = accepted + r.accepted, drafted + r.drafted
-    assert sched.stats["max_unit_sequences"] > 1     # the requests really were batched
+    assert batch == 1 or sched.stats["max_unit_sequences"] > 1     # the requests really were batched
     return out, accepted, drafted
 
 

@@ -158,8 +158,12 @@ class SequenceDecoder:
         return ("verify", 1 + len(self.drafts)) if self.drafts else ("decode", 1)
 
     def _can_stack(self) -> bool:
-        """Whether another round may go out on top of those in flight (they carry drafts)."""
-        return len(self.rounds) < self.window and self.drafter is not None and bool(self.rounds[-1].step.drafts)
+        """Whether another round may go out on top of those in flight (they carry drafts). Not
+        for a seeded sampled request: whether a round stacks depends on timing, and its draws
+        would too, so its output would not be reproducible from the seed."""
+        p = self.sampler.params
+        return (len(self.rounds) < self.window and self.drafter is not None and bool(self.rounds[-1].step.drafts)
+                and (p.greedy or p.seed is None))
 
     def _chunk_end(self, s: int) -> int:
         return min((s // self.chunk + 1) * self.chunk, next(c for c in self.cuts if c > s))
