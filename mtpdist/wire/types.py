@@ -39,6 +39,8 @@ class ShardSpec:
     downstream: tuple[str, ...] = ()   # the planned workers after this stage: the only allowed `next` hops
     max_forward_tokens: int = 0        # 0: the worker's default
     budget_bytes: int = 0              # this stage's share of its host's memory in the plan; 0: its own offer
+    upstream: str = ""                 # the planned worker before this stage ("": the coordinator)
+    route: str = ""                    # the plan's ring id: a link naming another route is refused
 
     def digest(self) -> str:
         """What the shard is: model, layer range, config and every tensor's name, layout and content hash."""

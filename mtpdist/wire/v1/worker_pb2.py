@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mtpdist/v1/worker.proto\x12\nmtpdist.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xf3\x02\n\rDescribeReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cusable_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0c\n\x04\x63hip\x18\x07 \x01(\t\x12\x12\n\nmodel_hash\x18\x08 \x01(\t\x12\x13\n\x0blayer_start\x18\t \x01(\x05\x12\x11\n\tlayer_end\x18\n \x01(\x05\x12\x11\n\tsequences\x18\x0b \x01(\r\x12\x13\n\x0bstate_bytes\x18\x0c \x01(\x04\x12\x13\n\x0bmlx_version\x18\r \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0e \x01(\x04\x12\x11\n\tread_gbps\x18\x0f \x01(\x01\x12\x10\n\x08prefixes\x18\x10 \x01(\r\x12\x14\n\x0cshard_digest\x18\x11 \x01(\t\x12\x0f\n\x07host_id\x18\x12 \x01(\t\"X\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"\xcb\x01\n\tShardSpec\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.mtpdist.v1.TensorInfo\x12\x12\n\ndownstream\x18\x06 \x03(\t\x12\x1a\n\x12max_forward_tokens\x18\x07 \x01(\r\x12\x14\n\x0c\x62udget_bytes\x18\x08 \x01(\x04\"Q\n\x10LoadShardRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x15.mtpdist.v1.ShardSpecH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"v\n\x0eLoadShardReply\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x14\n\x0cshard_digest\x18\x05 \x01(\t\"2\n\rHasShardReply\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x0e\n\x06source\x18\x02 \x01(\t\"\x16\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"w\n\x0cSequenceRows\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0c\n\x04undo\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x11\n\tsnapshots\x18\x05 \x03(\r\x12\x0f\n\x07keep_as\x18\x06 \x01(\t\"\x80\x01\n\x0e\x46orwardRequest\x12+\n\tsequences\x18\x01 \x03(\x0b\x32\x18.mtpdist.v1.SequenceRows\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.mtpdist.v1.Tensor\x12\x1d\n\x04next\x18\x03 \x03(\x0b\x32\x0f.mtpdist.v1.Hop\"m\n\x0c\x46orwardReply\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.mtpdist.v1.Tensor\x12\x11\n\tpositions\x18\x02 \x03(\x04\x12\x12\n\ncompute_us\x18\x03 \x03(\x04\x12\x12\n\nbatch_rows\x18\x04 \x03(\r\"D\n\x0eReleaseRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0c\n\x04undo\x18\x02 \x01(\r\x12\x0f\n\x07keep_as\x18\x03 \x01(\t\"2\n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x10\n\x08position\x18\x02 \x01(\x04\"2\n\x0b\x46orkRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\t\"\x1d\n\tForkReply\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x0f\n\rHealthRequest\"\x1d\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t2\xcb\x03\n\x06Worker\x12\x42\n\x08\x44\x65scribe\x12\x1b.mtpdist.v1.DescribeRequest\x1a\x19.mtpdist.v1.DescribeReply\x12<\n\x08HasShard\x12\x15.mtpdist.v1.ShardSpec\x1a\x19.mtpdist.v1.HasShardReply\x12G\n\tLoadShard\x12\x1c.mtpdist.v1.LoadShardRequest\x1a\x1a.mtpdist.v1.LoadShardReply(\x01\x12?\n\x07\x46orward\x12\x1a.mtpdist.v1.ForwardRequest\x1a\x18.mtpdist.v1.ForwardReply\x12?\n\x07Release\x12\x1a.mtpdist.v1.ReleaseRequest\x1a\x18.mtpdist.v1.ReleaseReply\x12\x36\n\x04\x46ork\x12\x17.mtpdist.v1.ForkRequest\x1a\x15.mtpdist.v1.ForkReply\x12<\n\x06Health\x12\x19.mtpdist.v1.HealthRequest\x1a\x17.mtpdist.v1.HealthReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17mtpdist/v1/worker.proto\x12\nmtpdist.v1\"4\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\"\x11\n\x0f\x44\x65scribeRequest\"\xf3\x02\n\rDescribeReply\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x18\n\x10protocol_version\x18\x03 \x01(\r\x12\x14\n\x0cmemory_bytes\x18\x04 \x01(\x04\x12\x14\n\x0cusable_bytes\x18\x05 \x01(\x04\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0c\n\x04\x63hip\x18\x07 \x01(\t\x12\x12\n\nmodel_hash\x18\x08 \x01(\t\x12\x13\n\x0blayer_start\x18\t \x01(\x05\x12\x11\n\tlayer_end\x18\n \x01(\x05\x12\x11\n\tsequences\x18\x0b \x01(\r\x12\x13\n\x0bstate_bytes\x18\x0c \x01(\x04\x12\x13\n\x0bmlx_version\x18\r \x01(\t\x12\x14\n\x0cweight_bytes\x18\x0e \x01(\x04\x12\x11\n\tread_gbps\x18\x0f \x01(\x01\x12\x10\n\x08prefixes\x18\x10 \x01(\r\x12\x14\n\x0cshard_digest\x18\x11 \x01(\t\x12\x0f\n\x07host_id\x18\x12 \x01(\t\"X\n\nTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\x12\x0e\n\x06sha256\x18\x05 \x01(\x0c\"\xec\x01\n\tShardSpec\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\x05\x12\x11\n\tlayer_end\x18\x03 \x01(\x05\x12\x13\n\x0b\x63onfig_json\x18\x04 \x01(\t\x12\'\n\x07tensors\x18\x05 \x03(\x0b\x32\x16.mtpdist.v1.TensorInfo\x12\x12\n\ndownstream\x18\x06 \x03(\t\x12\x1a\n\x12max_forward_tokens\x18\x07 \x01(\r\x12\x14\n\x0c\x62udget_bytes\x18\x08 \x01(\x04\x12\x10\n\x08upstream\x18\t \x01(\t\x12\r\n\x05route\x18\n \x01(\t\"Q\n\x10LoadShardRequest\x12%\n\x04spec\x18\x01 \x01(\x0b\x32\x15.mtpdist.v1.ShardSpecH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"v\n\x0eLoadShardReply\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x16\n\x0e\x62ytes_received\x18\x02 \x01(\x04\x12\x13\n\x0blayer_start\x18\x03 \x01(\x05\x12\x11\n\tlayer_end\x18\x04 \x01(\x05\x12\x14\n\x0cshard_digest\x18\x05 \x01(\t\"2\n\rHasShardReply\x12\x11\n\tavailable\x18\x01 \x01(\x08\x12\x0e\n\x06source\x18\x02 \x01(\t\"\x16\n\x03Hop\x12\x0f\n\x07\x61\x64\x64ress\x18\x01 \x01(\t\"w\n\x0cSequenceRows\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0c\n\x04undo\x18\x02 \x01(\r\x12\x10\n\x08position\x18\x03 \x01(\x04\x12\x0e\n\x06tokens\x18\x04 \x01(\r\x12\x11\n\tsnapshots\x18\x05 \x03(\r\x12\x0f\n\x07keep_as\x18\x06 \x01(\t\"\x80\x01\n\x0e\x46orwardRequest\x12+\n\tsequences\x18\x01 \x03(\x0b\x32\x18.mtpdist.v1.SequenceRows\x12\"\n\x06hidden\x18\x02 \x01(\x0b\x32\x12.mtpdist.v1.Tensor\x12\x1d\n\x04next\x18\x03 \x03(\x0b\x32\x0f.mtpdist.v1.Hop\"m\n\x0c\x46orwardReply\x12\"\n\x06hidden\x18\x01 \x01(\x0b\x32\x12.mtpdist.v1.Tensor\x12\x11\n\tpositions\x18\x02 \x03(\x04\x12\x12\n\ncompute_us\x18\x03 \x03(\x04\x12\x12\n\nbatch_rows\x18\x04 \x03(\r\"D\n\x0eReleaseRequest\x12\x13\n\x0bsequence_id\x18\x01 \x01(\t\x12\x0c\n\x04undo\x18\x02 \x01(\r\x12\x0f\n\x07keep_as\x18\x03 \x01(\t\"2\n\x0cReleaseReply\x12\x10\n\x08released\x18\x01 \x01(\x08\x12\x10\n\x08position\x18\x02 \x01(\x04\"2\n\x0b\x46orkRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x13\n\x0bsequence_id\x18\x02 \x01(\t\"\x1d\n\tForkReply\x12\x10\n\x08position\x18\x01 \x01(\x04\"\x0f\n\rHealthRequest\"\x1d\n\x0bHealthReply\x12\x0e\n\x06status\x18\x01 \x01(\t2\xcb\x03\n\x06Worker\x12\x42\n\x08\x44\x65scribe\x12\x1b.mtpdist.v1.DescribeRequest\x1a\x19.mtpdist.v1.DescribeReply\x12<\n\x08HasShard\x12\x15.mtpdist.v1.ShardSpec\x1a\x19.mtpdist.v1.HasShardReply\x12G\n\tLoadShard\x12\x1c.mtpdist.v1.LoadShardRequest\x1a\x1a.mtpdist.v1.LoadShardReply(\x01\x12?\n\x07\x46orward\x12\x1a.mtpdist.v1.ForwardRequest\x1a\x18.mtpdist.v1.ForwardReply\x12?\n\x07Release\x12\x1a.mtpdist.v1.ReleaseRequest\x1a\x18.mtpdist.v1.ReleaseReply\x12\x36\n\x04\x46ork\x12\x17.mtpdist.v1.ForkRequest\x1a\x15.mtpdist.v1.ForkReply\x12<\n\x06Health\x12\x19.mtpdist.v1.HealthRequest\x1a\x17.mtpdist.v1.HealthReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,33 +40,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENSORINFO']._serialized_start=486
   _globals['_TENSORINFO']._serialized_end=574
   _globals['_SHARDSPEC']._serialized_start=577
-  _globals['_SHARDSPEC']._serialized_end=780
-  _globals['_LOADSHARDREQUEST']._serialized_start=782
-  _globals['_LOADSHARDREQUEST']._serialized_end=863
-  _globals['_LOADSHARDREPLY']._serialized_start=865
-  _globals['_LOADSHARDREPLY']._serialized_end=983
-  _globals['_HASSHARDREPLY']._serialized_start=985
-  _globals['_HASSHARDREPLY']._serialized_end=1035
-  _globals['_HOP']._serialized_start=1037
-  _globals['_HOP']._serialized_end=1059
-  _globals['_SEQUENCEROWS']._serialized_start=1061
-  _globals['_SEQUENCEROWS']._serialized_end=1180
-  _globals['_FORWARDREQUEST']._serialized_start=1183
-  _globals['_FORWARDREQUEST']._serialized_end=1311
-  _globals['_FORWARDREPLY']._serialized_start=1313
-  _globals['_FORWARDREPLY']._serialized_end=1422
-  _globals['_RELEASEREQUEST']._serialized_start=1424
-  _globals['_RELEASEREQUEST']._serialized_end=1492
-  _globals['_RELEASEREPLY']._serialized_start=1494
-  _globals['_RELEASEREPLY']._serialized_end=1544
-  _globals['_FORKREQUEST']._serialized_start=1546
-  _globals['_FORKREQUEST']._serialized_end=1596
-  _globals['_FORKREPLY']._serialized_start=1598
-  _globals['_FORKREPLY']._serialized_end=1627
-  _globals['_HEALTHREQUEST']._serialized_start=1629
-  _globals['_HEALTHREQUEST']._serialized_end=1644
-  _globals['_HEALTHREPLY']._serialized_start=1646
-  _globals['_HEALTHREPLY']._serialized_end=1675
-  _globals['_WORKER']._serialized_start=1678
-  _globals['_WORKER']._serialized_end=2137
+  _globals['_SHARDSPEC']._serialized_end=813
+  _globals['_LOADSHARDREQUEST']._serialized_start=815
+  _globals['_LOADSHARDREQUEST']._serialized_end=896
+  _globals['_LOADSHARDREPLY']._serialized_start=898
+  _globals['_LOADSHARDREPLY']._serialized_end=1016
+  _globals['_HASSHARDREPLY']._serialized_start=1018
+  _globals['_HASSHARDREPLY']._serialized_end=1068
+  _globals['_HOP']._serialized_start=1070
+  _globals['_HOP']._serialized_end=1092
+  _globals['_SEQUENCEROWS']._serialized_start=1094
+  _globals['_SEQUENCEROWS']._serialized_end=1213
+  _globals['_FORWARDREQUEST']._serialized_start=1216
+  _globals['_FORWARDREQUEST']._serialized_end=1344
+  _globals['_FORWARDREPLY']._serialized_start=1346
+  _globals['_FORWARDREPLY']._serialized_end=1455
+  _globals['_RELEASEREQUEST']._serialized_start=1457
+  _globals['_RELEASEREQUEST']._serialized_end=1525
+  _globals['_RELEASEREPLY']._serialized_start=1527
+  _globals['_RELEASEREPLY']._serialized_end=1577
+  _globals['_FORKREQUEST']._serialized_start=1579
+  _globals['_FORKREQUEST']._serialized_end=1629
+  _globals['_FORKREPLY']._serialized_start=1631
+  _globals['_FORKREPLY']._serialized_end=1660
+  _globals['_HEALTHREQUEST']._serialized_start=1662
+  _globals['_HEALTHREQUEST']._serialized_end=1677
+  _globals['_HEALTHREPLY']._serialized_start=1679
+  _globals['_HEALTHREPLY']._serialized_end=1708
+  _globals['_WORKER']._serialized_start=1711
+  _globals['_WORKER']._serialized_end=2170
 # @@protoc_insertion_point(module_scope)
