@@ -93,7 +93,10 @@ class RingTransport(WorkerTransport):
             return
 
         def name_and_fail():
-            silent = self._silent_worker()
+            try:
+                silent = None if self.closing else self._silent_worker()
+            except ValueError:   # the plan's channels were closed under us: a re-plan, not a failure
+                return
             if silent is not None:
                 why = worker_error(silent, "UNAVAILABLE", f"no answer to a liveness probe within "
                                                           f"{self.step_timeout:g} s after the ring broke ({err.details})")
