@@ -157,3 +157,18 @@ def test_a_worker_killed_with_a_frame_inside_is_named_as_lost(tmp_path, tiny_den
     finally:
         for w in ws:
             w.stop()
+
+
+def test_a_loaded_shard_is_warmed_and_keeps_no_warm_up_state(tiny_dense):
+    from mtpdist.model.loader import load_parts
+    from mtpdist.worker.sequences import SequenceStore
+    from mtpdist.worker.warm import BATCHES, STEP_ROWS, warm
+
+    parts = load_parts(tiny_dense[0], layers=(0, 2), head=False)
+    store = SequenceStore(parts.stack, parts.config.hidden_size)
+    ran = []
+    forward = store.forward
+    store.forward = lambda rows, x: (ran.append(tuple(r.tokens for r in rows)), forward(rows, x))[1]
+    warm(store)
+    assert {(r,) * n for n in BATCHES for r in STEP_ROWS} <= set(ran)    # decode and verify shapes, batched
+    assert not store.seqs and not store.last_used                          # nothing left behind

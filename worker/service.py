@@ -19,6 +19,7 @@ from mtpdist.wire.types import (PROTOCOL_VERSION, ForwardCall, ForwardResult, Lo
 
 from .compute import ComputeLoop, StageEmulation
 from .ring import RingStage
+from .warm import warm
 from .shard_store import ShardStore, check_manifest
 
 log = logging.getLogger("mtpdist.worker")
@@ -191,8 +192,10 @@ class WorkerService:
             raise RequestError("invalid", f"cannot load shard: {e}") from e
         weight_bytes = sum(v.nbytes for _, v in tree_flatten(parts.stack.parameters()))
         budget = self._state_budget(spec, weight_bytes)
+        store = SequenceStore(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
+        warm(store)   # the first real unit must not compile kernels (LoadShard answers once warm)
         # Swap only now: until the new shard is built, the old one (and its sequences) stays.
-        self.stage = SequenceStore(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
+        self.stage = store
         self.spec, self.weight_bytes = spec, weight_bytes
 
     def _state_budget(self, spec: ShardSpec, weight_bytes: int) -> int:
