@@ -237,7 +237,8 @@ class PipelineSession:
         if self._transport is None or self._transport.clients != self.clients:
             if self._transport is not None:
                 self._transport.close()
-            self._transport = RingTransport(self.clients, self.channel.step_timeout, route=self.route)
+            self._transport = RingTransport(self.clients, self.channel.step_timeout, route=self.route,
+                                            link_ports=tuple(i.link_port for i in self.infos))
         return self._transport
 
     def prepare(self) -> None:

@@ -25,6 +25,7 @@ from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.frames import (SCHEMA, ErrorFrame, Hello, UnitFrame, decode, decode_header, encode_error,
                                  encode_header, encode_unit, route_tag)
 from mtpdist.wire.links import Link
+from mtpdist.wire.sockets import SocketLink, dial
 from mtpdist.wire.types import SequenceRows
 
 from helpers import local_session
@@ -36,11 +37,13 @@ def channel(secret: str = SECRET, **kw) -> ChannelSettings:
     return ChannelSettings(identity=node_identity(secret), **kw)
 
 
-def outcome(link_args: tuple, timeout: float = 10) -> WorkerCallError | None:
-    """Open a link and return how it ended (None: still open after `timeout`)."""
+def outcome(link_args: tuple, timeout: float = 10, port: int = 0) -> WorkerCallError | None:
+    """Open a link (over `port` if given, else a gRPC stream) and return how it ended (None:
+    still open after `timeout`)."""
     ended: list = []
     got = threading.Event()
-    link = Link(*link_args, on_frame=lambda raw: ended.append(("frame", raw)),
+    client, hello = link_args
+    link = dial(client, port, hello, on_frame=lambda raw: ended.append(("frame", raw)),
                 on_end=lambda e: (ended.append(e), got.set()))
     got.wait(timeout)
     link.cancel()
@@ -69,17 +72,20 @@ def test_frames_carry_every_header_field_and_the_bytes_as_they_are():
         decode(encode_unit(UnitFrame(1, 1, (s,), act))[:-1])       # a byte short
 
 
-def test_sixteen_streams_over_the_ring_with_mtls_identical_and_in_order(tmp_path, tiny_dense):
+@pytest.mark.parametrize("links", ["socket", "grpc"])
+def test_sixteen_streams_over_the_ring_with_mtls_identical_and_in_order(tmp_path, tiny_dense, links):
     local = local_session(tiny_dense[0], prefill_step=8)
     prompts = [[5 + i, 17, 99, 3 * i + 1, 42][: 1 + i % 5] for i in range(16)]
     reqs = [GenerationRequest(tuple(p), 12, mtp=i % 2 == 0, mtp_depth=1 + i % 3) for i, p in enumerate(prompts)]
     want = [generate(Scheduler(local.generator, local, SchedulerSettings(reuse_prefixes=False)),
                      GenerationRequest(r.prompt_ids, r.max_tokens)).token_ids for r in reqs]
-    with LocalCluster(3, tmp_path, token=SECRET) as ws:
+    with LocalCluster(3, tmp_path, *(("--grpc-links",) if links == "grpc" else ()), token=SECRET) as ws:
         s = PipelineSession(tiny_dense[0], ws.addresses, mtp=True, prefill_step=8, progress=False,
                             channel=channel(step_timeout=30))
         try:
-            assert isinstance(s.transport(), RingTransport)
+            ring = s.transport()
+            assert isinstance(ring, RingTransport)
+            assert isinstance(ring.sink, SocketLink if links == "socket" else Link)
             sched = Scheduler(s.generator, s, SchedulerSettings(prefill_budget=8, reuse_prefixes=False))
             got = [k.wait().token_ids for k in run_all(sched, reqs, timeout=300)]
             assert got == want
@@ -88,10 +94,12 @@ def test_sixteen_streams_over_the_ring_with_mtls_identical_and_in_order(tmp_path
             s.close()
 
 
-def test_links_off_the_plan_are_refused_and_a_bad_unit_fails_alone(tmp_path, tiny_dense):
+@pytest.mark.parametrize("links", ["socket", "grpc"])
+def test_links_off_the_plan_are_refused_and_a_bad_unit_fails_alone(tmp_path, tiny_dense, links):
     with LocalCluster(2, tmp_path, token=SECRET) as ws:
         s = PipelineSession(tiny_dense[0], ws.addresses, progress=False, channel=channel())
         first, last = (WorkerClient(a, channel()) for a in ws.addresses)
+        p0, p1 = (c.describe().link_port for c in (first, last)) if links == "socket" else (0, 0)
         try:
             ring = s.transport()
             h = mx.zeros((2, 64))
@@ -102,37 +110,43 @@ def test_links_off_the_plan_are_refused_and_a_bad_unit_fails_alone(tmp_path, tin
             assert isinstance(bad, WorkerCallError) and bad.kind == "conflict" and bad.address == ws.addresses[0]
             assert unit_now(ring, [SequenceRows("a", 2, 2)], h).positions == (4,)   # the ring carries on
             # Only the planned predecessor may feed a stage; only the last stage has a sink; only this plan's route.
-            e = outcome((last, Hello(s.route, "feed", "127.0.0.1:1", last.address, 1)))
+            e = outcome((last, Hello(s.route, "feed", "127.0.0.1:1", last.address, 1)), port=p1)
             assert e.code == "PERMISSION_DENIED" and "planned predecessor" in e.details
-            e = outcome((last, Hello(s.route, "feed", "", last.address, 1)))      # "the coordinator", but not first
+            e = outcome((last, Hello(s.route, "feed", "", last.address, 1)), port=p1)  # "the coordinator", not first
             assert e.code == "PERMISSION_DENIED"
-            assert outcome((first, Hello(s.route, "sink", "", first.address, 0))).code == "PERMISSION_DENIED"
-            assert outcome((first, Hello("an-old-plan", "feed", "", first.address, 0))).code == "FAILED_PRECONDITION"
-            assert outcome((first, Hello(s.route, "feed", "", first.address, 0, "0bad0bad"))).code == \
-                "FAILED_PRECONDITION"                                            # another header schema
-            # A frame of another route on a planned link closes that link.
+            assert outcome((first, Hello(s.route, "sink", "", first.address, 0)), port=p0).code == "PERMISSION_DENIED"
+            e = outcome((first, Hello("an-old-plan", "feed", "", first.address, 0)), port=p0)
+            assert e.code == "FAILED_PRECONDITION"
+            e = outcome((first, Hello(s.route, "feed", "", first.address, 0, "0bad0bad")), port=p0)
+            assert e.code == "FAILED_PRECONDITION" and SCHEMA in e.details         # another header schema
+            # A frame of another route on a planned link closes that link (a socket link: the
+            # dialer finds it closed when it writes again).
             ended: list = []
-            link = Link(first, Hello(s.route, "feed", "", first.address, 0), on_end=ended.append)
-            link.send(encode_unit(UnitFrame(route_tag("an-old-plan"), 1, (SequenceRows("b", 0, 2),),
-                                            to_activation(h))))
+            link = dial(first, p0, Hello(s.route, "feed", "", first.address, 0), on_end=ended.append)
+            bad = encode_unit(UnitFrame(route_tag("an-old-plan"), 1, (SequenceRows("b", 0, 2),), to_activation(h)))
             deadline = time.time() + 10
             while not ended and time.time() < deadline:
-                time.sleep(0.05)
-            assert ended and ended[0].code == "FAILED_PRECONDITION" and "another route" in ended[0].details
-            assert SCHEMA
+                link.send(bad)
+                time.sleep(0.1)
+            assert ended
+            if links == "grpc":
+                assert ended[0].code == "FAILED_PRECONDITION" and "another route" in ended[0].details
+            link.cancel()
         finally:
             first.close(), last.close()
             s.close()
 
 
+@pytest.mark.parametrize("links", ["socket", "grpc"])
 @pytest.mark.parametrize("who", ["no secret", "another secret"])
-def test_a_link_without_the_cluster_secret_gets_nothing(tmp_path, tiny_dense, who):
+def test_a_link_without_the_cluster_secret_gets_nothing(tmp_path, tiny_dense, who, links):
     with LocalCluster(1, tmp_path, token=SECRET) as ws:
         s = PipelineSession(tiny_dense[0], ws.addresses, progress=False, channel=channel())
+        port = WorkerClient(ws.addresses[0], channel()).describe().link_port if links == "socket" else 0
         stranger = WorkerClient(ws.addresses[0], ChannelSettings() if who == "no secret" else channel("guess"))
         try:
-            # Even with the plan's route id, no handshake, no link, no frame.
-            e = outcome((stranger, Hello(s.route, "sink", "", stranger.address, 0)))
+            # Even with the plan's route id: no handshake, no link, no frame.
+            e = outcome((stranger, Hello(s.route, "sink", "", stranger.address, 0)), port=port)
             assert isinstance(e, WorkerCallError) and e.code == "UNAVAILABLE"
         finally:
             stranger.close()

@@ -18,7 +18,8 @@ import threading
 from mtpdist.errors import RequestError
 from mtpdist.wire.frames import (SCHEMA, ErrorFrame, Hello, UnitFrame, decode, encode_error, encode_unit,
                                  route_tag)
-from mtpdist.wire.links import Link
+from mtpdist.errors import WorkerCallError
+from mtpdist.wire.sockets import dial
 from mtpdist.wire.types import ForwardCall
 
 log = logging.getLogger("mtpdist.worker")
@@ -109,7 +110,12 @@ class RingStage:
                                          f"predecessor ({upstream or 'the coordinator'})")
         if downstream:
             nxt = downstream[0]
-            outlet = Link(self.service._client(nxt), Hello(route, "feed", hello.to, nxt, hello.stage + 1))
+            client = self.service._client(nxt)
+            try:
+                port = client.describe().link_port
+            except WorkerCallError:
+                port = 0          # the gRPC link will fail too, and the end travels down the ring
+            outlet = dial(client, port, Hello(route, "feed", hello.to, nxt, hello.stage + 1))
         else:
             outlet = self._sink_for(route)
         feed = _Feed(self, hello, outlet)

@@ -62,6 +62,7 @@ class WorkerService:
         self.downstream: frozenset[str] = frozenset()
         self.max_forward_tokens = DEFAULT_MAX_FORWARD_TOKENS
         self.ring = RingStage(self)   # the plan's links: units arrive and leave here
+        self.link_port = 0            # set by `mtpdist worker` when it listens for socket links
 
     # -- helpers ---------------------------------------------------------------------
     def _on_mlx(self, fn, *args):
@@ -116,7 +117,8 @@ class WorkerService:
             sequences=len(stage.seqs) if stage else 0, prefixes=len(stage.prefixes) if stage else 0,
             state_bytes=self._on_mlx(stage.state_bytes) if stage else 0,
             mlx_version=mlx_version(), weight_bytes=self.weight_bytes, read_gbps=self._read_speed(),
-            shard_digest=self.spec.digest() if self.spec else "", host_id=self.host_id)
+            shard_digest=self.spec.digest() if self.spec else "", host_id=self.host_id,
+            link_port=self.link_port)
 
     def measure_read_speed(self) -> None:
         """Measure the read speed once, in the background: a Describe never waits for it (a busy

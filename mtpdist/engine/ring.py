@@ -17,7 +17,8 @@ from ..errors import WorkerCallError
 from ..wire.activations import to_activation
 from ..wire.errors import worker_error
 from ..wire.frames import ErrorFrame, Hello, UnitFrame, decode, encode_unit, route_tag
-from ..wire.links import Link, unit_error
+from ..wire.links import unit_error
+from ..wire.sockets import dial
 from .transport import UnitResult, WorkerTransport
 
 log = logging.getLogger("mtpdist.engine")
@@ -39,7 +40,9 @@ class RingTransport(WorkerTransport):
     """The workers of one plan as a one-way ring (`route`: the plan's id, told to each worker
     with its shard; links of any other plan are refused)."""
 
-    def __init__(self, clients, step_timeout: float = 5.0, hard_timeout: float = 900.0, route: str = ""):
+    def __init__(self, clients, step_timeout: float = 5.0, hard_timeout: float = 900.0, route: str = "",
+                 link_ports: tuple[int, ...] = ()):
+        """`link_ports`: each worker's socket link port from Describe (0 or none: gRPC stream links)."""
         super().__init__(clients, step_timeout, hard_timeout)
         self.route, self.tag = route, route_tag(route)
         self.waiting: dict[int, object] = {}
@@ -47,8 +50,10 @@ class RingTransport(WorkerTransport):
         self.closing = False
         last, first = self.clients[-1], self.clients[0]
         # The sink first, so that the last stage's first output finds it waiting.
-        self.sink = Link(last, Hello(route, "sink", "", last.address, self.stages - 1), self._arrived, self._ended)
-        self.feed = Link(first, Hello(route, "feed", "", first.address, 0), None, self._ended)
+        ports = tuple(link_ports) or (0,) * self.stages
+        self.sink = dial(last, ports[-1], Hello(route, "sink", "", last.address, self.stages - 1), self._arrived,
+                         self._ended)
+        self.feed = dial(first, ports[0], Hello(route, "feed", "", first.address, 0), None, self._ended)
 
     def send(self, rows, hidden, done) -> None:
         act = to_activation(hidden)

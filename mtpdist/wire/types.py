@@ -72,6 +72,7 @@ class WorkerInfo:
     prefixes: int = 0
     shard_digest: str = ""
     host_id: str = ""      # equal for workers on one machine: they share its memory_bytes
+    link_port: int = 0     # the ring's socket links on the worker's host; 0: gRPC stream links
 
 
 @dataclass(frozen=True)
