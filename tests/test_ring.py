@@ -186,3 +186,27 @@ def test_a_loaded_shard_is_warmed_and_keeps_no_warm_up_state(tiny_dense):
     warm(store)
     assert {(r,) * n for n in BATCHES for r in STEP_ROWS} <= set(ran)    # decode and verify shapes, batched
     assert not store.seqs and not store.last_used                          # nothing left behind
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_a_wiretap_on_a_socket_link_sees_no_activations_with_mtls(tmp_path, tiny_dense, secure):
+    import numpy as np
+    from test_security import Relay
+
+    with LocalCluster(1, tmp_path, token=SECRET if secure else None) as ws:
+        settings = channel() if secure else ChannelSettings()
+        s = PipelineSession(tiny_dense[0], ws.addresses, progress=False, channel=settings)
+        c = WorkerClient(ws.addresses[0], settings)
+        try:
+            tap = Relay(f"127.0.0.1:{c.describe().link_port}")
+            h = mx.full((2, 64), 1234.5678)
+            link = dial(c, int(tap.address.rsplit(":", 1)[1]), Hello(s.route, "feed", "", c.address, 0))
+            link.send(encode_unit(UnitFrame(route_tag(s.route), 1, (SequenceRows("t", 0, 2),), to_activation(h))))
+            time.sleep(1.0)
+            pattern = np.full(8, 1234.5678, np.float32).tobytes()
+            assert len(tap.seen) > 200                             # the frame went through the tap
+            assert (pattern in tap.seen) is not secure and (s.route.encode() in tap.seen) is not secure
+            link.cancel()
+        finally:
+            c.close()
+            s.close()
