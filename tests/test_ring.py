@@ -210,3 +210,23 @@ def test_a_wiretap_on_a_socket_link_sees_no_activations_with_mtls(tmp_path, tiny
         finally:
             c.close()
             s.close()
+
+
+def test_a_link_refused_between_two_live_workers_reaches_the_coordinator(tmp_path, tiny_dense):
+    """Worker 2 no longer takes worker 1 for its predecessor (as after a re-plan elsewhere): worker
+    1's link to it is refused, worker 1 ends its own feed, and the coordinator hears of it at
+    once instead of waiting for a unit that went nowhere."""
+    with LocalCluster(2, tmp_path, token=SECRET) as ws:
+        s = PipelineSession(tiny_dense[0], ws.addresses, progress=False, channel=channel(step_timeout=60))
+        second = WorkerClient(ws.addresses[1], channel())
+        try:
+            start, end = s.placement.ranges[1]
+            second.load_shard(s._spec(start, end, (), upstream="127.0.0.1:1", route=s.route))
+            ring = s.transport()
+            t0 = time.time()
+            err = unit_now(ring, [SequenceRows("a", 0, 1)], mx.zeros((1, 64)), timeout=20)
+            assert isinstance(err, WorkerCallError) and err.recoverable and time.time() - t0 < 10
+            assert err.address == ws.addresses[0] and "ring broke" in str(err)
+        finally:
+            second.close()
+            s.close()

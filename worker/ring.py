@@ -49,11 +49,23 @@ class _Sink:
 class _Feed:
     """One feed link into this stage: run each frame, pass the result on."""
 
-    def __init__(self, ring: "RingStage", hello: Hello, outlet):
-        self.ring, self.stage, self.outlet = ring, hello.stage, outlet
+    def __init__(self, ring: "RingStage", hello: Hello):
+        self.ring, self.stage, self.outlet = ring, hello.stage, None
         self.tag = route_tag(hello.route)
+        self.dead: WorkerCallError | None = None   # our outlet's end: units would go nowhere
+        self.abort = None                          # set by the link's server
+
+    def broken(self, err: WorkerCallError) -> None:
+        """The link to the next stage ended: end ours too, so that the break travels back up to
+        the coordinator (and down: the next stage's feed ended with it)."""
+        log.warning("the link to the next stage ended (%s); closing the link from the previous one", err)
+        self.dead = err
+        if self.abort is not None:
+            self.abort()
 
     def frame(self, raw: bytes) -> None:
+        if self.dead is not None:
+            raise RequestError("conflict", f"the link to the next stage ended: {self.dead}")
         f = decode(raw)
         if f.route != self.tag:
             raise RequestError("conflict", "a frame of another route on this link (a stale plan)")
@@ -115,10 +127,12 @@ class RingStage:
                 port = client.describe().link_port
             except WorkerCallError:
                 port = 0          # the gRPC link will fail too, and the end travels down the ring
-            outlet = dial(client, port, Hello(route, "feed", hello.to, nxt, hello.stage + 1))
+            feed = _Feed(self, hello)
+            feed.outlet = dial(client, port, Hello(route, "feed", hello.to, nxt, hello.stage + 1),
+                               on_end=feed.broken)
         else:
-            outlet = self._sink_for(route)
-        feed = _Feed(self, hello, outlet)
+            feed = _Feed(self, hello)
+            feed.outlet = self._sink_for(route)
         with self.lock:
             old, self.feed = self.feed, feed
         if old is not None:

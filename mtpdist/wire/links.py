@@ -35,6 +35,7 @@ class LinkEnd(Protocol):
     def frame(self, raw: bytes) -> None: ...           # a feed link's frame; RequestError refuses the link
     def outgoing(self) -> Iterator[bytes]: ...         # a sink link's frames, until closed
     def close(self) -> None: ...
+    abort: Callable[[], None]                          # set by the link's server: end the link from our side
 
 
 class LinkHandler(Protocol):
@@ -57,6 +58,7 @@ def link_handler(handler: LinkHandler) -> grpc.GenericRpcHandler:
         except RequestError as e:
             log.warning("refused a link: %s", e)
             context.abort(status_of(e.kind), str(e))
+        end.abort = context.cancel           # our outlet broke: end this link, so the sender knows
         try:
             if hello.role == "sink":
                 context.add_callback(end.close)   # the coordinator went away: stop waiting for frames

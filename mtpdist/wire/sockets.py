@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import select
 import socket
 import ssl
 import struct
@@ -40,6 +41,8 @@ def _context(identity: TlsIdentity, server: bool) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.load_verify_locations(cadata=identity.ca_pem.decode())
     ctx.verify_mode = ssl.CERT_REQUIRED
+    if server:
+        ctx.num_tickets = 0    # nothing may arrive on a feed after the hello's answer but its end
     with tempfile.TemporaryDirectory() as tmp:   # the ssl module loads a key only from a file
         cert, key = os.path.join(tmp, "c.pem"), os.path.join(tmp, "k.pem")
         for path, pem in ((cert, identity.cert_pem), (key, identity.key_pem)):
@@ -91,7 +94,7 @@ def listen_links(handler: LinkHandler, host: str, identity: TlsIdentity | None, 
 
 
 def _serve(handler: LinkHandler, ctx, sock) -> None:
-    end = None
+    end, conn = None, sock
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.settimeout(10)              # the handshake and the hello; frames then wait for ever
@@ -108,6 +111,7 @@ def _serve(handler: LinkHandler, ctx, sock) -> None:
             return
         write_frame(conn, b'{"code": "OK"}')
         conn.settimeout(None)
+        end.abort = lambda: _shutdown(conn)   # our outlet broke: end this link, so the sender knows
         if hello.role == "sink":
             for frame in end.outgoing():
                 write_frame(conn, frame)
@@ -121,7 +125,14 @@ def _serve(handler: LinkHandler, ctx, sock) -> None:
     finally:
         if end is not None:
             end.close()
-        sock.close()
+        conn.close()
+
+
+def _shutdown(sock) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
 
 
 class SocketLink:
@@ -154,8 +165,8 @@ class SocketLink:
             self._end(worker_error(self.address, reply.get("code", "UNKNOWN"), reply.get("details", "")), later=True)
             return
         self.conn = conn
-        if hello.role == "sink":
-            threading.Thread(target=self._read, name=f"link-sink-{hello.stage}", daemon=True).start()
+        reader = self._read if hello.role == "sink" else self._watch
+        threading.Thread(target=reader, name=f"link-{hello.role}-{hello.stage}", daemon=True).start()
 
     def _end(self, err: WorkerCallError, later: bool = False) -> None:
         with self.lock:
@@ -176,6 +187,16 @@ class SocketLink:
         except (OSError, RequestError) as e:
             err = worker_error(self.address, "UNAVAILABLE", f"the link broke: {e}")
         self._end(err)
+
+    def _watch(self) -> None:
+        """A feed carries nothing back: the socket turning readable means the worker ended the
+        link (it closed, or its own outlet broke). Only watched, never read: this thread must not
+        use the TLS connection while another writes to it."""
+        try:
+            select.select([self.conn], [], [])
+        except (OSError, ValueError):
+            pass
+        self._end(worker_error(self.address, "UNAVAILABLE", "the link was closed by the worker"))
 
     def send(self, frame: bytes) -> None:
         if self.conn is None or self.ended:
