@@ -1,8 +1,9 @@
 """Units over the plan's ring: coordinator -> worker 1 -> ... -> worker N -> coordinator.
 
-Two persistent links per plan (mtpdist/wire/links.py): a feed to the first worker, and a sink
-to the last one over which finished units come back; between workers, each stage's own feed
-link to the next. `send` encodes one frame (header and activation bytes) and returns; the
+Two persistent links per plan (TLS sockets, mtpdist/wire/sockets.py, or gRPC streams,
+mtpdist/wire/links.py, for a worker that offers no link port): a feed to the first worker,
+and a sink to the last one over which finished units come back; between workers, each
+stage's own feed link to the next. `send` encodes one frame (header and activation bytes) and returns; the
 result arrives on the sink's reader thread as a `done` event. Liveness, deadlines, keeping
 and forking are the chain's (WorkerTransport): only the way units travel differs.
 """
