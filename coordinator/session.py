@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from mtpdist.engine.generate import Generator
 from .local_session import load_tokenizer_for
 from .shards import ShardSource
-from mtpdist.engine.transport import WorkerTransport
+from mtpdist.engine.ring import RingTransport
 from mtpdist.errors import MtpdistError, WorkerCallError
 from mtpdist.model.config import read_config
 from mtpdist.model.hashing import model_hash
@@ -90,7 +91,8 @@ class PipelineSession:
         self.clients: list[WorkerClient] = []
         self.infos: list[WorkerInfo] = []
         self.placement: Placement | None = None
-        self._transport: WorkerTransport | None = None
+        self._transport: RingTransport | None = None
+        self.route = ""   # the current plan's ring id (a fresh one per attach)
         # Where workers may be found again after a failure (mDNS membership, or the list given).
         self.candidates = candidates or (lambda: list(workers))
         self.attach(workers)
@@ -140,11 +142,13 @@ class PipelineSession:
             log.info("placing by stage time (read speeds %s GB/s): layers %s", [round(i.read_gbps, 1) for i in infos],
                      ", ".join(f"{s}-{e - 1}" for s, e in placement.ranges))
         addresses = [c.address for c in clients]
+        route = uuid.uuid4().hex     # links of an earlier plan are refused from now on
         for i, (c, (start, end)) in enumerate(zip(clients, placement.ranges)):
-            self._load_shard(c, start, end, tuple(addresses[i + 1:]), budget=usable[i])
+            self._load_shard(c, start, end, tuple(addresses[i + 1:]), budget=usable[i],
+                             upstream=addresses[i - 1] if i else "", route=route)
         for old in self.clients:
             old.close()
-        self.clients, self.placement = clients, placement
+        self.clients, self.placement, self.route = clients, placement, route
         self.infos = [c.describe() for c in clients]
         for c, info, (start, end) in zip(clients, self.infos, placement.ranges):
             self._check_holds(c.address, info, start, end)
@@ -177,14 +181,16 @@ class PipelineSession:
         """Refused less than REFUSED_RECHECK s ago: not probed again before every request."""
         return time.monotonic() - self.refused.get(address, (-1e9, ""))[0] < REFUSED_RECHECK
 
-    def _spec(self, start: int, end: int, downstream: tuple[str, ...], budget: int = 0) -> ShardSpec:
+    def _spec(self, start: int, end: int, downstream: tuple[str, ...], budget: int = 0, upstream: str = "",
+              route: str = "") -> ShardSpec:
         src = ShardSource(self.model_dir, start, end)
         try:
             manifest = src.manifest(self.model_hash)
         finally:
             src.ckpt.close()
         spec = ShardSpec(self.model_hash, start, end, json.dumps(self.raw_config), manifest,
-                         downstream=downstream, max_forward_tokens=self.forward_token_limit(), budget_bytes=budget)
+                         downstream=downstream, max_forward_tokens=self.forward_token_limit(), budget_bytes=budget,
+                         upstream=upstream, route=route)
         self.digests[(start, end)] = spec.digest()
         return spec
 
@@ -193,8 +199,8 @@ class PipelineSession:
         return self.prefill_step + FORWARD_TOKEN_MARGIN
 
     def _load_shard(self, client: WorkerClient, start: int, end: int, downstream: tuple[str, ...] = (),
-                    budget: int = 0) -> None:
-        spec = self._spec(start, end, downstream, budget)
+                    budget: int = 0, upstream: str = "", route: str = "") -> None:
+        spec = self._spec(start, end, downstream, budget, upstream, route)
         for attempt in range(2):
             ok, _ = client.has_shard(spec)
             try:
@@ -226,12 +232,13 @@ class PipelineSession:
                                f"(shard {got[3] or 'none'}), planned {self.model_hash[:12]} layers {start}-{end - 1} "
                                f"(shard {want})")
 
-    def transport(self) -> WorkerTransport:
-        """The scheduler's way through the current workers (made anew after each re-plan)."""
+    def transport(self) -> RingTransport:
+        """The scheduler's way through the current workers: the plan's ring (made anew after each re-plan)."""
         if self._transport is None or self._transport.clients != self.clients:
             if self._transport is not None:
                 self._transport.close()
-            self._transport = WorkerTransport(self.clients, self.channel.step_timeout)
+            self._transport = RingTransport(self.clients, self.channel.step_timeout, route=self.route,
+                                            link_ports=tuple(i.link_port for i in self.infos))
         return self._transport
 
     def prepare(self) -> None:

@@ -55,7 +55,7 @@ def test_deterministic_failure_is_reported_once_without_replanning(tmp_path, tin
     from mtpdist.engine.driver import generate
     from mtpdist.engine.generate import GenerationRequest, Generator
     from mtpdist.engine.scheduler import Scheduler
-    from mtpdist.engine.transport import WorkerTransport
+    from mtpdist.engine.ring import RingTransport
     from mtpdist.errors import MtpdistError, RequestError
     from mtpdist.model.loader import load_parts
     from mtpdist.wire.client import WorkerClient
@@ -63,7 +63,7 @@ def test_deterministic_failure_is_reported_once_without_replanning(tmp_path, tin
     from mtpdist.worker.service import WorkerService
 
     class Broken(WorkerService):  # a worker that fails the same way every time
-        def forward(self, call, deadline=None, active=None):
+        def forward_async(self, call, done):
             if failure == "position":
                 raise RequestError("conflict", "sequence 'x': cache stands at 5, request expects 7")
             raise RuntimeError("[matmul] shapes (1,64) and (32,64) differ")
@@ -82,7 +82,7 @@ def test_deterministic_failure_is_reported_once_without_replanning(tmp_path, tin
 
     server, port = serve(Broken(tmp_path), "127.0.0.1", 0)
     client = WorkerClient(f"127.0.0.1:{port}")
-    transport = WorkerTransport([client])
+    transport = RingTransport([client])
     parts = load_parts(tiny_dense[0], layers=(0, 0), head=True)
     try:
         with pytest.raises(MtpdistError) as e:

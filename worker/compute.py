@@ -53,15 +53,25 @@ class StageRun:
 
 
 class _Task:
-    def __init__(self, fn: Callable | None = None, args: tuple = (), stage=None, call: ForwardCall | None = None):
-        self.fn, self.args, self.stage, self.call = fn, args, stage, call
+    def __init__(self, fn: Callable | None = None, args: tuple = (), stage=None, call: ForwardCall | None = None,
+                 on_done: Callable | None = None):
+        self.fn, self.args, self.stage, self.call, self.on_done = fn, args, stage, call, on_done
         self.done = threading.Event()
         self.result = None
         self.error: BaseException | None = None
 
     def finish(self, result=None, error: BaseException | None = None) -> None:
         self.result, self.error = result, error
+        self.complete()
+
+    def complete(self) -> None:
+        """Wake the waiting caller, or (a ring frame) hand the outcome on from this thread."""
         self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(self.result, self.error)
+            except Exception:   # never let a sender's failure stop the MLX thread
+                log.exception("passing a unit on failed")
 
     def wait(self):
         self.done.wait()
@@ -90,6 +100,12 @@ class ComputeLoop:
     def forward(self, stage, call: ForwardCall) -> StageRun:
         """Run a Forward's rows on `stage`, possibly merged with other queued Forwards."""
         return self._submit(_Task(stage=stage, call=call))
+
+    def forward_then(self, stage, call: ForwardCall, on_done: Callable) -> None:
+        """Queue a Forward and return at once; `on_done(StageRun | None, error)` runs on the MLX
+        thread after it. For ring frames: a link delivers them in order, so nothing waits here."""
+        with self.cond:
+            self._enqueue(_Task(stage=stage, call=call, on_done=on_done))
 
     def forward_in_order(self, stage, call: ForwardCall, wait: float) -> StageRun:
         """Like `forward`, but first hold the call (up to `wait` seconds) until the earlier chunks
@@ -196,7 +212,7 @@ class ComputeLoop:
             if left > 0:
                 time.sleep(left)
         for t, _ in inputs:
-            t.done.set()
+            t.complete()
 
     def _run_together(self, stage, inputs, rows: int) -> None:
         import mlx.core as mx

@@ -16,6 +16,7 @@ from mtpdist.model.hashing import cache_dir
 from mtpdist.security import add_security_arguments, check_insecure_hosts, resolve_identity, worker_id
 from mtpdist.wire.client import ChannelSettings
 from mtpdist.wire.server import serve
+from mtpdist.wire.sockets import listen_links
 from mtpdist.wire.types import PROTOCOL_VERSION
 
 from .compute import StageEmulation
@@ -49,6 +50,10 @@ def add_arguments(p) -> None:
     p.add_argument("--rpc-timeout", type=float, default=30.0, help="deadline (s) for calls to the next worker")
     p.add_argument("--cluster", default="default", help="cluster name advertised on mDNS (default 'default')")
     p.add_argument("--no-advertise", action="store_true", help="do not advertise on mDNS")
+    p.add_argument("--grpc-links", action="store_true",
+                   help="carry the ring's units over gRPC streams only (no socket link port; slower)")
+    p.add_argument("--link-port", type=int, default=0,
+                   help="port of the ring's socket links (mutual TLS like --port; default: any free port)")
     p.add_argument("--mdns-interface", action="append", default=[], metavar="IP",
                    help="advertise on this interface address only (repeatable; default: the listen address, "
                         "or every non-loopback IPv4 address when listening on all)")
@@ -116,6 +121,8 @@ def run_worker(args) -> int:
     # machine's identity in Describe, so the coordinator never takes them for one worker and
     # places them within one shared memory budget.
     service.worker_id = f"{service.worker_id}-{port}"
+    if not args.grpc_links:
+        service.link_port = listen_links(service, args.host, identity, args.link_port)
     service.host_id = host_id()
     service.measure_read_speed()
     if service.memory:

@@ -18,6 +18,8 @@ from mtpdist.wire.types import (PROTOCOL_VERSION, ForwardCall, ForwardResult, Lo
                                 WorkerInfo)
 
 from .compute import ComputeLoop, StageEmulation
+from .ring import RingStage
+from .warm import warm
 from .shard_store import ShardStore, check_manifest
 
 log = logging.getLogger("mtpdist.worker")
@@ -59,6 +61,8 @@ class WorkerService:
         # Set by every LoadShard from the coordinator's plan: where Forward may pass output on.
         self.downstream: frozenset[str] = frozenset()
         self.max_forward_tokens = DEFAULT_MAX_FORWARD_TOKENS
+        self.ring = RingStage(self)   # the plan's links: units arrive and leave here
+        self.link_port = 0            # set by `mtpdist worker` when it listens for socket links
 
     # -- helpers ---------------------------------------------------------------------
     def _on_mlx(self, fn, *args):
@@ -113,7 +117,8 @@ class WorkerService:
             sequences=len(stage.seqs) if stage else 0, prefixes=len(stage.prefixes) if stage else 0,
             state_bytes=self._on_mlx(stage.state_bytes) if stage else 0,
             mlx_version=mlx_version(), weight_bytes=self.weight_bytes, read_gbps=self._read_speed(),
-            shard_digest=self.spec.digest() if self.spec else "", host_id=self.host_id)
+            shard_digest=self.spec.digest() if self.spec else "", host_id=self.host_id,
+            link_port=self.link_port)
 
     def measure_read_speed(self) -> None:
         """Measure the read speed once, in the background: a Describe never waits for it (a busy
@@ -165,6 +170,7 @@ class WorkerService:
                 self.store.touch(spec)
         elif self.stage is not None:  # the same shard under a new plan: its share of the host may differ
             self.stage.state_budget = self._state_budget(spec, self.weight_bytes)
+            self.spec = spec              # and its route (the ring's links check it)
         self.downstream = frozenset(spec.downstream)
         self.max_forward_tokens = spec.max_forward_tokens or DEFAULT_MAX_FORWARD_TOKENS
         log.info("holding layers %d-%d of model %s (from %s)", spec.layer_start, spec.layer_end - 1,
@@ -188,8 +194,10 @@ class WorkerService:
             raise RequestError("invalid", f"cannot load shard: {e}") from e
         weight_bytes = sum(v.nbytes for _, v in tree_flatten(parts.stack.parameters()))
         budget = self._state_budget(spec, weight_bytes)
+        store = SequenceStore(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
+        warm(store)   # the first real unit must not compile kernels (LoadShard answers once warm)
         # Swap only now: until the new shard is built, the old one (and its sequences) stays.
-        self.stage = SequenceStore(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
+        self.stage = store
         self.spec, self.weight_bytes = spec, weight_bytes
 
     def _state_budget(self, spec: ShardSpec, weight_bytes: int) -> int:
@@ -221,6 +229,16 @@ class WorkerService:
             raise
         return ForwardResult(downstream.hidden, downstream.positions, (out.compute_us, *downstream.compute_us),
                              (out.batch_rows, *downstream.batch_rows))
+
+    def forward_async(self, call: ForwardCall, done: Callable) -> None:
+        """A ring frame's rows: checked here, then queued on the MLX thread, which calls
+        `done(StageRun | None, error)` when they have run (see worker/ring.py)."""
+        self._check_tokens(call.hidden.shape[0] if call.hidden.shape else 0)
+        self.compute.forward_then(self._stage(), call, done)
+
+    def open_link(self, hello):
+        """A link of the plan's ring (mtpdist/wire/links.py), checked against the plan."""
+        return self.ring.open_link(hello)
 
     def _pass_on(self, address: str, call: ForwardCall, timeout: float | None, active) -> ForwardResult:
         """Forward to the next hop; give up as soon as our own caller has (it may have declared the

@@ -21,7 +21,7 @@ def spec_to_pb(s: ShardSpec) -> pb.ShardSpec:
                         tensors=[pb.TensorInfo(name=t.name, dtype=t.dtype, shape=list(t.shape), nbytes=t.nbytes,
                                                sha256=t.sha256) for t in s.tensors],
                         downstream=list(s.downstream), max_forward_tokens=s.max_forward_tokens,
-                        budget_bytes=s.budget_bytes)
+                        budget_bytes=s.budget_bytes, upstream=s.upstream, route=s.route)
 
 
 def spec_from_pb(s: pb.ShardSpec) -> ShardSpec:
@@ -29,7 +29,7 @@ def spec_from_pb(s: pb.ShardSpec) -> ShardSpec:
                      config_json=s.config_json,
                      tensors=tuple(TensorInfo(t.name, t.dtype, tuple(t.shape), t.nbytes, t.sha256) for t in s.tensors),
                      downstream=tuple(s.downstream), max_forward_tokens=s.max_forward_tokens,
-                     budget_bytes=s.budget_bytes)
+                     budget_bytes=s.budget_bytes, upstream=s.upstream, route=s.route)
 
 
 def info_to_pb(i: WorkerInfo) -> pb.DescribeReply:

@@ -13,6 +13,8 @@ from . import convert as cv
 from .errors import status_of
 from .auth import TlsIdentity, server_credentials
 from .client import KEEPALIVE_MS, server_options
+from .frames import Hello
+from .links import LinkEnd, link_handler
 from .types import ForwardCall, ForwardResult, LoadResult, ShardSpec, WorkerInfo
 from .v1 import worker_pb2 as pb
 from .v1 import worker_pb2_grpc as pbg
@@ -31,6 +33,7 @@ class WorkerHandler(Protocol):
     def keep(self, sequence_id: str, length: int, name: str) -> int: ...
     def fork(self, prefix: str, sequence_id: str) -> int: ...
     def health(self) -> str: ...
+    def open_link(self, hello: Hello) -> LinkEnd: ...   # the ring (mtpdist/wire/links.py)
 
 
 class PortInUse(OSError):
@@ -103,6 +106,7 @@ def serve(handler: WorkerHandler, host: str, port: int, identity: TlsIdentity | 
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=threads), options=server_options(keepalive_ms))
     pbg.add_WorkerServicer_to_server(_Servicer(handler), server)
+    server.add_generic_rpc_handlers((link_handler(handler),))
     where = f"{host}:{port}"
     try:
         bound = (server.add_secure_port(where, server_credentials(identity)) if identity

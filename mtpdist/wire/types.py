@@ -39,6 +39,8 @@ class ShardSpec:
     downstream: tuple[str, ...] = ()   # the planned workers after this stage: the only allowed `next` hops
     max_forward_tokens: int = 0        # 0: the worker's default
     budget_bytes: int = 0              # this stage's share of its host's memory in the plan; 0: its own offer
+    upstream: str = ""                 # the planned worker before this stage ("": the coordinator)
+    route: str = ""                    # the plan's ring id: a link naming another route is refused
 
     def digest(self) -> str:
         """What the shard is: model, layer range, config and every tensor's name, layout and content hash."""
@@ -70,6 +72,7 @@ class WorkerInfo:
     prefixes: int = 0
     shard_digest: str = ""
     host_id: str = ""      # equal for workers on one machine: they share its memory_bytes
+    link_port: int = 0     # the ring's socket links on the worker's host; 0: gRPC stream links
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,160 @@
+"""A worker's place in the plan's ring: which links it accepts, and where its output goes.
+
+Stage k takes units from a feed link opened by its planned predecessor (the coordinator for
+the first stage), queues each frame's rows on the MLX thread without waiting, and that thread
+puts the output frame on the next stage's feed link, or, at the last stage, on the sink link
+the coordinator opened to it. Nobody waits on a downstream call. A unit that fails here goes
+on down the ring as an error frame naming this stage, so the coordinator fails that unit
+alone. When a feed link ends, this stage closes its own outlet: the end travels down the
+ring to the coordinator, which then names the worker that is gone (liveness probes).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from mtpdist.errors import RequestError
+from mtpdist.wire.frames import (SCHEMA, ErrorFrame, Hello, UnitFrame, decode, encode_error, encode_unit,
+                                 route_tag)
+from mtpdist.errors import WorkerCallError
+from mtpdist.wire.sockets import dial
+from mtpdist.wire.types import ForwardCall
+
+log = logging.getLogger("mtpdist.worker")
+_END = object()
+
+
+class _Sink:
+    """The last stage's outlet: frames wait here for the coordinator's sink link."""
+
+    def __init__(self):
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
+
+    def send(self, frame: bytes) -> None:
+        self.q.put(frame)
+
+    def outgoing(self):
+        while (f := self.q.get()) is not _END:
+            yield f
+
+    def close(self) -> None:
+        self.q.put(_END)
+
+    def frame(self, raw: bytes) -> None:
+        raise RequestError("invalid", "a sink link carries no frames to the worker")
+
+
+class _Feed:
+    """One feed link into this stage: run each frame, pass the result on."""
+
+    def __init__(self, ring: "RingStage", hello: Hello):
+        self.ring, self.stage, self.outlet = ring, hello.stage, None
+        self.tag = route_tag(hello.route)
+        self.dead: WorkerCallError | None = None   # our outlet's end: units would go nowhere
+        self.abort = None                          # set by the link's server
+
+    def broken(self, err: WorkerCallError) -> None:
+        """The link to the next stage ended: end ours too, so that the break travels back up to
+        the coordinator (and down: the next stage's feed ended with it)."""
+        log.warning("the link to the next stage ended (%s); closing the link from the previous one", err)
+        self.dead = err
+        if self.abort is not None:
+            self.abort()
+
+    def frame(self, raw: bytes) -> None:
+        if self.dead is not None:
+            raise RequestError("conflict", f"the link to the next stage ended: {self.dead}")
+        f = decode(raw)
+        if f.route != self.tag:
+            raise RequestError("conflict", "a frame of another route on this link (a stale plan)")
+        if isinstance(f, ErrorFrame):
+            self.outlet.send(raw)        # an earlier stage failed this unit: pass it on as it is
+            return
+        try:
+            self.ring.service.forward_async(ForwardCall(f.sequences, f.hidden), lambda run, err: self._done(f, run, err))
+        except Exception as e:           # refused before any compute (size, no shard)
+            self._done(f, None, e)
+
+    def _done(self, f: UnitFrame, run, err) -> None:
+        if err is not None:
+            kind = err.kind if isinstance(err, RequestError) else "invalid" if isinstance(err, (ValueError, TypeError)) \
+                else "internal"
+            self.outlet.send(encode_error(f.route, f.unit, self.stage, kind, str(err)))
+            return
+        self.outlet.send(encode_unit(UnitFrame(f.route, f.unit, f.sequences, run.hidden, run.positions,
+                                               f.compute_us + (run.compute_us,), f.batch_rows + (run.batch_rows,))))
+
+    def outgoing(self):
+        return iter(())
+
+    def close(self) -> None:
+        self.ring.feed_closed(self)
+
+
+class RingStage:
+    """Accepts the plan's links for one worker (`service` holds the spec and the compute loop)."""
+
+    def __init__(self, service):
+        self.service = service
+        self.lock = threading.Lock()
+        self.feed: _Feed | None = None
+        self.sink: tuple[str, _Sink] | None = None     # (route, outlet) of the last stage
+
+    def open_link(self, hello: Hello):
+        """Check the hello against this worker's plan; the link's end, or RequestError."""
+        spec = self.service.spec
+        route, upstream, downstream = (spec.route, spec.upstream, spec.downstream) if spec else ("", "", ())
+        if hello.schema != SCHEMA:
+            raise RequestError("conflict", f"frame header schema {hello.schema}, this worker's {SCHEMA}: "
+                                           "run the same mtpdist version everywhere")
+        if hello.route != route:
+            raise RequestError("conflict", "a link of another plan (route); this worker was re-planned")
+        if hello.role == "sink":
+            if downstream:
+                raise RequestError("denied", "only the last stage sends units back to the coordinator")
+            return self._sink_for(route)
+        if hello.role != "feed":
+            raise RequestError("invalid", f"unknown link role {hello.role!r}")
+        if hello.sender != upstream:
+            raise RequestError("denied", f"{hello.sender or 'the coordinator'} is not this stage's planned "
+                                         f"predecessor ({upstream or 'the coordinator'})")
+        if downstream:
+            nxt = downstream[0]
+            client = self.service._client(nxt)
+            try:
+                port = client.describe().link_port
+            except WorkerCallError:
+                port = 0          # the gRPC link will fail too, and the end travels down the ring
+            feed = _Feed(self, hello)
+            feed.outlet = dial(client, port, Hello(route, "feed", hello.to, nxt, hello.stage + 1),
+                               on_end=feed.broken)
+        else:
+            feed = _Feed(self, hello)
+            feed.outlet = self._sink_for(route)
+        with self.lock:
+            old, self.feed = self.feed, feed
+        if old is not None:
+            log.info("a new feed link replaces the old one")
+            old.outlet.close()
+        return feed
+
+    def _sink_for(self, route: str) -> _Sink:
+        """The last stage's outlet for `route`: made by whichever link comes first."""
+        with self.lock:
+            if self.sink is None or self.sink[0] != route:
+                if self.sink is not None:
+                    self.sink[1].close()
+                self.sink = (route, _Sink())
+            return self.sink[1]
+
+    def feed_closed(self, feed: _Feed) -> None:
+        """The feed ended (the plan closed, or the sender is gone): end our outlet too, so the
+        end travels down the ring."""
+        with self.lock:
+            if self.feed is feed:
+                self.feed = None
+                if self.sink is not None and self.sink[1] is feed.outlet:
+                    self.sink = None
+        feed.outlet.close()
