@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import OrderedDict
 
 from mtpdist.errors import RequestError
 from mtpdist.wire.frames import (SCHEMA, ErrorFrame, Hello, UnitFrame, decode, encode_error, encode_unit,
@@ -93,24 +94,56 @@ class _Feed:
         self.ring.feed_closed(self)
 
 
+MAX_PLANS = 8   # plans (coordinators) one shard serves at once; the oldest's links close first
+
+
 class RingStage:
-    """Accepts the plan's links for one worker (`service` holds the spec and the compute loop)."""
+    """Accepts the plans' links for one worker (`service` holds the shard and the compute loop).
+
+    Several coordinators may plan the same shard (each attach names a fresh route): every plan
+    of the shard this worker holds keeps its own feed and sink, so one coordinator's re-plan
+    never cuts another's ring. Loading a different shard ends every plan of the old one."""
 
     def __init__(self, service):
         self.service = service
         self.lock = threading.Lock()
-        self.feed: _Feed | None = None
-        self.sink: tuple[str, _Sink] | None = None     # (route, outlet) of the last stage
+        self.plans: OrderedDict[str, object] = OrderedDict()   # route -> ShardSpec, newest last
+        self.feeds: dict[str, _Feed] = {}
+        self.sinks: dict[str, _Sink] = {}
+
+    def planned(self, spec) -> None:
+        """The shard `spec` was loaded (or confirmed) under its plan's route."""
+        with self.lock:
+            if any(s.digest() != spec.digest() for s in self.plans.values()):
+                stale = list(self.plans)
+                self.plans.clear()
+            else:
+                stale = []
+            self.plans.pop(spec.route, None)
+            self.plans[spec.route] = spec
+            while len(self.plans) > MAX_PLANS:
+                stale.append(self.plans.popitem(last=False)[0])
+        for route in stale:
+            self._close_route(route)
+
+    def _close_route(self, route: str) -> None:
+        with self.lock:
+            feed, sink = self.feeds.pop(route, None), self.sinks.pop(route, None)
+        if feed is not None:
+            feed.outlet.close()
+        if sink is not None:
+            sink.close()
 
     def open_link(self, hello: Hello):
-        """Check the hello against this worker's plan; the link's end, or RequestError."""
-        spec = self.service.spec
-        route, upstream, downstream = (spec.route, spec.upstream, spec.downstream) if spec else ("", "", ())
+        """Check the hello against this worker's plans; the link's end, or RequestError."""
         if hello.schema != SCHEMA:
             raise RequestError("conflict", f"frame header schema {hello.schema}, this worker's {SCHEMA}: "
                                            "run the same mtpdist version everywhere")
-        if hello.route != route:
+        with self.lock:
+            spec = self.plans.get(hello.route)
+        if spec is None:
             raise RequestError("conflict", "a link of another plan (route); this worker was re-planned")
+        route, upstream, downstream = spec.route, spec.upstream, spec.downstream
         if hello.role == "sink":
             if downstream:
                 raise RequestError("denied", "only the last stage sends units back to the coordinator")
@@ -134,7 +167,7 @@ class RingStage:
             feed = _Feed(self, hello)
             feed.outlet = self._sink_for(route)
         with self.lock:
-            old, self.feed = self.feed, feed
+            old, self.feeds[route] = self.feeds.get(route), feed
         if old is not None:
             log.info("a new feed link replaces the old one")
             old.outlet.close()
@@ -143,18 +176,17 @@ class RingStage:
     def _sink_for(self, route: str) -> _Sink:
         """The last stage's outlet for `route`: made by whichever link comes first."""
         with self.lock:
-            if self.sink is None or self.sink[0] != route:
-                if self.sink is not None:
-                    self.sink[1].close()
-                self.sink = (route, _Sink())
-            return self.sink[1]
+            if route not in self.sinks:
+                self.sinks[route] = _Sink()
+            return self.sinks[route]
 
     def feed_closed(self, feed: _Feed) -> None:
         """The feed ended (the plan closed, or the sender is gone): end our outlet too, so the
         end travels down the ring."""
         with self.lock:
-            if self.feed is feed:
-                self.feed = None
-                if self.sink is not None and self.sink[1] is feed.outlet:
-                    self.sink = None
+            route = next((r for r, f in self.feeds.items() if f is feed), None)
+            if route is not None:
+                del self.feeds[route]
+                if self.sinks.get(route) is feed.outlet:
+                    del self.sinks[route]
         feed.outlet.close()

@@ -173,6 +173,7 @@ class WorkerService:
             self.spec = spec              # and its route (the ring's links check it)
         self.downstream = frozenset(spec.downstream)
         self.max_forward_tokens = spec.max_forward_tokens or DEFAULT_MAX_FORWARD_TOKENS
+        self.ring.planned(spec)
         log.info("holding layers %d-%d of model %s (from %s)", spec.layer_start, spec.layer_end - 1,
                  spec.model_hash[:12], source)
         return LoadResult(source, received, spec.layer_start, spec.layer_end, spec.digest())
