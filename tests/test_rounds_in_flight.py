@@ -64,8 +64,8 @@ def test_sampling_with_rounds_in_flight_follows_the_target_joint(tiny_vocab32):
     from test_sampling import sample_through_scheduler
 
     parts = load_parts(tiny_vocab32, mtp=True)
-    sp = SamplingParams(temperature=1.0, top_k=3)
-    prompt, n, draws = [3, 1, 4, 1, 5], 4, 600
+    sp = SamplingParams(temperature=1.0, top_k=2)
+    prompt, n, draws = [3, 1, 4, 1, 5], 4, 400
 
     def dist(ids):
         t = Layers(parts.stack)
@@ -84,7 +84,7 @@ def test_sampling_with_rounds_in_flight_follows_the_target_joint(tiny_vocab32):
     expand((), 1.0)
     settings = SchedulerSettings(reuse_prefixes=False, rounds_in_flight=2, max_inflight=2)
     stacked_rounds = []     # unseeded: a seeded request never stacks (its output must not depend on timing)
-    drawn, accepted, drafted = sample_through_scheduler(parts, prompt, n, dict(temperature=1.0, top_k=3), 1, draws,
+    drawn, accepted, drafted = sample_through_scheduler(parts, prompt, n, dict(temperature=1.0, top_k=2), 1, draws,
                                                         batch=1, backend=Pipelined(parts, 2, latency=0.002),
                                                         settings=settings, seeded=False,
                                                         on_result=lambda r: stacked_rounds.append(r.rounds["speculative"]))

@@ -84,9 +84,15 @@ class Scheduler:
 
     # -- the MLX thread -------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
-        """Serve until `stop` is set."""
+        """Serve until `stop` is set. A scheduler bug ends the requests in flight with an error
+        (logged with its traceback) instead of leaving every client waiting on a dead thread."""
         while not stop.is_set():
-            self.run_once(0.05)
+            try:
+                self.run_once(0.05)
+            except Exception as e:
+                log.exception("the scheduler failed; ending the requests in flight")
+                for s in list(self.live.values()):
+                    self._end(s, MtpdistError(f"internal error: {e}"))
 
     def run_once(self, timeout: float) -> None:
         """Send what can go, then handle events for up to `timeout` seconds."""
@@ -194,15 +200,19 @@ class Scheduler:
 
     # -- sending --------------------------------------------------------------------------
     def schedule(self) -> list[list[tuple[str, int]]]:
-        """The units to send now, as (sequence key, rows): a pure function of the live state."""
+        """The units to send now, as (sequence key, rows): a function of the live state (each
+        decoder is told its rounds window first)."""
         limits = PlanLimits(self.transport.stages, self.settings.max_inflight or self.transport.stages,
                             min(self.settings.prefill_budget, self.generator.prefill_step),
                             self.settings.max_unit_sequences)
-        cands, active = [], 0
-        for s in self.live.values():
-            if s.ended or s.decoder is None:
-                continue
-            active += 1
+        running = [s for s in self.live.values() if not s.ended and s.decoder is not None]
+        active = len(running)
+        self.auto_depth.active = active
+        cands = []
+        for s in running:
+            # The window first: what `peek` promises here, `next_step` must send at launch.
+            s.decoder.window = rounds_window(self.settings.rounds_in_flight, self.transport.stages, active,
+                                             s.decoder.depth)
             if s.replay is not None:
                 if not s.replay.inflight and s.replay.steps:
                     cands.append(Candidate(s.key, "replay", len(s.replay.steps[0][0].tokens), s.order))
@@ -210,11 +220,6 @@ class Scheduler:
             peek = s.decoder.peek()
             if peek is not None:
                 cands.append(Candidate(s.key, peek[0], peek[1], s.order, s.decoder.body - s.decoder.sent_prefill))
-        self.auto_depth.active = active
-        for s in self.live.values():
-            if s.decoder is not None:
-                s.decoder.window = rounds_window(self.settings.rounds_in_flight, self.transport.stages, active,
-                                                 s.decoder.depth)
         return plan_units(cands, len(self.units), active, limits)
 
     def _take(self, s: LiveSequence, rows: int) -> tuple[Step, Step | None]:
