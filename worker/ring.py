@@ -141,9 +141,10 @@ class RingStage:
                                            "run the same mtpdist version everywhere")
         with self.lock:
             spec = self.plans.get(hello.route)
-        if spec is None:
+            unplanned = not self.plans and not hello.route     # no shard loaded yet: the plan of none
+        if spec is None and not unplanned:
             raise RequestError("conflict", "a link of another plan (route); this worker was re-planned")
-        route, upstream, downstream = spec.route, spec.upstream, spec.downstream
+        route, upstream, downstream = (spec.route, spec.upstream, spec.downstream) if spec else ("", "", ())
         if hello.role == "sink":
             if downstream:
                 raise RequestError("denied", "only the last stage sends units back to the coordinator")

@@ -39,6 +39,25 @@ class SchedulerSettings:
     rounds_in_flight: int = 0        # verify rounds of one sequence in flight; 0 = chosen per load
 
 
+class UnitStats(dict):
+    """Counters of the units sent and back (a dict: benchmarks read them by name)."""
+
+    def __init__(self):
+        super().__init__(dict.fromkeys(("units", "unit_sequences", "max_unit_sequences", "max_stage_rows",
+                                        "units_done"), 0), unit_wall_s=0.0, unit_compute_s=0.0)
+
+    def sent(self, sequences: int) -> None:
+        self["units"] += 1
+        self["unit_sequences"] += sequences
+        self["max_unit_sequences"] = max(self["max_unit_sequences"], sequences)
+
+    def back(self, result, wall: float) -> None:
+        self["max_stage_rows"] = max(self["max_stage_rows"], *result.batch_rows, 0)
+        self["unit_wall_s"] += wall
+        self["unit_compute_s"] += sum(result.compute_us) / 1e6
+        self["units_done"] += 1
+
+
 @dataclass
 class LiveSequence:
     """A request the scheduler is serving: its decoder, output, replay log and workers' id."""

@@ -28,6 +28,24 @@ class Replay:
     steps: deque[tuple[Step, Step | None]]
     inflight: bool = False
 
+    def take(self) -> tuple[Step, Step | None]:
+        """The next step to send again (one at a time), and the step whose result it is."""
+        self.inflight = True
+        return self.steps[0]
+
+    def back(self) -> tuple[Step | None, bool]:
+        """The step just sent came back: (its original, or None for a log step; whether the
+        replay is over)."""
+        _, orig = self.steps.popleft()
+        self.inflight = False
+        return orig, not self.steps
+
+    def drop_voided(self, decoder) -> bool:
+        """Forget owed rounds a result just voided (they must not be sent); whether any is left."""
+        self.steps = deque(e for e in self.steps if e[1] is None or e[1].kind == "prefill"
+                           or decoder.in_flight(e[1]))
+        return bool(self.steps)
+
 
 def renumber(steps: list[Step]) -> list[Step]:
     """The steps with epochs for a fresh sequence: a new epoch wherever a step starts before

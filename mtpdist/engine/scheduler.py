@@ -16,7 +16,6 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
 from typing import Callable
 
 import mlx.core as mx
@@ -29,7 +28,7 @@ from .depth import BatchDepth, FixedDepth, rounds_window
 from .generate import GenerationRequest, GenerationResult, Generator, Output
 from .plan import Candidate, PlanLimits, plan_units
 from .prefix_cache import PrefixEntry, PrefixIndex, boundary_entry, turn_entry
-from .live import Backend, LiveSequence, SchedulerSettings, Sink
+from .live import Backend, LiveSequence, SchedulerSettings, Sink, UnitStats
 from .recovery import Recovery
 from .rounds import resolve_unit
 from .sampling import Sampler
@@ -59,8 +58,7 @@ class Scheduler:
         self.unit_ids = itertools.count()
         self.queued = 0             # inserted, not yet admitted
         self.control = 0            # Fork/Keep calls out on control threads
-        self.stats = dict.fromkeys(("units", "unit_sequences", "max_unit_sequences", "max_stage_rows",
-                                    "units_done"), 0) | {"unit_wall_s": 0.0, "unit_compute_s": 0.0}
+        self.stats = UnitStats()
         self.transport = backend.transport()
 
     # -- any thread ----------------------------------------------------------------------
@@ -226,8 +224,7 @@ class Scheduler:
         """The step a planned unit carries for `s`, and the step whose result it is (None: a
         replay of the log, whose result is not used)."""
         if s.replay is not None:
-            s.replay.inflight = True
-            return s.replay.steps[0]
+            return s.replay.take()
         step = s.decoder.next_step()
         return step, step
 
@@ -244,10 +241,7 @@ class Scheduler:
             rows.append(SequenceRows(s.wire_id, step.position, len(step.tokens), step.epoch, step.snapshots, keep,
                                      step.floor))
         hidden = self.head.embed(mx.array([t for _, step, _ in members for t in step.tokens]))
-        st = self.stats
-        st["units"] += 1
-        st["unit_sequences"] += len(members)
-        st["max_unit_sequences"] = max(st["max_unit_sequences"], len(members))
+        self.stats.sent(len(members))
         self.sent_at[uid] = time.perf_counter()
         self.transport.send(rows, hidden, lambda r, uid=uid: self.events.put(("done", uid, r, time.perf_counter())))
 
@@ -263,11 +257,7 @@ class Scheduler:
             self._unit_failed(members, result)
         else:
             self.recovery.unit_succeeded()
-            st = self.stats
-            st["max_stage_rows"] = max(st["max_stage_rows"], *result.batch_rows, 0)
-            st["unit_wall_s"] += at - sent
-            st["unit_compute_s"] += sum(result.compute_us) / 1e6
-            st["units_done"] += 1
+            self.stats.back(result, at - sent)
             self.on_unit(at - sent, result)
             self._deliver(members, result)
         for key, _ in members:
@@ -283,10 +273,8 @@ class Scheduler:
             if s is None or s.ended:
                 continue
             if s.replay is not None:
-                _, orig = s.replay.steps.popleft()
-                s.replay.inflight = False
-                if not s.replay.steps:
-                    s.replay = None
+                orig, over = s.replay.back()
+                s.replay = None if over else s.replay
                 if orig is None:
                     continue
             if step.kind == "prefill":
@@ -313,10 +301,8 @@ class Scheduler:
                 return
             for (s, _, _), tokens in zip(ready, outs):
                 self._guard(s, lambda tokens=tokens: tokens)
-                if s.replay is not None:    # replays of rounds this result voided are not sent
-                    s.replay.steps = deque(e for e in s.replay.steps if e[1] is None or e[1].kind == "prefill"
-                                           or s.decoder.in_flight(e[1]) or e is s.replay.steps[0] and s.replay.inflight)
-                    s.replay = s.replay if s.replay.steps else None
+                if s.replay is not None and not s.replay.drop_voided(s.decoder):
+                    s.replay = None
             rounds = [s for s, _, _ in ready if s.early]
 
     def _guard(self, s: LiveSequence, decode) -> None:
