@@ -55,33 +55,12 @@ def test_real_mtp_head_with_rounds_in_flight_is_identical(dense, depth):
 def test_sampling_with_rounds_in_flight_follows_the_target_joint(tiny_vocab32):
     """Two rounds of depth 1 in flight (the second one stacked on a guess of the first's bonus
     token): the first four tokens, which span both rounds, follow the target joint."""
-    import mlx.core as mx
-    import numpy as np
-    from scipy.stats import chisquare
-
-    from mtpdist.engine.sampling import SamplingParams, filtered_probs
-    from helpers import Layers
-    from test_sampling import sample_through_scheduler
+    from mtpdist.engine.sampling import SamplingParams
+    from test_sampling import joint_pvalue, sample_through_scheduler, target_joint
 
     parts = load_parts(tiny_vocab32, mtp=True)
-    sp = SamplingParams(temperature=1.0, top_k=2)
     prompt, n, draws = [3, 1, 4, 1, 5], 4, 400
-
-    def dist(ids):
-        t = Layers(parts.stack)
-        h = t.forward(parts.head.embed(mx.array([ids])))
-        return np.asarray(filtered_probs(parts.head.logits(parts.head.norm(h[0, -1])), sp), dtype=np.float64)
-
-    joint: dict[tuple, float] = {}
-
-    def expand(prefix, prob):
-        if len(prefix) == n:
-            joint[prefix] = prob
-            return
-        p = dist(prompt + list(prefix))
-        for tok in np.nonzero(p)[0]:
-            expand(prefix + (int(tok),), prob * p[tok])
-    expand((), 1.0)
+    joint = target_joint(parts, prompt, n, SamplingParams(temperature=1.0, top_k=2))
     settings = SchedulerSettings(reuse_prefixes=False, rounds_in_flight=2, max_inflight=2)
     stacked_rounds = []     # unseeded: a seeded request never stacks (its output must not depend on timing)
     drawn, accepted, drafted = sample_through_scheduler(parts, prompt, n, dict(temperature=1.0, top_k=2), 1, draws,
@@ -89,19 +68,8 @@ def test_sampling_with_rounds_in_flight_follows_the_target_joint(tiny_vocab32):
                                                         settings=settings, seeded=False,
                                                         on_result=lambda r: stacked_rounds.append(r.rounds["speculative"]))
     assert sum(stacked_rounds) > draws // 4
-    counts: dict[tuple, int] = {}
-    for key in drawn:
-        assert key in joint, f"drew {key}, which the target gives probability 0"
-        counts[key] = counts.get(key, 0) + 1
     assert 0 < accepted < drafted
-    keys = sorted(joint)
-    expected = np.array([joint[k] * draws for k in keys])
-    observed = np.array([counts.get(k, 0) for k in keys], dtype=float)
-    big = expected >= 5
-    obs, exp = observed[big], expected[big]
-    if (~big).any():
-        obs, exp = np.append(obs, observed[~big].sum()), np.append(exp, expected[~big].sum())
-    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+    assert joint_pvalue(joint, drawn) > 1e-3
 
 
 def test_snapshot_windows_are_freed_after_a_burst(dense):

@@ -88,15 +88,8 @@ def test_speculative_sampling_matches_target_joint(tiny_vocab32, params):
     assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
 
 
-@pytest.mark.parametrize("depth", [1, 3])
-def test_depth_k_sampling_matches_target_joint(tiny_vocab32, depth):
-    """The first depth+1 tokens (the bootstrap token, then one whole chain) follow the target
-    joint. top_k=3 keeps the support small enough to compute that joint exactly."""
-    parts = load_parts(tiny_vocab32, mtp=True)
-    sp = SamplingParams(temperature=1.0, top_k=3)
-    prompt = [3, 1, 4, 1, 5]
-    n = depth + 1
-
+def target_joint(parts, prompt, n, sp: SamplingParams) -> dict[tuple, float]:
+    """The target's exact probability of every n-token continuation of `prompt` under `sp`."""
     def dist(ids):
         t = Layers(parts.stack)
         h = t.forward(parts.head.embed(mx.array([ids])))
@@ -112,18 +105,33 @@ def test_depth_k_sampling_matches_target_joint(tiny_vocab32, depth):
         for tok in np.nonzero(p)[0]:
             expand(prefix + (int(tok),), prob * p[tok])
     expand((), 1.0)
+    return joint
+
+
+def joint_pvalue(joint: dict[tuple, float], drawn: list[tuple]) -> float:
+    """Chi-square p-value of the tuples drawn against `joint` (cells under 5 expected pooled);
+    a tuple the target gives probability 0 fails at once."""
     counts: dict[tuple, int] = {}
-    draws = 900
-    drawn, accepted, drafted = sample_through_scheduler(parts, prompt, n, dict(temperature=1.0, top_k=3), depth, draws)
     for key in drawn:
         assert key in joint, f"drew {key}, which the target gives probability 0"
         counts[key] = counts.get(key, 0) + 1
-    assert 0 < accepted < drafted
     keys = sorted(joint)
-    expected = np.array([joint[k] * draws for k in keys])
+    expected = np.array([joint[k] * len(drawn) for k in keys])
     observed = np.array([counts.get(k, 0) for k in keys], dtype=float)
     big = expected >= 5
     obs, exp = observed[big], expected[big]
     if (~big).any():  # pool the small cells so the chi-square approximation holds
         obs, exp = np.append(obs, observed[~big].sum()), np.append(exp, expected[~big].sum())
-    assert chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+    return chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_depth_k_sampling_matches_target_joint(tiny_vocab32, depth):
+    """The first depth+1 tokens (the bootstrap token, then one whole chain) follow the target
+    joint. top_k=3 keeps the support small enough to compute that joint exactly."""
+    parts = load_parts(tiny_vocab32, mtp=True)
+    prompt, n = [3, 1, 4, 1, 5], depth + 1
+    joint = target_joint(parts, prompt, n, SamplingParams(temperature=1.0, top_k=3))
+    drawn, accepted, drafted = sample_through_scheduler(parts, prompt, n, dict(temperature=1.0, top_k=3), depth, 900)
+    assert 0 < accepted < drafted
+    assert joint_pvalue(joint, drawn) > 1e-3
