@@ -36,14 +36,21 @@ def held_out(f: Path) -> bool:
     return int(hashlib.sha1(f.name.encode()).hexdigest(), 16) % 20 == 0
 
 
-def prepare(out: Path, vocab: int) -> None:
+def prepare(out: Path, vocab: int, tokenizer: Path | None = None) -> None:
+    """Train a tokenizer (or copy `tokenizer`'s folder's) and write train / held-out token arrays."""
+    import shutil
+
     from mtpdist.model.tokenizer_gen import write_tokenizer
     from tokenizers import Tokenizer
     files = corpus_files()
     texts = {f: f.read_text(encoding="utf-8", errors="ignore") for f in files}
     train = [t for f, t in texts.items() if not held_out(f)]
     out.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(out, vocab, corpus=train)
+    if tokenizer is None:
+        write_tokenizer(out, vocab, corpus=train)
+    else:  # the released model's own tokenizer: new heads for the bundled model need its ids
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tokenizer / name, out / name)
     tok = Tokenizer.from_file(str(out / "tokenizer.json"))
     eos = tok.token_to_id("<|endoftext|>")
     for name, keep in (("train", False), ("heldout", True)):
@@ -166,6 +173,7 @@ def main() -> int:
     p = sub.add_parser("prepare")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--tokenizer", type=Path, help="a model folder whose tokenizer to use instead of training one")
     t = sub.add_parser("train")
     t.add_argument("--data", type=Path, required=True)
     t.add_argument("--out", type=Path, required=True)
@@ -198,7 +206,7 @@ def main() -> int:
     m.add_argument("--depth", type=int, default=1, help="> 1: chained acceptance by depth (demo_chain.py)")
     a = ap.parse_args()
     if a.cmd == "prepare":
-        prepare(a.out, a.vocab)
+        prepare(a.out, a.vocab, a.tokenizer)
     elif a.cmd == "train":
         train(a.data, a.out, a.seconds, a.batch, a.seq, a.lr, a.mtp_weight, tuple(a.chain))
     elif a.cmd == "package":
