@@ -69,7 +69,8 @@ class Bench:
             os.sched_setaffinity(0, mine)
             self.pinned = {"coordinator": list(mine), "workers": [list(c) for c in theirs]}
         if args.workers:
-            self.cluster = LocalCluster(args.workers, tmp, *extra, cpus=theirs)
+            gpus = [g.strip() for g in args.worker_gpus.split(",")] if getattr(args, "worker_gpus", None) else None
+            self.cluster = LocalCluster(args.workers, tmp, *extra, cpus=theirs, gpus=gpus)
             # Real compute on a CPU can be slow: generous step deadlines.
             self.session = PipelineSession(args.model, self.cluster.addresses, mtp=True, progress=False,
                                            prefill_step=args.prefill_step, channel=ChannelSettings(step_timeout=120))

@@ -14,8 +14,12 @@ class LocalWorker:
     """One worker subprocess on 127.0.0.1 with a free port."""
 
     def __init__(self, cache: Path | None = None, *extra: str, host: str = "127.0.0.1", start_timeout: float = 60,
-                 token: str | None = None, advertise: bool = False, cpus: tuple[int, ...] = ()):
+                 token: str | None = None, advertise: bool = False, cpus: tuple[int, ...] = (),
+                 gpu: str | None = None):
+        """`cpus`: pin the worker to these cores; `gpu`: its CUDA_VISIBLE_DEVICES (one GPU each, like separate Macs)."""
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = gpu
         if cache is not None:
             env["MTPDIST_CACHE"] = str(cache)
             env["MTPDIST_CONFIG"] = str(cache / "config")
@@ -59,12 +63,13 @@ class LocalCluster:
     """N local workers, stopped together (a context manager)."""
 
     def __init__(self, n: int, cache: Path | None = None, *extra: str, token: str | None = None,
-                 advertise: bool = False, cpus: list[tuple[int, ...]] | None = None):
+                 advertise: bool = False, cpus: list[tuple[int, ...]] | None = None, gpus: list[str] | None = None):
         self.workers: list[LocalWorker] = []
         try:
             for i in range(n):
                 self.workers.append(LocalWorker(cache / f"w{i}" if cache else None, *extra, token=token,
-                                                advertise=advertise, cpus=cpus[i] if cpus else ()))
+                                                advertise=advertise, cpus=cpus[i] if cpus else (),
+                                                gpu=gpus[i % len(gpus)] if gpus else None))
         except Exception:
             self.stop()
             raise

@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local workers emulate Mac-speed stages (A + B*(rows-1) ms per forward); figures say so")
     b.add_argument("--pin-cores", type=int, default=0, metavar="K",
                    help="pin this process and each local worker to K cores of their own (like separate Macs)")
+    b.add_argument("--worker-gpus", default=None, metavar="I,J,...",
+                   help="give local worker i the GPU in position i of this list (CUDA_VISIBLE_DEVICES), one each")
     b.add_argument("--streams", default="1,4", help="stream counts for --scenario streams (e.g. 1,4,8,16)")
     b.add_argument("--mtp-depth", default="1", help="MTP depth for --scenario streams (1-8, auto, or none)")
     b.add_argument("--max-depth", type=int, default=3, help="deepest depth for --scenario depths")
