@@ -6,7 +6,9 @@ plain, with MTP one round at a time (as before rounds in flight), and with MTP a
 rounds in flight (auto depth, and each fixed depth up to `--max-depth`). Runs are interleaved
 and repeated, medians kept; the first repeat warms up and is dropped. With the largest N,
 `--streams` concurrent streams (the last count given) also run with and without speculative
-rounds, to show that speculation backs off when the stages are already full.
+rounds, to show that speculation backs off when the stages are already full. Each mode keeps
+one scheduler across its repeats, as a server does: the automatic depth policy has learned
+from the warm-up repeat when the measured ones run.
 """
 
 from __future__ import annotations
@@ -63,11 +65,12 @@ def _one_count(b: Bench, n: int, args, streams: int) -> dict:
     runs: dict[str, list[float]] = {}
     info: dict[str, dict] = {}
     modes = _modes(n, args.max_depth)
+    scheds = {name: b.scheduler(reuse=False, rounds=rounds) for name, _, rounds in modes}
     for rep in range(args.repeats + 1):
         for name, depth, rounds in modes:
             req = GenerationRequest(prompt, args.max_tokens, mtp=depth is not None, mtp_depth=depth or 1,
                                     ignore_eos=True)
-            results, wall, _ = b.run([req], reuse=False, rounds=rounds)
+            results, wall, _ = b.run([req], sched=scheds[name])
             r = results[0]
             if rep:
                 runs.setdefault(name, []).append(r.generation_tps)
@@ -79,11 +82,12 @@ def _one_count(b: Bench, n: int, args, streams: int) -> dict:
         res["mtp_auto_rounds_over_plain"] = round(tps["mtp_auto_rounds"] / tps["plain"], 3)
     if streams > 1:
         agg = {}
+        many = {rounds: b.scheduler(reuse=False, rounds=rounds) for rounds in (1, 0)}
         for rep in range(args.repeats + 1):
             for rounds in (1, 0):
                 reqs = [GenerationRequest(tuple(b.prompts[i % len(b.prompts)]), args.max_tokens, mtp=True,
                                           mtp_depth="auto", ignore_eos=True) for i in range(streams)]
-                results, wall, _ = b.run(reqs, reuse=False, rounds=rounds)
+                results, wall, _ = b.run(reqs, sched=many[rounds])
                 if rep:
                     agg.setdefault("rounds_auto" if rounds == 0 else "rounds_1", []).append(
                         sum(r.generation_tokens for r in results) / wall)

@@ -78,11 +78,16 @@ class Bench:
             self.session = LocalSession(args.model, make_transport, mtp=True, prefill_step=args.prefill_step)
         self.prompts = [self.session.generator.encode(p) for p in PROMPTS]
 
-    def run(self, reqs, max_inflight: int = 0, stagger: float = 0.0, reuse: bool = True, rounds: int = 0):
-        """Run requests on a fresh scheduler: (results, wall seconds, the scheduler)."""
-        sched = Scheduler(self.session.generator, self.session,
-                          SchedulerSettings(max_inflight=max_inflight, prefill_budget=self.args.prefill_step,
-                                            reuse_prefixes=reuse, rounds_in_flight=rounds))
+    def scheduler(self, max_inflight: int = 0, reuse: bool = True, rounds: int = 0) -> Scheduler:
+        """A scheduler over this session with the bench's settings."""
+        return Scheduler(self.session.generator, self.session,
+                         SchedulerSettings(max_inflight=max_inflight, prefill_budget=self.args.prefill_step,
+                                           reuse_prefixes=reuse, rounds_in_flight=rounds))
+
+    def run(self, reqs, max_inflight: int = 0, stagger: float = 0.0, reuse: bool = True, rounds: int = 0,
+            sched: Scheduler | None = None):
+        """Run requests on `sched` (default: a fresh scheduler): (results, wall seconds, the scheduler)."""
+        sched = sched or self.scheduler(max_inflight, reuse, rounds)
         t0 = time.perf_counter()
         sinks = run_all(sched, reqs, timeout=1800, stagger=stagger)
         wall = time.perf_counter() - t0
