@@ -12,13 +12,15 @@ _MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def to_activation(x: mx.array) -> Activation:
-    """Encode a float array (evaluates it)."""
+def to_activation(x: mx.array, copy: bool = True) -> Activation:
+    """Encode a float array (evaluates it). `copy=False`: the bytes are a view of the array
+    (a memoryview, which keeps it alive), for a frame that is written at once."""
     name = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(x.dtype)
     if name is None:
         raise ValueError(f"activations must be float32/float16/bfloat16, not {x.dtype}")
     raw = x.view(mx.uint16) if x.dtype == mx.bfloat16 else x
-    return Activation(data=np.asarray(raw).tobytes(), dtype=name, shape=tuple(x.shape))
+    arr = np.ascontiguousarray(np.asarray(raw))
+    return Activation(data=arr.tobytes() if copy else memoryview(arr).cast("B"), dtype=name, shape=tuple(x.shape))
 
 
 def from_activation(a: Activation, hidden_size: int | None = None, max_tokens: int = 1 << 16) -> mx.array:
