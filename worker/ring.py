@@ -1,9 +1,9 @@
 """A worker's place in the plan's ring: which links it accepts, and where its output goes.
 
 Stage k takes units from a feed link opened by its planned predecessor (the coordinator for
-the first stage), queues each frame's rows on the MLX thread without waiting, and that thread
-puts the output frame on the next stage's feed link, or, at the last stage, on the sink link
-the coordinator opened to it. Nobody waits on a downstream call. A unit that fails here goes
+the first stage): the MLX thread reads a socket link's frames itself (a gRPC link's come from
+its thread), queues their rows, and puts each output frame on the next stage's feed link, or,
+at the last stage, writes it on the sink link the coordinator opened to it. Nobody waits on a downstream call. A unit that fails here goes
 on down the ring as an error frame naming this stage, so the coordinator fails that unit
 alone. When a feed link ends, this stage closes its own outlet: the end travels down the
 ring to the coordinator, which then names the worker that is gone (liveness probes).

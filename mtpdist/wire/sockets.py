@@ -5,9 +5,10 @@ A worker offers a link port in Describe (`listen_links`); a dialer that sees one
 else the gRPC stream links of mtpdist/wire/links.py (`dial` chooses). The first frame each
 way is the hello and its answer (OK, or the gRPC status name a gRPC link would have ended
 with). After it, a socket carries frames one way only: a feed is written by the dialer (from
-the thread that made the frame: the MLX thread on a worker) and read by the worker; a sink is
-written by the worker and read by the coordinator. (One TLS connection is never read and
-written by two threads at once.) A link ends when its socket closes; a worker whose feed
+the thread that made the frame: the MLX thread on a worker) and read by the worker's MLX
+thread itself (`Inlet`); a sink is written by the last worker's MLX thread and read by the
+coordinator. No thread wakes another between a frame's arrival at a worker, its compute and
+its departure. (One TLS connection is never read and written by two threads at once.) A link ends when its socket closes; a worker whose feed
 ends closes its own outlet, so the end travels down the ring to the coordinator's sink.
 """
 
