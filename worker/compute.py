@@ -248,7 +248,13 @@ class ComputeLoop:
             with self.cond:
                 idle, polled = not self.tasks, bool(self.inlets)
             if polled or idle:
-                self._poll(block=idle)
+                try:
+                    self._poll(block=idle)
+                except (OSError, ValueError) as e:   # a link closed under us: drop it, never this thread
+                    log.warning("dropping a broken link: %s", e)
+                    for inlet, _ in list(self.inlets):
+                        if inlet.fileno() < 0:
+                            self._drop(inlet)
             with self.cond:
                 if self.tasks:
                     return self._batch()
