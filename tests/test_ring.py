@@ -230,3 +230,46 @@ def test_a_link_refused_between_two_live_workers_reaches_the_coordinator(tmp_pat
         finally:
             second.close()
             s.close()
+
+
+def test_the_compute_thread_reads_its_own_link_in_order_big_frames_too():
+    """A socket feed is read by the MLX thread itself: frames reach it in the order sent (a big
+    one, read off that thread, is not overtaken by the small ones behind it), control calls are
+    still answered while the link is idle, and a refused frame or the stream's end ends the link."""
+    import socket
+
+    from mtpdist.errors import RequestError
+    from mtpdist.wire.sockets import Inlet, write_frame
+    from mtpdist.worker.compute import BIG_FRAME, ComputeLoop
+
+    loop = ComputeLoop()
+    mine, theirs = socket.socketpair()
+    ended, got, threads = threading.Event(), [], set()
+
+    def on_frame(raw):
+        threads.add(threading.current_thread().name)
+        if bytes(raw[:4]) == b"bad!":
+            raise RequestError("invalid", "a frame this link must not carry")
+        got.append(bytes(raw[:8]))
+
+    loop.add_inlet(Inlet(mine, ended), on_frame)
+    assert loop.call(lambda: threading.current_thread().name) == "mlx"   # answered with the link idle
+    sizes = [16, BIG_FRAME + 4096, 16, 64, BIG_FRAME * 2, 8]
+    sent = [i.to_bytes(8, "little") for i in range(len(sizes))]
+    for head, n in zip(sent, sizes):
+        write_frame(theirs, head + bytes(n - 8))
+    deadline = time.time() + 20
+    while len(got) < len(sent) and time.time() < deadline:
+        time.sleep(0.01)
+    assert got == sent                       # every frame, in order
+    assert "mlx" in threads and "link-big" in threads
+    assert loop.call(lambda: 41 + 1) == 42
+    write_frame(theirs, b"bad!" + bytes(12))
+    assert ended.wait(10)                    # a refused frame ends the link
+    theirs.close()
+
+    mine2, theirs2 = socket.socketpair()
+    ended2 = threading.Event()
+    loop.add_inlet(Inlet(mine2, ended2), on_frame)
+    theirs2.close()
+    assert ended2.wait(10) and not loop.inlets   # the stream's end: handed back, nothing left polled

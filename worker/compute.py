@@ -4,11 +4,19 @@ gRPC threads hand work here and block on the answer. A Forward whose sequence st
 for an earlier chunk (chunks of one sequence may arrive out of order from the previous
 stage) is held back until that chunk has run. Other work (loading, rewinds, releases,
 state sizes) runs alone, in order.
+
+The ring's socket links (inlets) are read by this thread itself: while it has nothing to
+do it waits on them and on a wake-up pipe together, and before each batch it takes the
+frames already there, so a unit's frame reaches its compute without waking another thread.
+A big frame (a prefill chunk) is read by a helper thread instead, so that its transfer
+overlaps the compute before it.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import select
 import threading
 import time
 from collections import deque
@@ -19,6 +27,8 @@ from mtpdist.errors import RequestError
 from mtpdist.wire.types import Activation, ForwardCall
 
 log = logging.getLogger("mtpdist.worker")
+BIG_FRAME = 1 << 20      # frames larger than this are read off the MLX thread
+_DRAIN_MAX = 64          # frames taken from the inlets before one batch
 
 
 @dataclass(frozen=True)
@@ -90,6 +100,11 @@ class ComputeLoop:
         self.cond = threading.Condition()
         self.batches = 0           # merged forwards run
         self.merged = 0            # Forwards that ran in a batch with others
+        self.inlets: list = []     # (inlet, on_frame) read by the MLX thread (mtpdist/wire/sockets.py Inlet)
+        self.sleeping = False      # the MLX thread waits in select(): a new task writes to the pipe
+        self.wake_r, self.wake_w = os.pipe()
+        os.set_blocking(self.wake_r, False)
+        os.set_blocking(self.wake_w, False)
         self.thread = threading.Thread(target=self._run, name="mlx", daemon=True)
         self.thread.start()
 
@@ -122,6 +137,95 @@ class ComputeLoop:
             self._enqueue(task)
         return task.wait()
 
+    def add_inlet(self, inlet, on_frame: Callable) -> None:
+        """Read `inlet`'s frames on the MLX thread and call `on_frame(raw)` there; a RequestError
+        from it (or the stream's end) ends the link: `inlet.done()`."""
+        with self.cond:
+            self.inlets.append((inlet, on_frame))
+            self._wake()
+            self.cond.notify_all()
+
+    def _wake(self) -> None:
+        if self.sleeping:
+            try:
+                os.write(self.wake_w, b"w")
+            except BlockingIOError:
+                pass            # the pipe is full: it will wake anyway
+
+    def _poll(self, block: bool) -> None:
+        """Take the frames waiting on the inlets (block: until a frame or a task comes)."""
+        with self.cond:
+            inlets = [i for i in self.inlets if not i[0].busy]
+            if block and (self.tasks or not self.inlets):
+                while not self.tasks and not self.inlets:
+                    self.cond.wait()
+                return
+            self.sleeping = block
+        woken = False
+        try:
+            ready = [i for i in inlets if i[0].pending()]
+            if not ready:
+                fds = [self.wake_r] + [i[0] for i in inlets] if block else [i[0] for i in inlets]
+                got = set(select.select(fds, [], [], None if block else 0)[0]) if fds else set()
+                woken = self.wake_r in got
+                ready = [i for i in inlets if i[0] in got]
+        finally:
+            with self.cond:
+                self.sleeping = False
+        if woken:     # only then: an empty pipe's read raises, and raising costs ~0.3 ms cold here
+            os.read(self.wake_r, 4096)
+        budget = _DRAIN_MAX
+        while ready and budget:
+            i = ready.pop(0)
+            if self._read_one(*i):
+                budget -= 1
+                if i[0].pending() or select.select([i[0]], [], [], 0)[0]:
+                    ready.append(i)      # more of it is there: take it too, in turn with the others
+
+    def _read_one(self, inlet, on_frame) -> bool:
+        """One frame of `inlet` to `on_frame`; False once the link has ended here."""
+        try:
+            n = inlet.read_length()
+            if n is not None and n > BIG_FRAME:
+                inlet.busy = True
+                threading.Thread(target=self._read_big, args=(inlet, on_frame, n), name="link-big",
+                                 daemon=True).start()
+                return False
+            raw = None if n is None else inlet.read_body(n)
+            if raw is not None:
+                on_frame(raw)
+                return True
+        except RequestError as e:        # a frame this link must not carry: the link ends
+            log.warning("closed a link: %s", e)
+        except (OSError, ValueError):
+            pass                         # the peer went away (or stopped mid-frame)
+        except Exception:
+            log.exception("a link's frame failed")
+        self._drop(inlet)
+        return False
+
+    def _read_big(self, inlet, on_frame, n: int) -> None:
+        try:
+            raw = inlet.read_body(n)
+            if raw is not None:
+                on_frame(raw)
+                with self.cond:
+                    inlet.busy = False
+                    self._wake()
+                return
+        except RequestError as e:
+            log.warning("closed a link: %s", e)
+        except (OSError, ValueError):
+            pass
+        except Exception:
+            log.exception("a link's frame failed")
+        self._drop(inlet)
+
+    def _drop(self, inlet) -> None:
+        with self.cond:
+            self.inlets = [i for i in self.inlets if i[0] is not inlet]
+        inlet.done()
+
     def _ready(self, stage, rows) -> bool:
         queued = self.queued_end.get(rows.sequence_id)   # (end, epoch) of its last queued rows
         return stage.ready(rows) or (queued is not None and (queued[1] != rows.epoch or queued[0] >= rows.position))
@@ -132,6 +236,7 @@ class ComputeLoop:
                 self.queued_end[s.sequence_id] = (s.position + s.tokens, s.epoch)
         self.tasks.append(task)
         self.cond.notify_all()
+        self._wake()
 
     def _submit(self, task: _Task):
         with self.cond:
@@ -139,23 +244,37 @@ class ComputeLoop:
         return task.wait()
 
     def _take(self) -> list[_Task]:
-        with self.cond:
-            while not self.tasks:
-                self.cond.wait()
-            batch = [self.tasks.popleft()]
-            if batch[0].call is None:
-                return batch
-            ids = {s.sequence_id for s in batch[0].call.sequences}
-            rows = batch[0].call.rows
-            while self.tasks and self.tasks[0].call is not None and self.tasks[0].stage is batch[0].stage:
-                nxt = self.tasks[0].call
-                names = {s.sequence_id for s in nxt.sequences}
-                if names & ids or rows + nxt.rows > self.max_batch_rows:
-                    break
-                batch.append(self.tasks.popleft())
-                ids |= names
-                rows += nxt.rows
+        while True:
+            with self.cond:
+                idle, polled = not self.tasks, bool(self.inlets)
+            if polled or idle:
+                try:
+                    self._poll(block=idle)
+                except (OSError, ValueError) as e:   # a link closed under us: drop it, never this thread
+                    log.warning("dropping a broken link: %s", e)
+                    for inlet, _ in list(self.inlets):
+                        if inlet.fileno() < 0:
+                            self._drop(inlet)
+            with self.cond:
+                if self.tasks:
+                    return self._batch()
+
+    def _batch(self) -> list[_Task]:
+        """The next task, with the Forwards queued after it that can run in the same batch."""
+        batch = [self.tasks.popleft()]
+        if batch[0].call is None:
             return batch
+        ids = {s.sequence_id for s in batch[0].call.sequences}
+        rows = batch[0].call.rows
+        while self.tasks and self.tasks[0].call is not None and self.tasks[0].stage is batch[0].stage:
+            nxt = self.tasks[0].call
+            names = {s.sequence_id for s in nxt.sequences}
+            if names & ids or rows + nxt.rows > self.max_batch_rows:
+                break
+            batch.append(self.tasks.popleft())
+            ids |= names
+            rows += nxt.rows
+        return batch
 
     def _run(self) -> None:
         while True:
@@ -229,7 +348,9 @@ class ComputeLoop:
         r = i = 0
         for t, _ in inputs:
             n = len(t.call.sequences)
-            t.result = StageRun(to_activation(out.hidden[r:r + t.call.rows]), tuple(out.positions[i:i + n]),
+            # A view, not a copy: the frame is encoded from it at once (no slice when alone)
+            rows_out = out.hidden if len(inputs) == 1 else out.hidden[r:r + t.call.rows]
+            t.result = StageRun(to_activation(rows_out, copy=False), tuple(out.positions[i:i + n]),
                                 out.compute_us, rows)
             r += t.call.rows
             i += n

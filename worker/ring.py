@@ -1,9 +1,9 @@
 """A worker's place in the plan's ring: which links it accepts, and where its output goes.
 
 Stage k takes units from a feed link opened by its planned predecessor (the coordinator for
-the first stage), queues each frame's rows on the MLX thread without waiting, and that thread
-puts the output frame on the next stage's feed link, or, at the last stage, on the sink link
-the coordinator opened to it. Nobody waits on a downstream call. A unit that fails here goes
+the first stage): the MLX thread reads a socket link's frames itself (a gRPC link's come from
+its thread), queues their rows, and puts each output frame on the next stage's feed link, or,
+at the last stage, writes it on the sink link the coordinator opened to it. Nobody waits on a downstream call. A unit that fails here goes
 on down the ring as an error frame naming this stage, so the coordinator fails that unit
 alone. When a feed link ends, this stage closes its own outlet: the end travels down the
 ring to the coordinator, which then names the worker that is gone (liveness probes).
@@ -28,19 +28,49 @@ _END = object()
 
 
 class _Sink:
-    """The last stage's outlet: frames wait here for the coordinator's sink link."""
+    """The last stage's outlet: frames wait here for the coordinator's sink link, or, once a
+    socket link is attached, are written by the thread that made them (no writer thread to wake)."""
 
     def __init__(self):
         self.q: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()     # one writer at a time, and none after close
+        self.write = None
+        self.ended = threading.Event()
 
     def send(self, frame: bytes) -> None:
-        self.q.put(frame)
+        with self.lock:
+            if self.write is None:
+                self.q.put(frame)
+                return
+            try:
+                self.write(frame)
+            except OSError as e:          # the coordinator went away: its link ends
+                log.warning("the sink link broke: %s", e)
+                self.write = None
+                self.ended.set()
+
+    def attach(self, write) -> threading.Event:
+        """A socket link's writer: frames that waited go first, later ones are written on send.
+        The event is set when the sink ends."""
+        with self.lock:
+            while not self.ended.is_set() and not self.q.empty():
+                f = self.q.get()
+                if f is _END:
+                    self.ended.set()
+                    break
+                write(f)
+            if not self.ended.is_set():
+                self.write = write
+        return self.ended
 
     def outgoing(self):
         while (f := self.q.get()) is not _END:
             yield f
 
     def close(self) -> None:
+        with self.lock:
+            self.write = None
+            self.ended.set()
         self.q.put(_END)
 
     def frame(self, raw: bytes) -> None:
@@ -86,6 +116,10 @@ class _Feed:
             return
         self.outlet.send(encode_unit(UnitFrame(f.route, f.unit, f.sequences, run.hidden, run.positions,
                                                f.compute_us + (run.compute_us,), f.batch_rows + (run.batch_rows,))))
+
+    def adopt(self, inlet) -> None:
+        """A socket link: the MLX thread reads its frames itself (worker/compute.py)."""
+        self.ring.service.compute.add_inlet(inlet, self.frame)
 
     def outgoing(self):
         return iter(())

@@ -1,5 +1,6 @@
-"""Where the scheduler's units run: a chain of workers (or, through the same protocol, a
-worker's store in this process; see worker/in_process.py).
+"""Where the scheduler's units run: the plan's workers (units go round their ring,
+mtpdist/engine/ring.py), or, through the same protocol, a worker's store in this process
+(worker/in_process.py).
 
 `send` starts a unit and returns at once; `done(result)` is called later (on any thread)
 with a `UnitResult` or the exception. Keeping and forking kept states are asynchronous too,
@@ -23,10 +24,10 @@ from typing import Callable, Protocol, Sequence
 import mlx.core as mx
 
 from ..errors import WorkerCallError
-from ..wire.activations import from_activation, to_activation
+from ..wire.activations import from_activation
 from ..wire.client import WorkerClient
 from ..wire.errors import worker_error
-from ..wire.types import Activation, ForwardCall, ForwardResult, SequenceRows
+from ..wire.types import Activation, SequenceRows
 
 log = logging.getLogger("mtpdist.engine")
 
@@ -58,46 +59,25 @@ class Transport(Protocol):
 
 
 class WorkerTransport:
-    """A chain of workers: the first gets the unit, each passes its output to the next, and the
-    last stage's rows come back up the chain."""
+    """The control plane of a plan's workers: liveness while units are out, release, keep and
+    fork. Units themselves travel the ring (RingTransport's `send`); the unary Forward chain
+    that this class once drove is gone from the coordinator."""
 
     def __init__(self, clients: Sequence[WorkerClient], step_timeout: float = 5.0, hard_timeout: float = 900.0):
         """`step_timeout`: how long a worker may leave a liveness probe unanswered; `hard_timeout`:
         the most one unit may take however alive its workers say they are."""
         self.clients = list(clients)
         self.stages = len(self.clients)
-        self.rest = tuple(c.address for c in self.clients[1:])
         self.step_timeout, self.hard_timeout = step_timeout, hard_timeout
         self.sent_bytes = 0
         self.pool = ThreadPoolExecutor(max(2, self.stages), thread_name_prefix="mtpdist-control")
         self.lock = threading.Lock()
-        self.inflight: dict[int, tuple[float, object]] = {}   # unit -> (sent at, gRPC future)
+        self.inflight: dict[int, tuple[float, object]] = {}   # unit -> (sent at, what cancels it)
         self.lost: dict[int, WorkerCallError] = {}              # units abandoned, and why
         self.units = 0
         self.closed = threading.Event()
         self.watchdog = threading.Thread(target=self._watch, name="mtpdist-liveness", daemon=True)
         self.watchdog.start()
-
-    def send(self, rows, hidden, done) -> None:
-        act = to_activation(hidden)
-        self.sent_bytes += 2 * self.stages * len(act.data)
-        with self.lock:
-            uid, self.units = self.units, self.units + 1
-            self.inflight[uid] = (time.monotonic(), None)
-
-        def finished(r: ForwardResult | WorkerCallError) -> None:
-            with self.lock:
-                self.inflight.pop(uid, None)
-                lost = self.lost.pop(uid, None)
-            if isinstance(r, WorkerCallError) and lost is not None:
-                r = lost        # we abandoned it: say why, not "cancelled"
-            done(r if isinstance(r, Exception) else UnitResult(r.hidden, r.positions, r.compute_us, r.batch_rows))
-        # The lock is not held here: a call that fails at once runs `finished` on this thread.
-        fut = self.clients[0].forward_async(ForwardCall(tuple(rows), act, self.rest), finished,
-                                            timeout=self.hard_timeout)
-        with self.lock:
-            if uid in self.inflight:
-                self.inflight[uid] = (self.inflight[uid][0], fut)
 
     def _watch(self) -> None:
         """Probe the chain while a unit is out longer than a step may take; fail the units if a

@@ -8,7 +8,7 @@ from .v1 import worker_pb2 as pb
 
 
 def activation_to_pb(a: Activation) -> pb.Tensor:
-    return pb.Tensor(data=a.data, dtype=a.dtype, shape=list(a.shape))
+    return pb.Tensor(data=a.data if isinstance(a.data, bytes) else bytes(a.data), dtype=a.dtype, shape=list(a.shape))
 
 
 def activation_from_pb(t: pb.Tensor) -> Activation:

@@ -36,6 +36,8 @@ class LinkEnd(Protocol):
     def outgoing(self) -> Iterator[bytes]: ...         # a sink link's frames, until closed
     def close(self) -> None: ...
     abort: Callable[[], None]                          # set by the link's server: end the link from our side
+    # Optional, socket links only (mtpdist/wire/sockets.py): `adopt(inlet)` (a feed read by the
+    # stage's compute thread itself) and `attach(write) -> Event` (a sink written by whoever sends).
 
 
 class LinkHandler(Protocol):

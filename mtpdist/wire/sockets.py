@@ -5,9 +5,10 @@ A worker offers a link port in Describe (`listen_links`); a dialer that sees one
 else the gRPC stream links of mtpdist/wire/links.py (`dial` chooses). The first frame each
 way is the hello and its answer (OK, or the gRPC status name a gRPC link would have ended
 with). After it, a socket carries frames one way only: a feed is written by the dialer (from
-the thread that made the frame: the MLX thread on a worker) and read by the worker; a sink is
-written by the worker and read by the coordinator. (One TLS connection is never read and
-written by two threads at once.) A link ends when its socket closes; a worker whose feed
+the thread that made the frame: the MLX thread on a worker) and read by the worker's MLX
+thread itself (`Inlet`); a sink is written by the last worker's MLX thread and read by the
+coordinator. No thread wakes another between a frame's arrival at a worker, its compute and
+its departure. (One TLS connection is never read and written by two threads at once.) A link ends when its socket closes; a worker whose feed
 ends closes its own outlet, so the end travels down the ring to the coordinator's sink.
 """
 
@@ -33,6 +34,9 @@ from .links import Link, LinkHandler
 
 log = logging.getLogger("mtpdist.wire")
 _LEN = struct.Struct("<I")
+_JOIN_MAX = 1 << 20
+# A peer that stops in the middle of a frame must not hold a compute thread that reads it for ever.
+_INLET_TIMEOUT = 30.0
 
 
 def _context(identity: TlsIdentity, server: bool) -> ssl.SSLContext:
@@ -75,8 +79,46 @@ def read_frame(conn) -> bytearray | None:
 
 
 def write_frame(conn, frame) -> None:
-    conn.sendall(_LEN.pack(len(frame)))
-    conn.sendall(frame)
+    """Length and frame in one write (one TLS record, one system call) unless the frame is big,
+    where the copy that would take costs more than a second write."""
+    if len(frame) <= _JOIN_MAX:
+        conn.sendall(_LEN.pack(len(frame)) + frame)
+    else:
+        conn.sendall(_LEN.pack(len(frame)))
+        conn.sendall(frame)
+
+
+class Inlet:
+    """A feed socket read by its stage's compute thread itself (`LinkEnd.adopt`): no reader
+    thread wakes between a frame's arrival and its compute. `done()` hands the socket back to
+    the link's server thread, which then closes it."""
+
+    def __init__(self, conn, ended: threading.Event):
+        self.conn, self.ended = conn, ended
+        self.busy = False        # a big frame is being read off the compute thread
+
+    def fileno(self) -> int:
+        return self.conn.fileno()
+
+    def pending(self) -> bool:
+        """Bytes already decrypted and buffered, which select() cannot see."""
+        return isinstance(self.conn, ssl.SSLSocket) and self.conn.pending() > 0
+
+    def read_length(self) -> int | None:
+        """The next frame's length, or None at the end of the stream."""
+        head = _read(self.conn, 4)
+        if head is None:
+            return None
+        (n,) = _LEN.unpack(head)
+        if n > MAX_MESSAGE:
+            raise RequestError("invalid", f"a frame of {n} bytes is over the limit {MAX_MESSAGE}")
+        return n
+
+    def read_body(self, n: int) -> bytearray | None:
+        return _read(self.conn, n)
+
+    def done(self) -> None:
+        self.ended.set()
 
 
 def listen_links(handler: LinkHandler, host: str, identity: TlsIdentity | None, port: int = 0) -> int:
@@ -112,9 +154,20 @@ def _serve(handler: LinkHandler, ctx, sock) -> None:
         write_frame(conn, b'{"code": "OK"}')
         conn.settimeout(None)
         end.abort = lambda: _shutdown(conn)   # our outlet broke: end this link, so the sender knows
-        if hello.role == "sink":
+        if hello.role == "sink" and hasattr(end, "attach"):
+            # The compute thread writes the frames itself; this thread only waits for the end
+            # (the coordinator never writes on a sink, so readable means it went away).
+            ended = end.attach(lambda frame: write_frame(conn, frame))
+            while not ended.is_set() and not select.select([conn], [], [], 1.0)[0]:
+                pass
+        elif hello.role == "sink":
             for frame in end.outgoing():
                 write_frame(conn, frame)
+        elif hasattr(end, "adopt"):
+            ended = threading.Event()
+            conn.settimeout(_INLET_TIMEOUT)
+            end.adopt(Inlet(conn, ended))
+            ended.wait()
         else:
             while (frame := read_frame(conn)) is not None:
                 end.frame(frame)
