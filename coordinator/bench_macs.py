@@ -4,7 +4,8 @@ For each worker count N (`--worker-counts 1,2,4`), N local workers each emulate 
 (`--emulate-ms A,B` is the whole Mac; each worker gets A/N, B/N) and one greedy stream runs
 plain, with MTP one round at a time (as before rounds in flight), and with MTP and verify
 rounds in flight (auto depth, and each fixed depth up to `--max-depth`). Runs are interleaved
-and repeated, medians kept; the first repeat warms up and is dropped. With the largest N,
+(their order reversed every repeat) and repeated, medians kept; the first repeat warms up and
+is dropped. With the largest N,
 `--streams` concurrent streams (the last count given) also run with and without speculative
 rounds, to show that speculation backs off when the stages are already full. Each mode keeps
 one scheduler across its repeats, as a server does: the automatic depth policy has learned
@@ -67,7 +68,7 @@ def _one_count(b: Bench, n: int, args, streams: int) -> dict:
     modes = _modes(n, args.max_depth)
     scheds = {name: b.scheduler(reuse=False, rounds=rounds) for name, _, rounds in modes}
     for rep in range(args.repeats + 1):
-        for name, depth, rounds in modes:
+        for name, depth, rounds in (modes if rep % 2 else modes[::-1]):   # order swapped every repeat
             req = GenerationRequest(prompt, args.max_tokens, mtp=depth is not None, mtp_depth=depth or 1,
                                     ignore_eos=True)
             results, wall, _ = b.run([req], sched=scheds[name])
@@ -84,7 +85,7 @@ def _one_count(b: Bench, n: int, args, streams: int) -> dict:
         agg = {}
         many = {rounds: b.scheduler(reuse=False, rounds=rounds) for rounds in (1, 0)}
         for rep in range(args.repeats + 1):
-            for rounds in (1, 0):
+            for rounds in ((1, 0) if rep % 2 else (0, 1)):
                 reqs = [GenerationRequest(tuple(b.prompts[i % len(b.prompts)]), args.max_tokens, mtp=True,
                                           mtp_depth="auto", ignore_eos=True) for i in range(streams)]
                 results, wall, _ = b.run(reqs, sched=many[rounds])

@@ -19,7 +19,7 @@ from mtpdist.wire.types import (PROTOCOL_VERSION, ForwardCall, ForwardResult, Lo
 
 from .compute import ComputeLoop, StageEmulation
 from .ring import RingStage
-from .warm import warm
+from .warm import compiles_kernels, warm
 from .shard_store import ShardStore, check_manifest
 
 log = logging.getLogger("mtpdist.worker")
@@ -196,7 +196,8 @@ class WorkerService:
         weight_bytes = sum(v.nbytes for _, v in tree_flatten(parts.stack.parameters()))
         budget = self._state_budget(spec, weight_bytes)
         store = SequenceStore(parts.stack, parts.config.hidden_size, self.max_sequences, budget)
-        warm(store)   # the first real unit must not compile kernels (LoadShard answers once warm)
+        if compiles_kernels():   # the first real unit must not compile kernels (LoadShard answers once warm)
+            warm(store)
         # Swap only now: until the new shard is built, the old one (and its sequences) stays.
         self.stage = store
         self.spec, self.weight_bytes = spec, weight_bytes

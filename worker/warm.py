@@ -11,12 +11,19 @@ import time
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from mtpdist.model.backend import backend_name
 from mtpdist.wire.types import SequenceRows
 
 log = logging.getLogger("mtpdist.worker")
 # Rows per sequence a step carries: a decode step (1) and verify passes up to MTP depth 3 (+1).
 STEP_ROWS = (1, 2, 3, 4)
 BATCHES = (1, 2, 4)      # sequences in one forward
+
+
+def compiles_kernels() -> bool:
+    """Whether a new shape's first forward builds kernels here (Metal, CUDA). The CPU backend
+    builds none: warming it would only delay LoadShard (~0.5 s for the demo model's half)."""
+    return backend_name() != "cpu"
 
 
 def warm(store, prompt_rows: int = 8) -> float:
