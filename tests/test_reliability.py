@@ -197,7 +197,7 @@ def test_short_soak_leaks_nothing():
     spec = importlib.util.spec_from_file_location("soak", Path(__file__).parent.parent / "scripts" / "soak.py")
     soak = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(soak)
-    r = soak.soak(str(Path(__file__).parent.parent / "mtpdist" / "demo_model"), seconds=12, clients=4,
+    r = soak.soak(str(Path(__file__).parent.parent / "mtpdist" / "demo_model"), seconds=8, clients=4,
                   max_tokens=24, hangup=0.3)
     assert r["failed"] == 0, r["failures"]
     assert r["completed"] > 0 and r["hung_up"] > 0
