@@ -35,6 +35,8 @@ class Metrics:
         self.voided_rounds = Counter("mtpdist_mtp_voided_rounds", "Of those, rounds a rejection before them made "
                                      "void", registry=r)
         self.wasted_rows = Counter("mtpdist_mtp_wasted_rows", "Rows of voided rounds", registry=r)
+        self.drafted_ahead = Counter("mtpdist_mtp_drafted_ahead", "Speculative rounds whose drafts were all made "
+                                     "while the rounds before them were out", registry=r)
         self.rounds_in_flight = Gauge("mtpdist_mtp_rounds_in_flight", "Most verify rounds the last request had in "
                                       "flight at once", registry=r)
         self.queue_depth = Gauge("mtpdist_queue_depth", "Requests waiting or running", registry=r)
@@ -67,6 +69,7 @@ class Metrics:
             self.spec_rounds.inc(result.rounds.get("speculative", 0))
             self.voided_rounds.inc(result.rounds.get("voided", 0))
             self.wasted_rows.inc(result.rounds.get("wasted_rows", 0))
+            self.drafted_ahead.inc(result.rounds.get("drafted_ahead", 0))
             self.rounds_in_flight.set(result.rounds.get("max_in_flight", 0))
 
     def record_unit(self, wall_s: float, result) -> None:

@@ -9,7 +9,11 @@ import pytest
 from mtpdist.engine.live import SchedulerSettings
 from mtpdist.model.loader import load_parts
 
-from helpers import OracleDrafter, Pipelined, decode, plain_greedy
+from mtpdist.engine.driver import CollectingSink
+from mtpdist.engine.generate import GenerationRequest, Generator
+from mtpdist.engine.scheduler import Scheduler
+
+from helpers import InProcess, OracleDrafter, Pipelined, decode, plain_greedy
 
 PROMPT = [5, 17, 99, 3, 42, 8, 200, 11, 7, 300, 12, 13, 14]
 N = 40
@@ -33,6 +37,55 @@ def test_always_right_head_keeps_rounds_in_flight_and_output_identical(dense, de
     assert got == want[:N]
     assert r.rounds["max_in_flight"] == 3 and r.rounds["voided"] == 0
     assert r.accepted == r.drafted
+
+
+class Held(InProcess):
+    """Every layer in this process; each unit's result waits until the test lets it back."""
+
+    def __init__(self, parts, stages: int):
+        super().__init__(parts)
+        self.t.stages, self.held = stages, []
+        send = self.t.send
+        self.t.send = lambda rows, hidden, done: send(rows, hidden, lambda r: self.held.append((done, r)))
+
+    def release(self) -> None:
+        done, r = self.held.pop(0)
+        done(r)
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_next_stacked_round_is_drafted_while_the_window_is_full(dense, depth):
+    """While a sequence's window is full and nothing has come back, the scheduler drafts its next
+    stacked round, which goes out as soon as a round returns; the output is unchanged."""
+    want = plain_greedy(dense, PROMPT, N + 4 * depth + 4, step=4)
+    oracle = OracleDrafter(PROMPT + want, dense.config.vocab_size)
+    backend = Held(dense, 3)
+    sched = Scheduler(Generator(dense, None, True, 4, make_drafter=lambda req: oracle), backend,
+                      SchedulerSettings(reuse_prefixes=False, rounds_in_flight=3, max_inflight=3))
+    sink = CollectingSink()
+    sched.insert(GenerationRequest(tuple(PROMPT), N, mtp=True, mtp_depth=depth, ignore_eos=True), sink)
+    while not sink.ended.is_set():
+        sched.run_once(0)          # takes what came back
+        sched.run_once(0)          # sends what can go; then, with nothing back, drafts ahead
+        if backend.held:
+            backend.release()      # one unit back at a time, as from a pipeline
+    r = sink.wait(0)
+    assert list(r.token_ids) == want[:N]
+    assert r.rounds["voided"] == 0 and r.rounds["speculative"] >= 5
+    # every stacked round but those that filled the window had its drafts ready
+    assert r.rounds["drafted_ahead"] == r.rounds["speculative"] - 2
+
+
+def test_a_long_run_of_holds_rebuilds_the_chain_at_the_backlog_bound(dense, monkeypatch):
+    """Held rounds leave their verified rows for the head while the chain goes on; at the bound
+    the sequence stops stacking until the chain is rebuilt, then stacks again."""
+    from mtpdist.engine import decoder
+    want = plain_greedy(dense, PROMPT, N + 12, step=4)
+    _, free = stacked(dense, N, OracleDrafter(PROMPT + want, dense.config.vocab_size), 1)
+    monkeypatch.setattr(decoder, "MAX_BACKLOG", 6)
+    got, r = stacked(dense, N, OracleDrafter(PROMPT + want, dense.config.vocab_size), 1)
+    assert got == want[:N]
+    assert r.rounds["voided"] == 0 and 5 <= r.rounds["speculative"] < free.rounds["speculative"]
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])

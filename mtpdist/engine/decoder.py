@@ -29,6 +29,11 @@ from .logprobs import token_logprobs
 from .sampling import Sampler
 
 
+# Rows held rounds may leave for the head while the chain goes on (then it stops stacking, and the
+# chain is rebuilt once the rounds in flight are back): bounds that memory in a long run of holds.
+MAX_BACKLOG = 256
+
+
 class Drafter(Protocol):
     """Where drafts come from (the MTP head, or a test oracle)."""
     def extend(self, hidden: mx.array, normed: mx.array, tokens: Sequence[int]) -> mx.array:
@@ -51,6 +56,7 @@ class SpecStats:
     speculative_rounds: int = 0     # rounds sent while an earlier one was still out
     voided_rounds: int = 0          # of those, rounds a rejection before them made void
     wasted_rows: int = 0            # rows of voided rounds
+    drafted_ahead: int = 0          # stacked rounds whose every token was drafted before they could go
 
     def record(self, depth: int, accepted: int) -> None:
         self.verify_passes += 1
@@ -122,6 +128,7 @@ class SequenceDecoder:
         self.rounds: deque[Round] = deque()   # decode/verify steps in flight, oldest first
         self.window = 1              # rounds allowed in flight (the scheduler's policy sets it)
         self.spec_logits: mx.array | None = None  # draft logits for the row after the last round sent
+        self.ahead: tuple[list[int], list] = ([], [])  # the next stacked round's tokens (and qs), drafted early
         self.pending = self.prompt[-1]
         self.drafts: list[int] = []
         self.qs: list[np.ndarray | None] = []
@@ -158,12 +165,16 @@ class SequenceDecoder:
         return ("verify", 1 + len(self.drafts)) if self.drafts else ("decode", 1)
 
     def _can_stack(self) -> bool:
-        """Whether another round may go out on top of those in flight (they carry drafts). Not
-        for a seeded sampled request: whether a round stacks depends on timing, and its draws
-        would too, so its output would not be reproducible from the seed."""
+        """Whether another round may go out on top of those in flight now."""
+        return len(self.rounds) < self.window and self._stackable()
+
+    def _stackable(self) -> bool:
+        """Whether rounds may stack on those in flight (they carry drafts). Not for a seeded
+        sampled request: whether a round stacks depends on timing, and its draws would too, so
+        its output would not be reproducible from the seed."""
         p = self.sampler.params
-        return (len(self.rounds) < self.window and self.drafter is not None and bool(self.rounds[-1].step.drafts)
-                and (p.greedy or p.seed is None))
+        return (self.window > 1 and self.drafter is not None and bool(self.rounds[-1].step.drafts)
+                and (p.greedy or p.seed is None) and sum(len(t) for _, _, t in self.backlog) < MAX_BACKLOG)
 
     def _chunk_end(self, s: int) -> int:
         return min((s // self.chunk + 1) * self.chunk, next(c for c in self.cuts if c > s))
@@ -197,18 +208,33 @@ class SequenceDecoder:
         """A round on top of those in flight, as if they will be accepted whole: its first row
         guesses the last one's bonus token, the rest continue the MTP chain."""
         k = len(self.rounds[-1].step.drafts)
-        if self.spec_logits is None:
-            self._chain(self.rounds[-1].step.tokens[-1:])
-        tokens, qs = [], []
-        for j in range(k + 1):
-            q = None if j == 0 or self.sampler.params.greedy else self.sampler.probs(self.spec_logits)
-            tokens.append(int(mx.argmax(self.spec_logits).item()) if q is None else self.sampler.draw(q))
-            qs.append(q)
-            self._chain(tokens[-1:])
+        self.stats.drafted_ahead += len(self.ahead[0]) > k
+        while len(self.ahead[0]) <= k:
+            self._draft_one()
+        (tokens, qs), self.ahead = self.ahead, ([], [])
         self.stats.speculative_rounds += 1
         floor = self.rounds[0].step.position    # the round before may still be rejected anywhere
         return self._send(Step("verify", tuple(tokens), tuple(range(1, k + 1)), self.position,
                                drafts=tuple(tokens[1:]), epoch=self.epoch, floor=floor), qs[1:])
+
+    def draft_ahead(self) -> bool:
+        """While the window is full: draft one more token of the next stacked round, so that it
+        goes out as soon as a round comes back. False when there is nothing to draft. (With no
+        rebuild of the chain while rounds hold, these are the tokens it would draft then.)"""
+        if not self.rounds or not self._stackable() or len(self.ahead[0]) > len(self.rounds[-1].step.drafts):
+            return False
+        self._draft_one()
+        return True
+
+    def _draft_one(self) -> None:
+        """The next token of the next stacked round: the first guesses the last round's bonus."""
+        if self.spec_logits is None:
+            self._chain(self.rounds[-1].step.tokens[-1:])
+        tokens, qs = self.ahead
+        q = None if not tokens or self.sampler.params.greedy else self.sampler.probs(self.spec_logits)
+        tokens.append(int(mx.argmax(self.spec_logits).item()) if q is None else self.sampler.draw(q))
+        qs.append(q)
+        self._chain(tokens[-1:])
 
     def _chain(self, tokens: Sequence[int]) -> None:
         """Feed known tokens through the MTP chain; keep the draft logits after the last."""
@@ -266,18 +292,18 @@ class SequenceDecoder:
             self.rounds.clear()
             self.position = step.position + accepted + 1
             self.epoch += 1         # rows past the confirmed position are void on every worker
+        if holds and self.rounds:
+            # The chain the rounds in flight came from goes on, so the next stacked round needs only
+            # its own drafts; the verified rows wait in the backlog until the chain is rebuilt.
+            # (Rebuilding it here cost a pass per token in flight and did not raise acceptance.)
+            return observe
         if self.drafter is not None and (step.kind == "verify" or self.speculative):
             # The head's own (speculative) entries go; the backbone's verified hiddens replace them.
             self.drafter.rewind(self.speculative)
             self.speculative = 0
             self.spec_logits = None
+            self.ahead = ([], [])
         return observe
-
-    def rechain(self) -> None:
-        """After a round held with rounds still in flight (its verified rows just went into the
-        head): run the chain through the tokens in flight, so the next stacked round continues it."""
-        first, *rest = self.rounds
-        self._chain([*first.step.tokens[1:], *(t for r in rest for t in r.step.tokens)])
 
     def take_backlog(self) -> tuple[mx.array, mx.array, list[int]]:
         """The rows that rounds without drafts left for the MTP head, as one (hidden, normed, tokens)."""
@@ -309,3 +335,4 @@ class SequenceDecoder:
         if self.backlog:
             self.drafter.extend(*self.take_backlog())
         self.drafts, self.qs = [], []
+        self.spec_logits, self.ahead = None, ([], [])

@@ -6,9 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..model.cache import copy_caches
 from .decoder import SequenceDecoder, Step
-from .generate import Delta, GenerationRequest, Output
+from .depth import DepthPolicy, FixedDepth
+from .generate import Delta, GenerationRequest, Generator, Output
+from .prefix_cache import PrefixEntry
 from .recovery import Replay
+from .sampling import Sampler
 from .transport import Transport
 
 
@@ -37,6 +41,25 @@ class SchedulerSettings:
     prefix_capacity: int = 64
     prefix_max_bytes: int = 2 << 30  # the coordinator's copies of kept MTP-head caches
     rounds_in_flight: int = 0        # verify rounds of one sequence in flight; 0 = chosen per load
+
+
+def make_decoder(generator: Generator, req: GenerationRequest, auto_depth: DepthPolicy,
+                 entry: PrefixEntry | None) -> SequenceDecoder:
+    """A request's decoder, from scratch or continuing a kept prefix (`entry`) the workers forked;
+    "auto" depth requests share `auto_depth`."""
+    depth = None
+    if req.mtp and generator.make_depth is not None:
+        depth = generator.make_depth(req)
+    elif req.mtp:
+        depth = auto_depth if req.mtp_depth == "auto" else FixedDepth(int(req.mtp_depth))
+    drafter = generator.drafter(req)
+    if entry is not None and drafter is not None:
+        drafter.caches = copy_caches(entry.mtp_caches)
+    decoder = SequenceDecoder(generator.parts.head, Sampler(req.sampling), req.prompt_ids, drafter, depth,
+                              generator.prefill_step, start=len(entry.tokens) if entry else 0,
+                              boundaries=req.boundaries)
+    decoder.logprobs_top = req.logprobs
+    return decoder
 
 
 class UnitStats(dict):
@@ -80,6 +103,10 @@ class LiveSequence:
 
     def __post_init__(self):
         self.wire_id = self.wire_id or self.key
+
+    def draft_ahead(self) -> bool:
+        """One more draft of its next stacked round, if its window is full (False: none to make)."""
+        return not self.ended and self.decoder is not None and self.replay is None and self.decoder.draft_ahead()
 
     def replay_log(self, upto: int | None = None) -> list[Step]:
         """The steps that rebuild this sequence's state from position 0 (only those ending by

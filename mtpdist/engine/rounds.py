@@ -59,8 +59,6 @@ def resolve_unit(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.arr
             rows = a + 1 if step.kind == "verify" else T
             if dec.rounds:      # it held and rounds sent after it stay in flight: no new drafts
                 dec.backlog.append((h[:, :rows], n[:, :rows], list(out)))
-                dec.drafter.extend(*dec.take_backlog())
-                dec.rechain()
                 if observe is not None:
                     dec.depth.observe(observe[0], observe[1], _took(dec))
             else:

@@ -21,17 +21,15 @@ from typing import Callable
 import mlx.core as mx
 
 from ..errors import MtpdistError, is_recoverable
-from ..model.cache import copy_caches
 from ..wire.types import SequenceRows
-from .decoder import SequenceDecoder, Step
-from .depth import BatchDepth, FixedDepth, rounds_window
+from .decoder import Step
+from .depth import BatchDepth, rounds_window
 from .generate import GenerationRequest, GenerationResult, Generator, Output
 from .plan import Candidate, PlanLimits, plan_units
 from .prefix_cache import PrefixEntry, PrefixIndex, boundary_entry, turn_entry
-from .live import Backend, LiveSequence, SchedulerSettings, Sink, UnitStats
+from .live import Backend, LiveSequence, SchedulerSettings, Sink, UnitStats, make_decoder
 from .recovery import Recovery
 from .rounds import resolve_unit
-from .sampling import Sampler
 from .transport import Transport, UnitResult
 
 log = logging.getLogger("mtpdist.engine")
@@ -103,6 +101,8 @@ class Scheduler:
                 break
             for unit in units:
                 self._launch(unit)
+        if not self.recovery.pending:
+            self._draft_ahead()
         try:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
@@ -168,18 +168,7 @@ class Scheduler:
             entry = None
         req = s.req
         try:
-            depth = None
-            if req.mtp and self.generator.make_depth is not None:
-                depth = self.generator.make_depth(req)
-            elif req.mtp:
-                depth = self.auto_depth if req.mtp_depth == "auto" else FixedDepth(int(req.mtp_depth))
-            drafter = self.generator.drafter(req)
-            if entry is not None and drafter is not None:
-                drafter.caches = copy_caches(entry.mtp_caches)
-            s.decoder = SequenceDecoder(self.head, Sampler(req.sampling), req.prompt_ids, drafter, depth,
-                                        self.generator.prefill_step, start=len(entry.tokens) if entry else 0,
-                                        boundaries=req.boundaries)
-            s.decoder.logprobs_top = req.logprobs
+            s.decoder = make_decoder(self.generator, req, self.auto_depth, entry)
         except (MtpdistError, ValueError) as e:
             self._end(s, e if isinstance(e, MtpdistError) else MtpdistError(str(e)))
             return
@@ -244,6 +233,17 @@ class Scheduler:
         self.stats.sent(len(members))
         self.sent_at[uid] = time.perf_counter()
         self.transport.send(rows, hidden, lambda r, uid=uid: self.events.put(("done", uid, r, time.perf_counter())))
+
+    def _draft_ahead(self) -> None:
+        """While nothing has come back: draft the next stacked rounds a pass at a time (a returning
+        unit waits for one pass at most), so each goes out as soon as a round returns."""
+        for s in list(self.live.values()):
+            try:
+                while self.events.empty() and s.draft_ahead():
+                    pass
+            except Exception as e:   # never let one sequence take the others down
+                log.exception("drafting failed")
+                self._end(s, MtpdistError(f"internal error: {e}"))
 
     # -- results ----------------------------------------------------------------------------
     def apply(self, uid: int, result, at: float) -> None:
