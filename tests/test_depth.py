@@ -37,6 +37,29 @@ def test_batch_depth_learns_each_batch_size_separately():
     assert set(b.summary()["by_active_sequences"]) == {1, 16}
 
 
+def test_a_deep_position_seen_little_borrows_the_estimate_of_the_one_before():
+    """Few unlucky tries of draft 3 in the warm-up must not lock the policy at depth 2: an
+    estimate with little data leans on the draft before it, and an untried one is that estimate."""
+    p = AutoDepth(max_depth=4)
+    p.tried, p.held = [100, 80, 3, 0], [80, 72, 1, 0]
+    c = p.conditional()
+    assert c[0] == pytest.approx(81 / 102)
+    assert c[2] > 0.5 and c[3] == c[2]
+    assert c[1] > c[2] > 1 / 3
+
+
+def test_a_stacked_rounds_bonus_guess_counts_as_the_next_draft():
+    """With rounds in flight, whether a stacked round holds turns on the guess of the bonus token
+    of the round under it: that is draft depth + 1's acceptance, learned from depth-k rounds."""
+    p = AutoDepth(max_depth=4)
+    for i in range(40):
+        p.observe(2, 2, None, guessed=i % 10 != 0)    # 9 of 10 guesses held
+    assert p.tried[2] == 40 and p.held[2] == 36
+    assert p.conditional()[2] == pytest.approx((36 + 2 * p.conditional()[1]) / 42)
+    p.observe(4, 4, None, guessed=True)               # no slot past the deepest draft
+    assert len(p.tried) == 4
+
+
 def test_depth_flag_values():
     assert parse_depth("auto") == "auto" and parse_depth("3") == 3
     for bad in ("0", "9", "x"):

@@ -106,7 +106,7 @@ class Alternating:
         self.i += 1
         return self.pattern[self.i % len(self.pattern)]
 
-    def observe(self, depth, accepted, seconds):
+    def observe(self, depth, accepted, seconds, guessed=None):
         pass
 
 

@@ -269,10 +269,11 @@ class SequenceDecoder:
         """The distributions the step's drafts were drawn from (None where greedy)."""
         return self.rounds[0].qs if self.expects(step) else []
 
-    def confirm(self, step: Step, out: list[int], accepted: int) -> tuple[int, int] | None:
-        """Record the oldest round's confirmed tokens; returns the (depth, accepted) the depth
-        policy should learn from, or None. Rounds sent after it stay in flight only if it held
-        whole and the next one guessed its bonus token; otherwise they are void."""
+    def confirm(self, step: Step, out: list[int], accepted: int) -> tuple[int, int, bool | None] | None:
+        """Record the oldest round's confirmed tokens; returns the (depth, accepted, guessed) the
+        depth policy should learn from, or None. Rounds sent after it stay in flight only if it
+        held whole and the next one guessed its bonus token (`guessed`: None when no round was
+        stacked on it or a draft failed); otherwise they are void."""
         done = self.rounds.popleft()
         # A stacked round waited behind the one before it: its wall time is not a round's latency.
         self.round_start = None if done.stacked else done.sent
@@ -280,12 +281,14 @@ class SequenceDecoder:
         k = len(step.drafts)
         if step.kind == "verify":
             self.stats.record(k, accepted)
-            observe = (k, accepted)
+            observe = (k, accepted, None)
         elif self.drafter is not None and (self.stats.verify_passes or self.confirmed):
-            observe = (0, 0)                # a round without drafts (depth 0 chosen)
+            observe = (0, 0, None)          # a round without drafts (depth 0 chosen)
         self.pending = out[-1]
         self.confirmed.extend(out)
         holds = accepted == k and (not self.rounds or self.rounds[0].step.tokens[0] == out[-1])
+        if k and accepted == k and self.rounds:
+            observe = (k, accepted, holds)  # the stacked round's guess of the bonus was draft k + 1
         if not holds:
             void = list(self.rounds)
             self.stats.record_void(len(void), sum(len(r.step.tokens) for r in void))

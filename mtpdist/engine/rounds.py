@@ -60,7 +60,7 @@ def resolve_unit(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.arr
             if dec.rounds:      # it held and rounds sent after it stay in flight: no new drafts
                 dec.backlog.append((h[:, :rows], n[:, :rows], list(out)))
                 if observe is not None:
-                    dec.depth.observe(observe[0], observe[1], _took(dec))
+                    dec.depth.observe(*observe[:2], _took(dec), observe[2])
             else:
                 drafting.append((dec, h[:, :rows], n[:, :rows], out, observe))
     if drafting:
@@ -117,7 +117,7 @@ def _draft_all(head: Head, entries) -> None:
     now = time.perf_counter()
     for dec, _, _, _, observe in entries:
         if observe is not None:
-            dec.depth.observe(observe[0], observe[1], _took(dec, now))
+            dec.depth.observe(*observe[:2], _took(dec, now), observe[2])
 
 
 def _took(dec: SequenceDecoder, now: float | None = None) -> float | None:
