@@ -227,7 +227,7 @@ def test_response_format_is_asked_for_and_checked(server, tiny_dense):
 
 def test_n_choices_count_against_the_queue(server):
     c, client = server
-    for seed in range(1, 6):                     # one long request keeps the queue at 1 of --max-queue 2
+    for seed in range(1, 9):                     # one long request keeps the queue at 1 of --max-queue 2
         with ThreadPoolExecutor(1) as pool:
             running = pool.submit(post, c, "/completions", json={"prompt": "class A:", "max_tokens": 1500,
                                                                  "seed": seed})
@@ -239,9 +239,11 @@ def test_n_choices_count_against_the_queue(server):
                 refused = False
             except openai.RateLimitError:         # 1 + 2 choices > 2
                 refused = True
-            finished_first = running.done()        # the long one ended (EOS) before: the premise failed
-            assert running.result().status_code == 200
-        if refused or not finished_first:
+            long = running.result()
+            assert long.status_code == 200
+        # Ran all its 1,500 tokens: it was surely still queued when the n=2 request came. One that
+        # met EOS may have ended just before (its response not yet back): then try another seed.
+        if refused or long.json()["choices"][0]["finish_reason"] == "length":
             break
     assert refused
     assert wait_idle(c, 30)
