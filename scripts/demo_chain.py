@@ -40,18 +40,29 @@ def _level_mask(T: int, level: int) -> mx.array:
     return mx.concatenate([causal] + [eye] * (level - 1), axis=1)
 
 
-def _mtp_level(mtp, hidden, embed, ctx: _LevelKeys, mask):
-    """The MTPHead forward (fc over [e, h], its one attention layer, norm) with a chain-level context.
+def _mtp_level(mtp, hidden, embed, ctxs: list, mask):
+    """The MTPHead forward (fc over [e, h], its attention layers, norm) with a chain-level context.
 
     Same arithmetic as MTPHead.__call__ and DecoderLayer.__call__; only the mask and the
-    key source differ (DecoderLayer builds its own mask from a real cache).
+    key source (one `_LevelKeys` per layer) differ.
     """
     z = mtp.fc(mx.concatenate([mtp.pre_fc_norm_embedding(embed), mtp.pre_fc_norm_hidden(hidden)], axis=-1))
-    (layer,) = mtp.layers
-    r = layer.self_attn(layer.input_layernorm(z), mask, ctx)
-    z = z + r
-    z = z + layer.mlp(layer.post_attention_layernorm(z))
+    for layer, ctx in zip(mtp.layers, ctxs):
+        z = z + layer.self_attn(layer.input_layernorm(z), mask, ctx)
+        z = z + layer.mlp(layer.post_attention_layernorm(z))
     return mtp.norm(z)
+
+
+def level_contexts(mtp, level: int, earlier: list | None) -> list:
+    """One `_LevelKeys` per MTP layer for chain level `level`, over the earlier levels' keys."""
+    return [_LevelKeys(level - 1, None if earlier is None else earlier[i]) for i in range(len(mtp.layers))]
+
+
+def extend_keys(earlier: list | None, ctxs: list) -> list:
+    """Each layer's keys of the levels so far, with this level's appended."""
+    if earlier is None:
+        return [c.mine for c in ctxs]
+    return [tuple(mx.concatenate([e, m], axis=2) for e, m in zip(prev, c.mine)) for prev, c in zip(earlier, ctxs)]
 
 
 def chain_losses(head, stack, mtp, x, depth: int):
@@ -61,11 +72,10 @@ def chain_losses(head, stack, mtp, x, depth: int):
     l0 = nn.losses.cross_entropy(head.logits(h), x[:, 1 : T + 1], reduction="mean")
     hidden, earlier, out = h, None, []
     for j in range(1, depth + 1):
-        ctx = _LevelKeys(j - 1, earlier)
-        z = _mtp_level(mtp, hidden, head.embed(x[:, j : T + j]), ctx, _level_mask(T, j))
+        ctxs = level_contexts(mtp, j, earlier)
+        z = _mtp_level(mtp, hidden, head.embed(x[:, j : T + j]), ctxs, _level_mask(T, j))
         out.append(nn.losses.cross_entropy(head.logits(z), x[:, j + 1 : T + j + 1], reduction="mean"))
-        mine = ctx.mine
-        earlier = mine if earlier is None else tuple(mx.concatenate([e, m], axis=2) for e, m in zip(earlier, mine))
+        earlier = extend_keys(earlier, ctxs)
         hidden = z
     return l0, out
 

@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from demo_chain import tree_map_float32  # noqa: E402
+
 
 def greedy_continuations(head, stack, prompts: np.ndarray, gen: int) -> np.ndarray:
     """Prompts [B, P] -> [B, P + gen]: the backbone's greedy continuation, batched on caches."""
@@ -62,14 +64,14 @@ def distill_losses(head, stack, mtp, x, depth: int):
     distribution at t + j (which predicts token t + j + 1).
     """
     import mlx.core as mx
-    from demo_chain import _LevelKeys, _level_mask, _mtp_level
+    from demo_chain import _level_mask, _mtp_level, extend_keys, level_contexts
     T = x.shape[1] - depth
     h = mx.stop_gradient(head.norm(stack(head.embed(x), [None] * len(stack.layers))))
     teacher = mx.stop_gradient(head.logits(h))
     hidden, earlier, losses, agree, ok = h[:, :T], None, [], [], None
     for j in range(1, depth + 1):
-        ctx = _LevelKeys(j - 1, earlier)
-        z = _mtp_level(mtp, hidden, head.embed(x[:, j : T + j]), ctx, _level_mask(T, j))
+        ctxs = level_contexts(mtp, j, earlier)
+        z = _mtp_level(mtp, hidden, head.embed(x[:, j : T + j]), ctxs, _level_mask(T, j))
         student = head.logits(z)
         target = teacher[:, j : T + j]
         p = mx.softmax(target.astype(mx.float32), axis=-1)
@@ -77,10 +79,24 @@ def distill_losses(head, stack, mtp, x, depth: int):
         hit = mx.argmax(student, axis=-1) == mx.argmax(target, axis=-1)
         ok = hit if ok is None else ok & hit
         agree.append(ok.astype(mx.float32).mean())
-        earlier = ctx.mine if earlier is None else tuple(mx.concatenate([e, m], axis=2)
-                                                         for e, m in zip(earlier, ctx.mine))
+        earlier = extend_keys(earlier, ctxs)
         hidden = z
     return losses, agree
+
+
+def grow(mtp, config, layers: int) -> None:
+    """Append attention layers to the MTP head that start as the identity (zero output projections).
+
+    The head then computes exactly what it did, and training can only add what the new layers learn.
+    """
+    import mlx.core as mx
+    from mtpdist.model.layers import DecoderLayer
+    while len(mtp.layers) < layers:
+        layer = DecoderLayer(config.text_args(), linear=False)
+        layer.update(tree_map_float32(layer.parameters()))
+        layer.self_attn.o_proj.weight = mx.zeros_like(layer.self_attn.o_proj.weight)
+        layer.mlp.down_proj.weight = mx.zeros_like(layer.mlp.down_proj.weight)
+        mtp.layers.append(layer)
 
 
 def distill(a) -> dict:
@@ -89,7 +105,6 @@ def distill(a) -> dict:
     import mlx.nn as nn
     import mlx.optimizers as optim
     from mlx.utils import tree_flatten, tree_unflatten
-    from demo_chain import tree_map_float32
     from mtpdist.model.loader import load_parts
 
     parts = load_parts(a.model, mtp=True)
@@ -98,10 +113,18 @@ def distill(a) -> dict:
         m.update(tree_map_float32(m.parameters()))
     head.freeze()
     stack.freeze()
+    grow(mtp, parts.config, a.mtp_layers)
     original = {k: mx.array(v) for k, v in tree_flatten(mtp.parameters())}
-    print(f"device {mx.default_device()}", flush=True)
-    train = make_data(head, stack, np.load(a.data / "train.npy").astype(np.int32), a.gen_seconds,
-                      a.gen_batch, a.prompt, a.gen, seed=0)
+    print(f"device {mx.default_device()}, MTP layers {len(mtp.layers)}", flush=True)
+    if a.gen_file and a.gen_file.exists():
+        train = np.load(a.gen_file)
+    else:
+        train = make_data(head, stack, np.load(a.data / "train.npy").astype(np.int32), a.gen_seconds,
+                          a.gen_batch, a.prompt, a.gen, seed=0)
+        if a.gen_file:
+            np.save(a.gen_file, train)
+    if a.seconds <= 0:
+        return {}
     held = make_data(head, stack, np.load(a.data / "heldout.npy").astype(np.int32), 0, 64, a.prompt, a.gen, seed=1)
     depth, rng = len(a.chain), np.random.default_rng(2)
 
@@ -157,18 +180,35 @@ def distill(a) -> dict:
 
 
 def merge(model_dir: Path, head_file: Path) -> None:
-    """Replace the MTP head's tensors in a converted model directory (same keys, same dtypes)."""
+    """Put a head into a converted model directory: its `mtp.*` tensors replace the old ones.
+
+    A head with more layers than the model's (`distill --mtp-layers`) also sets
+    `mtp_num_hidden_layers` in config.json and the index's weight map.
+    """
     import mlx.core as mx
     new = mx.load(str(head_file))
-    for f in sorted(model_dir.glob("*.safetensors")):
-        weights, meta = mx.load(str(f), return_metadata=True)
-        hits = [k for k in weights if k in new]
-        if not hits:
-            continue
-        for k in hits:
-            weights[k] = new[k].astype(weights[k].dtype)
-        mx.save_safetensors(str(f), weights, metadata=meta)
-        print(f"{f}: {len(hits)} MTP tensors replaced")
+    index_file = model_dir / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    f = model_dir / index["weight_map"]["mtp.fc.weight"]
+    weights, meta = mx.load(str(f), return_metadata=True)
+    dtype = weights["mtp.fc.weight"].dtype
+    for k in [k for k in weights if k.startswith("mtp.")]:
+        del weights[k]
+        index["weight_map"].pop(k, None)
+    for k, v in new.items():
+        weights[k] = v.astype(dtype)
+        index["weight_map"][k] = f.name
+    mx.save_safetensors(str(f), weights, metadata=meta)
+    index["metadata"]["total_size"] = sum(
+        v.nbytes for g in sorted(set(index["weight_map"].values())) for v in mx.load(str(model_dir / g)).values())
+    index["weight_map"] = dict(sorted(index["weight_map"].items()))
+    index_file.write_text(json.dumps(index, indent=2) + "\n")
+    layers = len({k.split(".")[2] for k in new if k.startswith("mtp.layers.")})
+    cfg_file = model_dir / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    (cfg["text_config"] if "text_config" in cfg else cfg)["mtp_num_hidden_layers"] = layers
+    cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
+    print(f"{f}: MTP head of {layers} layer(s), {len(new)} tensors")
 
 
 def main() -> int:
@@ -190,6 +230,11 @@ def main() -> int:
     d.add_argument("--decay-steps", type=int, default=4000)
     d.add_argument("--chain", type=float, nargs="+", default=[1.0, 0.7, 0.5])
     d.add_argument("--alphas", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    d.add_argument("--mtp-layers", type=int, default=1,
+                   help="grow the head to this many attention layers (new ones start as the identity)")
+    d.add_argument("--gen-file", type=Path,
+                   help="generated continuations: loaded if it exists, else generated and saved there "
+                        "(--seconds 0: generate only)")
     m = sub.add_parser("merge")
     m.add_argument("--model", type=Path, required=True)
     m.add_argument("--head", type=Path, required=True)
