@@ -182,3 +182,20 @@ def test_coordinator_keeps_mtp_caches_within_a_byte_budget(tiny_dense):
     for e in list(sched.prefixes.entries.values()):
         small.add(e)
     assert len(small.entries) == 1 and small.bytes <= one        # least recently kept went first
+
+
+def test_a_head_of_several_layers_drafts_and_stays_identical(tmp_path):
+    """config.json's mtp_num_hidden_layers > 1 (the demo tooling can grow a head): every layer
+    loads, drafts chain through all of them, and the output is still plain greedy."""
+    from mtpdist.model.config import ModelConfig
+    from mtpdist.model.synthetic import make_config, random_weights, to_raw_hf, write_checkpoint
+    raw = make_config("tiny", mtp_layers=3)
+    path = write_checkpoint(tmp_path, raw, to_raw_hf(random_weights(ModelConfig.from_dict(raw), seed=5)))
+    session = local_session(path, mtp=True, prefill_step=8)
+    assert len(session.parts.mtp.layers) == 3
+    reqs = [GenerationRequest(tuple(p), 16, mtp=True, mtp_depth=1 + i % 3) for i, p in enumerate(PROMPTS)]
+    want = [solo(session, GenerationRequest(r.prompt_ids, r.max_tokens)) for r in reqs]
+    sinks = run_all(Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8)), reqs, timeout=120)
+    results = [s.wait() for s in sinks]
+    assert [r.token_ids for r in results] == want
+    assert sum(r.drafted for r in results) > 0

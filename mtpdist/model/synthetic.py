@@ -35,7 +35,8 @@ UNTIED = {"9b", "27b", "27b-shape"}  # sizes whose release has a separate lm_hea
 
 
 def make_config(size: str = "tiny", *, moe: bool = False, vocab_size: int | None = None,
-                num_layers: int | None = None, tie: bool | None = None, mtp: bool = True) -> dict:
+                num_layers: int | None = None, tie: bool | None = None, mtp: bool = True,
+                mtp_layers: int = 1) -> dict:
     """A raw-HF style config.json dict for a synthetic model (`tie` None: as the release of that size)."""
     if tie is None:
         tie = size not in UNTIED
@@ -48,7 +49,7 @@ def make_config(size: str = "tiny", *, moe: bool = False, vocab_size: int | None
         "linear_key_head_dim": ld, "linear_value_head_dim": ld, "linear_conv_kernel_dim": 4,
         "intermediate_size": ffn, "vocab_size": vocab_size or V, "rms_norm_eps": 1e-6,
         "full_attention_interval": 4, "tie_word_embeddings": tie,
-        "max_position_embeddings": 32768, "mtp_num_hidden_layers": 1 if mtp else 0,
+        "max_position_embeddings": 32768, "mtp_num_hidden_layers": mtp_layers if mtp else 0,
         "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0,
                             "partial_rotary_factor": 0.25, "mrope_section": [11, 11, 10]},
         "eos_token_id": 1,
