@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Self-distil the demo model's MTP head on the device machine (MLX CUDA), two heads side by side:
-# "one" keeps the released head's shape (1 layer), "three" grows it to 3 layers (new ones start as
-# the identity). Both train on the same generated continuations, in the background, so the work
-# can span two calls:
+# Self-distil the demo model's MTP head on the device machine (MLX CUDA), three heads side by side:
+# "one" keeps the released head's shape (1 layer), "two" and "three" grow it to 2 and 3 layers (new
+# ones start as the identity). All train on the same generated continuations, in the background, so
+# the work can span two calls:
 #   bash scripts/device_distill.sh start SECONDS     # generate, launch both, return after ~9 minutes
 #   bash scripts/device_distill.sh finish OUTDIR     # wait for both, copy heads + stats into OUTDIR
 # Needs MLX CUDA on PYTHONPATH (../shared/tools/prepare-mlx-cuda) and .demo_data (bundled tokenizer).
@@ -20,14 +20,15 @@ if [ "$cmd" = start ]; then
       --gen-file $w/gen.npy --gen-batch 64 --gen-seconds 170 --seconds 0 > $w/gen.log 2>&1
   tail -2 $w/gen.log
   train one 1 3e-4
+  train two 2 5e-4
   train three 3 5e-4
   while [ $(( $(date +%s) - t0 )) -lt 540 ]; do sleep 10; done
-  tail -3 $w/one.log $w/three.log
+  tail -n 3 $w/one.log $w/two.log $w/three.log
 else
   while pgrep -f demo_distill.py > /dev/null; do sleep 5; done
-  tail -4 $w/one.log $w/three.log
+  tail -n 4 $w/one.log $w/two.log $w/three.log
   mkdir -p "$arg"
-  for n in one three; do
+  for n in one two three; do
     cp $w/$n/mtp-alpha0.0.safetensors "$arg/mtp-$n.safetensors"
     cp $w/$n/distill_stats.json "$arg/distill-$n.json"
     cp $w/$n.log "$arg/distill-$n.log"
