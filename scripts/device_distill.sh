@@ -4,7 +4,7 @@
 # ones start as the identity). All train on the same generated continuations, in the background, so
 # the work can span two calls:
 #   bash scripts/device_distill.sh start SECONDS     # generate, launch both, return after ~9 minutes
-#   bash scripts/device_distill.sh finish OUTDIR     # wait for both, copy heads + stats into OUTDIR
+#   bash scripts/device_distill.sh finish OUTDIR     # wait for all, heads + stats into OUTDIR/heads.tar
 # Needs MLX CUDA on PYTHONPATH (../shared/tools/prepare-mlx-cuda) and .demo_data (bundled tokenizer).
 set -euo pipefail
 w=/root/distill
@@ -27,10 +27,11 @@ if [ "$cmd" = start ]; then
 else
   while pgrep -f demo_distill.py > /dev/null; do sleep 5; done
   tail -n 4 $w/one.log $w/two.log $w/three.log
-  mkdir -p "$arg"
+  mkdir -p "$arg" $w/pack
   for n in one two three; do
-    cp $w/$n/mtp-alpha0.0.safetensors "$arg/mtp-$n.safetensors"
-    cp $w/$n/distill_stats.json "$arg/distill-$n.json"
-    cp $w/$n.log "$arg/distill-$n.log"
+    cp $w/$n/mtp-alpha0.0.safetensors $w/pack/mtp-$n.safetensors
+    cp $w/$n/distill_stats.json $w/pack/distill-$n.json
+    cp $w/$n.log $w/pack/distill-$n.log
   done
+  tar -C $w/pack -cf "$arg/heads.tar" .   # one file: the device's reply caps how many files come back
 fi
