@@ -3,7 +3,7 @@
 # "one" keeps the released head's shape (1 layer), "two" and "three" grow it to 2 and 3 layers (new
 # ones start as the identity). All train on the same generated continuations, in the background, so
 # the work can span two calls:
-#   bash scripts/device_distill.sh start SECONDS     # generate, launch both, return after ~9 minutes
+#   bash scripts/device_distill.sh start SECONDS     # generate, launch the three, return after ~9 minutes
 #   bash scripts/device_distill.sh finish OUTDIR     # wait for all, heads + stats into OUTDIR/heads.tar
 # Needs MLX CUDA on PYTHONPATH (../shared/tools/prepare-mlx-cuda) and .demo_data (bundled tokenizer).
 set -euo pipefail
