@@ -191,16 +191,16 @@ def merge(model_dir: Path, head_file: Path) -> None:
     index = json.loads(index_file.read_text())
     f = model_dir / index["weight_map"]["mtp.fc.weight"]
     weights, meta = mx.load(str(f), return_metadata=True)
-    dtype = weights["mtp.fc.weight"].dtype
+    dtype, size = weights["mtp.fc.weight"].dtype, index["metadata"]["total_size"]
     for k in [k for k in weights if k.startswith("mtp.")]:
-        del weights[k]
+        size -= weights.pop(k).nbytes
         index["weight_map"].pop(k, None)
     for k, v in new.items():
         weights[k] = v.astype(dtype)
+        size += weights[k].nbytes
         index["weight_map"][k] = f.name
     mx.save_safetensors(str(f), weights, metadata=meta)
-    index["metadata"]["total_size"] = sum(
-        v.nbytes for g in sorted(set(index["weight_map"].values())) for v in mx.load(str(model_dir / g)).values())
+    index["metadata"]["total_size"] = size
     index["weight_map"] = dict(sorted(index["weight_map"].items()))
     index_file.write_text(json.dumps(index, indent=2) + "\n")
     layers = len({k.split(".")[2] for k in new if k.startswith("mtp.layers.")})

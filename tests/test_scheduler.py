@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+import mlx.core as mx
+
 from mtpdist.engine.generate import GenerationRequest
+from mtpdist.model.config import ModelConfig
+from mtpdist.model.synthetic import make_config, random_weights, to_raw_hf, write_checkpoint
 from mtpdist.coordinator.local_session import LocalSession
 from mtpdist.engine.plan import Candidate, PlanLimits, plan_units
 from mtpdist.engine.driver import run_all
@@ -187,12 +191,12 @@ def test_coordinator_keeps_mtp_caches_within_a_byte_budget(tiny_dense):
 def test_a_head_of_several_layers_drafts_and_stays_identical(tmp_path):
     """config.json's mtp_num_hidden_layers > 1 (the demo tooling can grow a head): every layer
     loads, drafts chain through all of them, and the output is still plain greedy."""
-    from mtpdist.model.config import ModelConfig
-    from mtpdist.model.synthetic import make_config, random_weights, to_raw_hf, write_checkpoint
     raw = make_config("tiny", mtp_layers=3)
-    path = write_checkpoint(tmp_path, raw, to_raw_hf(random_weights(ModelConfig.from_dict(raw), seed=5)))
-    session = local_session(path, mtp=True, prefill_step=8)
+    w = random_weights(ModelConfig.from_dict(raw), seed=5)
+    session = local_session(write_checkpoint(tmp_path, raw, to_raw_hf(w)), mtp=True, prefill_step=8)
     assert len(session.parts.mtp.layers) == 3
+    last = session.parts.mtp.layers[2].mlp.down_proj.weight
+    assert mx.array_equal(last, w["mtp.layers.2.mlp.down_proj.weight"].astype(last.dtype))  # loaded, not fresh
     reqs = [GenerationRequest(tuple(p), 16, mtp=True, mtp_depth=1 + i % 3) for i, p in enumerate(PROMPTS)]
     want = [solo(session, GenerationRequest(r.prompt_ids, r.max_tokens)) for r in reqs]
     sinks = run_all(Scheduler(session.generator, session, SchedulerSettings(prefill_budget=8)), reqs, timeout=120)
