@@ -273,3 +273,45 @@ def test_the_compute_thread_reads_its_own_link_in_order_big_frames_too():
     loop.add_inlet(Inlet(mine2, ended2), on_frame)
     theirs2.close()
     assert ended2.wait(10) and not loop.inlets   # the stream's end: handed back, nothing left polled
+
+
+def test_the_frame_reader_returns_each_frame_whole_however_the_bytes_arrive():
+    """Frames that come in one burst, frames dribbled a few bytes at a time, and frames that
+    straddle or exceed the receive buffer all come out whole and in order."""
+    import random
+    import socket
+
+    from mtpdist.wire.sockets import _BUFFER, FrameReader, _LEN
+
+    rng = random.Random(7)
+    sizes = [1, 5, 300, _BUFFER - 4, _BUFFER - 3, 17, _BUFFER, _BUFFER + 1, 3 * _BUFFER + 11, 2, 40_000, 40_000]
+    frames = [rng.randbytes(n) for n in sizes]
+    stream = b"".join(_LEN.pack(len(f)) + f for f in frames)
+    for chunk in (len(stream), 7, 4093):        # one burst; dribbled; odd pieces
+        mine, theirs = socket.socketpair()
+
+        def write():
+            for i in range(0, len(stream), chunk):
+                theirs.sendall(stream[i:i + chunk])
+            theirs.close()
+        threading.Thread(target=write, daemon=True).start()
+        reader = FrameReader(mine)
+        got = []
+        while (f := reader.read_frame()) is not None:
+            got.append(bytes(f))
+        assert got == frames, f"chunks of {chunk}"
+        mine.close()
+
+
+def test_a_batch_is_split_into_views_of_one_evaluated_buffer():
+    from mtpdist.wire.activations import from_activation, split_activation, wire_bits
+
+    x = mx.random.normal((6, 8)).astype(mx.bfloat16)
+    bits = wire_bits(x)
+    mx.eval(bits)
+    parts = split_activation(x, bits, (1, 3, 2))
+    assert [p.shape for p in parts] == [(1, 8), (3, 8), (2, 8)]
+    assert all(isinstance(p.data, memoryview) for p in parts)
+    back = mx.concatenate([from_activation(p) for p in parts], axis=0)
+    assert mx.array_equal(back, x).item()
+    assert bytes(to_activation(x[1:4]).data) == bytes(parts[1].data)

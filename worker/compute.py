@@ -66,7 +66,9 @@ class _Task:
     def __init__(self, fn: Callable | None = None, args: tuple = (), stage=None, call: ForwardCall | None = None,
                  on_done: Callable | None = None):
         self.fn, self.args, self.stage, self.call, self.on_done = fn, args, stage, call, on_done
-        self.done = threading.Event()
+        # Only a caller that waits needs an event; a ring frame's task hands its outcome on.
+        self.done = threading.Event() if on_done is None else None
+        self.finished = False
         self.result = None
         self.error: BaseException | None = None
 
@@ -76,7 +78,9 @@ class _Task:
 
     def complete(self) -> None:
         """Wake the waiting caller, or (a ring frame) hand the outcome on from this thread."""
-        self.done.set()
+        self.finished = True
+        if self.done is not None:
+            self.done.set()
         if self.on_done is not None:
             try:
                 self.on_done(self.result, self.error)
@@ -179,8 +183,8 @@ class ComputeLoop:
             i = ready.pop(0)
             if self._read_one(*i):
                 budget -= 1
-                if i[0].pending() or select.select([i[0]], [], [], 0)[0]:
-                    ready.append(i)      # more of it is there: take it too, in turn with the others
+                if i[0].pending():
+                    ready.append(i)      # more of it came with it: take it too, in turn with the others
 
     def _read_one(self, inlet, on_frame) -> bool:
         """One frame of `inlet` to `on_frame`; False once the link has ended here."""
@@ -292,7 +296,7 @@ class ComputeLoop:
                     except BaseException as e:  # a compute error: every waiting caller hears of it
                         log.exception("forward failed")
                         for t in batch:
-                            if not t.done.is_set():
+                            if not t.finished:
                                 t.finish(error=t.error or e)
             finally:
                 with self.cond:
@@ -335,7 +339,7 @@ class ComputeLoop:
 
     def _run_together(self, stage, inputs, rows: int) -> None:
         import mlx.core as mx
-        from mtpdist.wire.activations import to_activation
+        from mtpdist.wire.activations import split_activation
         seqs = [s for t, _ in inputs for s in t.call.sequences]
         x = inputs[0][1] if len(inputs) == 1 else mx.concatenate([x for _, x in inputs], axis=0)
         try:
@@ -345,12 +349,10 @@ class ComputeLoop:
                 raise
             inputs[0][0].error = e
             return
-        r = i = 0
-        for t, _ in inputs:
+        # Views of one evaluated buffer, not copies: each frame is encoded from its part at once
+        acts = split_activation(out.hidden, out.bits, tuple(t.call.rows for t, _ in inputs))
+        i = 0
+        for (t, _), act in zip(inputs, acts):
             n = len(t.call.sequences)
-            # A view, not a copy: the frame is encoded from it at once (no slice when alone)
-            rows_out = out.hidden if len(inputs) == 1 else out.hidden[r:r + t.call.rows]
-            t.result = StageRun(to_activation(rows_out, copy=False), tuple(out.positions[i:i + n]),
-                                out.compute_us, rows)
-            r += t.call.rows
+            t.result = StageRun(act, tuple(out.positions[i:i + n]), out.compute_us, rows)
             i += n

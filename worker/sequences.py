@@ -16,6 +16,7 @@ import mlx.core as mx
 from mtpdist.errors import RequestError
 from mtpdist.model.cache import cache_arrays, copy_caches, forget_all, rewind_all
 from mtpdist.model.qwen35 import LayerStack
+from mtpdist.wire.activations import wire_bits
 from mtpdist.wire.types import SequenceRows
 
 MAX_KEEP = 16
@@ -33,7 +34,8 @@ class _State:
         return self.caches[0].offset
 
     def rewind(self, n: int) -> None:
-        rewind_all(self.caches, n)
+        if n:
+            rewind_all(self.caches, n)
 
     def can_rewind(self, n: int) -> bool:
         return 0 <= n <= self.offset and all(c.can_rewind(n) for c in self.caches if hasattr(c, "can_rewind"))
@@ -45,6 +47,7 @@ class StoreOutput:
     hidden: mx.array
     positions: list[int]
     compute_us: int
+    bits: mx.array | None = None    # hidden's wire_bits, evaluated with it (no eval of its own to send)
 
 
 class SequenceStore:
@@ -224,20 +227,22 @@ class SequenceStore:
             state.epoch = s.epoch
             forget_all(state.caches, min(s.floor or s.position, s.position))
         t0 = time.perf_counter()
-        out = self._run(sequences, states, live, x)
+        out, bits = self._run(sequences, states, live, x)
         us = int((time.perf_counter() - t0) * 1e6)
         for i in live:
             if sequences[i].keep_as:
                 self.save(sequences[i].sequence_id, sequences[i].keep_as)
         self._evict(keep={s.sequence_id for s in sequences})
-        return StoreOutput(out, [t.offset for t in states], us)
+        return StoreOutput(out, [t.offset for t in states], us, bits)
 
-    def _run(self, sequences: Sequence[SequenceRows], states: list, live: list[int], x: mx.array) -> mx.array:
-        """The live sequences' rows through the layers; stale rows stay zeros."""
+    def _run(self, sequences: Sequence[SequenceRows], states: list, live: list[int],
+             x: mx.array) -> tuple[mx.array, mx.array]:
+        """The live sequences' rows through the layers (stale rows stay zeros), and their wire bits."""
         if len(live) == len(sequences):
             out = self.stack.ragged(x[None], [(t.caches, s.tokens, s.snapshots) for t, s in zip(states, sequences)])[0]
-            mx.eval(out, *(a for t in states for a in cache_arrays(t.caches)))
-            return out
+            bits = wire_bits(out)
+            mx.eval(bits, *(a for t in states for a in cache_arrays(t.caches)))
+            return out, bits
         starts = [0]
         for s in sequences:
             starts.append(starts[-1] + s.tokens)
@@ -251,8 +256,9 @@ class SequenceStore:
                 parts[i] = y[r:r + sequences[i].tokens]
                 r += sequences[i].tokens
         out = mx.concatenate(parts, axis=0)
-        mx.eval(out, *(a for i in live for a in cache_arrays(states[i].caches)))
-        return out
+        bits = wire_bits(out)
+        mx.eval(bits, *(a for i in live for a in cache_arrays(states[i].caches)))
+        return out, bits
 
     def _lookup_existing(self, seq_id: str) -> _State:
         if seq_id not in self.seqs:

@@ -76,7 +76,8 @@ class GDNCache:
 
     def forget_before(self, position: int) -> None:
         """Drop snapshots below `position` (no rewind will go there): their memory is freed."""
-        self.snapshots = {k: v for k, v in self.snapshots.items() if k >= position}
+        if any(k < position for k in self.snapshots):   # most steps have none to drop
+            self.snapshots = {k: v for k, v in self.snapshots.items() if k >= position}
 
     def nbytes(self) -> int:
         """State plus its snapshots (they hold memory until forgotten or rewound past)."""

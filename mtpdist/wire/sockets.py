@@ -35,6 +35,7 @@ from .links import Link, LinkHandler
 log = logging.getLogger("mtpdist.wire")
 _LEN = struct.Struct("<I")
 _JOIN_MAX = 1 << 20
+_BUFFER = 1 << 16        # a link's receive buffer: decode- and verify-sized frames fit whole
 # A peer that stops in the middle of a frame must not hold a compute thread that reads it for ever.
 _INLET_TIMEOUT = 30.0
 
@@ -56,15 +57,20 @@ def _context(identity: TlsIdentity, server: bool) -> ssl.SSLContext:
     return ctx
 
 
-def _read(conn, n: int) -> bytearray | None:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
+def _read_into(conn, view: memoryview) -> bool:
+    """Fill `view` from the socket; False if the stream ends first."""
+    got = 0
+    while got < len(view):
         k = conn.recv_into(view[got:])
         if not k:
-            return None
+            return False
         got += k
-    return buf
+    return True
+
+
+def _read(conn, n: int) -> bytearray | None:
+    buf = bytearray(n)
+    return buf if _read_into(conn, memoryview(buf)) else None
 
 
 def read_frame(conn) -> bytearray | None:
@@ -88,34 +94,78 @@ def write_frame(conn, frame) -> None:
         conn.sendall(frame)
 
 
-class Inlet:
+class FrameReader:
+    """Length-prefixed frames from a socket through one receive buffer: a small frame takes one
+    receive instead of one for its length and one for its body, and frames that came together
+    are taken without asking the socket again (each system call costs most when cold)."""
+
+    def __init__(self, conn, size: int = _BUFFER):
+        self.conn, self.buf = conn, bytearray(size)
+        self.view = memoryview(self.buf)
+        self.lo = self.hi = 0
+
+    def buffered(self) -> int:
+        return self.hi - self.lo
+
+    def _fill(self, need: int) -> bool:
+        """Receive until `need` (<= the buffer's size) bytes are buffered; False at the stream's end."""
+        if self.lo + need > len(self.buf):           # move the start of what is buffered to the front
+            kept = bytes(self.view[self.lo:self.hi])
+            self.view[:len(kept)] = kept
+            self.lo, self.hi = 0, len(kept)
+        while self.hi - self.lo < need:
+            k = self.conn.recv_into(self.view[self.hi:])
+            if not k:
+                return False
+            self.hi += k
+        return True
+
+    def read_length(self) -> int | None:
+        """The next frame's length, or None at the end of the stream."""
+        if not self._fill(4):
+            return None
+        (n,) = _LEN.unpack_from(self.buf, self.lo)
+        self.lo += 4
+        if n > MAX_MESSAGE:
+            raise RequestError("invalid", f"a frame of {n} bytes is over the limit {MAX_MESSAGE}")
+        return n
+
+    def read_body(self, n: int) -> bytes | bytearray | None:
+        """The `n` bytes of the frame whose length was read (a copy: the buffer is reused)."""
+        if n <= len(self.buf):
+            if not self._fill(n):
+                return None
+            body = bytes(self.view[self.lo:self.lo + n])
+            self.lo += n
+            return body
+        body = bytearray(n)                          # a big frame: the rest straight into its own buffer
+        have = self.hi - self.lo
+        body[:have] = self.view[self.lo:self.hi]
+        self.lo = self.hi = 0
+        return body if _read_into(self.conn, memoryview(body)[have:]) else None
+
+    def read_frame(self) -> bytes | bytearray | None:
+        """One frame, or None at the end of the stream."""
+        n = self.read_length()
+        return None if n is None else self.read_body(n)
+
+
+class Inlet(FrameReader):
     """A feed socket read by its stage's compute thread itself (`LinkEnd.adopt`): no reader
     thread wakes between a frame's arrival and its compute. `done()` hands the socket back to
     the link's server thread, which then closes it."""
 
     def __init__(self, conn, ended: threading.Event):
-        self.conn, self.ended = conn, ended
+        super().__init__(conn)
+        self.ended = ended
         self.busy = False        # a big frame is being read off the compute thread
 
     def fileno(self) -> int:
         return self.conn.fileno()
 
     def pending(self) -> bool:
-        """Bytes already decrypted and buffered, which select() cannot see."""
-        return isinstance(self.conn, ssl.SSLSocket) and self.conn.pending() > 0
-
-    def read_length(self) -> int | None:
-        """The next frame's length, or None at the end of the stream."""
-        head = _read(self.conn, 4)
-        if head is None:
-            return None
-        (n,) = _LEN.unpack(head)
-        if n > MAX_MESSAGE:
-            raise RequestError("invalid", f"a frame of {n} bytes is over the limit {MAX_MESSAGE}")
-        return n
-
-    def read_body(self, n: int) -> bytearray | None:
-        return _read(self.conn, n)
+        """Bytes already received (or decrypted) and buffered, which select() cannot see."""
+        return self.hi > self.lo or (isinstance(self.conn, ssl.SSLSocket) and self.conn.pending() > 0)
 
     def done(self) -> None:
         self.ended.set()
@@ -169,7 +219,8 @@ def _serve(handler: LinkHandler, ctx, sock) -> None:
             end.adopt(Inlet(conn, ended))
             ended.wait()
         else:
-            while (frame := read_frame(conn)) is not None:
+            reader = FrameReader(conn)
+            while (frame := reader.read_frame()) is not None:
                 end.frame(frame)
     except RequestError as e:            # a frame this link must not carry: the link ends
         log.warning("closed a link: %s", e)
@@ -233,8 +284,9 @@ class SocketLink:
             self.on_end(err)
 
     def _read(self) -> None:
+        reader = FrameReader(self.conn)
         try:
-            while (frame := read_frame(self.conn)) is not None:
+            while (frame := reader.read_frame()) is not None:
                 self.on_frame(frame)
             err = worker_error(self.address, "UNAVAILABLE", "the link was closed by the worker")
         except (OSError, RequestError) as e:
