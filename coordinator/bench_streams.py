@@ -110,10 +110,13 @@ def scenario_streams(b: Bench) -> dict:
     modes = ["plain"] + ([] if b.args.mtp_depth == "none" else [str(b.args.mtp_depth)])
     runs: dict[str, list[float]] = {}
     acc: dict[str, list[float]] = {}
+    # One scheduler per mode for the whole run, as a server keeps one: the automatic depth learns
+    # in the warm-up round, not again in every measured one. No prefix reuse: the prompts repeat.
+    scheds = {mode: b.scheduler(reuse=False) for mode in modes}
     for rep in range(b.args.repeats + 1):       # the first round warms up and is dropped
         for n in counts:
             for mode in modes:
-                results, wall, _ = b.run([_req(b, i, mode) for i in range(n)])
+                results, wall, _ = b.run([_req(b, i, mode) for i in range(n)], sched=scheds[mode])
                 if rep:
                     key = f"{mode}:{n}"
                     runs.setdefault(key, []).append(sum(r.generation_tokens for r in results) / wall)
