@@ -104,9 +104,6 @@ class FrameReader:
         self.view = memoryview(self.buf)
         self.lo = self.hi = 0
 
-    def buffered(self) -> int:
-        return self.hi - self.lo
-
     def _fill(self, need: int) -> bool:
         """Receive until `need` (<= the buffer's size) bytes are buffered; False at the stream's end."""
         if self.lo + need > len(self.buf):           # move the start of what is buffered to the front
