@@ -18,11 +18,10 @@ def wire_bits(x: mx.array) -> mx.array:
     return x.view(mx.uint16) if x.dtype == mx.bfloat16 else x
 
 
-def to_activation(x: mx.array, copy: bool = True, bits: mx.array | None = None) -> Activation:
+def to_activation(x: mx.array, copy: bool = True) -> Activation:
     """Encode a float array (evaluates it). `copy=False`: the bytes are a view of the array
-    (a memoryview, which keeps it alive), for a frame that is written at once. `bits`: x's
-    `wire_bits`, already evaluated."""
-    return split_activation(x, bits, (x.shape[0],), copy)[0]
+    (a memoryview, which keeps it alive), for a frame that is written at once."""
+    return split_activation(x, None, (x.shape[0],), copy)[0]
 
 
 def split_activation(x: mx.array, bits: mx.array | None, rows: tuple[int, ...],
