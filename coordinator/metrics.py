@@ -37,8 +37,6 @@ class Metrics:
         self.wasted_rows = Counter("mtpdist_mtp_wasted_rows", "Rows of voided rounds", registry=r)
         self.drafted_ahead = Counter("mtpdist_mtp_drafted_ahead", "Speculative rounds whose drafts were all made "
                                      "while the rounds before them were out", registry=r)
-        self.rescued = Counter("mtpdist_mtp_rescued", "Rounds after a rejection (or a bonus token) whose drafts were "
-                               "made while the round before was out", registry=r)
         self.rounds_in_flight = Gauge("mtpdist_mtp_rounds_in_flight", "Most verify rounds the last request had in "
                                       "flight at once", registry=r)
         self.queue_depth = Gauge("mtpdist_queue_depth", "Requests waiting or running", registry=r)
@@ -72,7 +70,6 @@ class Metrics:
             self.voided_rounds.inc(result.rounds.get("voided", 0))
             self.wasted_rows.inc(result.rounds.get("wasted_rows", 0))
             self.drafted_ahead.inc(result.rounds.get("drafted_ahead", 0))
-            self.rescued.inc(result.rounds.get("rescued", 0))
             self.rounds_in_flight.set(result.rounds.get("max_in_flight", 0))
 
     def record_unit(self, wall_s: float, result) -> None:

@@ -26,7 +26,6 @@ import numpy as np
 from ..model.qwen35 import Head
 from .depth import DepthPolicy, FixedDepth
 from .logprobs import token_logprobs
-from .rescue import Rescue, Rescues
 from .sampling import Sampler
 
 
@@ -58,7 +57,6 @@ class SpecStats:
     voided_rounds: int = 0          # of those, rounds a rejection before them made void
     wasted_rows: int = 0            # rows of voided rounds
     drafted_ahead: int = 0          # stacked rounds whose every token was drafted before they could go
-    rescued: int = 0                # rounds after a rejection (or a bonus) whose drafts were made in advance
 
     def record(self, depth: int, accepted: int) -> None:
         self.verify_passes += 1
@@ -142,8 +140,6 @@ class SequenceDecoder:
         self.round_start: float | None = 0.0   # when the round just confirmed was sent (None: stacked)
         self.logprobs_top: int | None = None  # set: note each confirmed token's logprobs (TokenLogprob)
         self.logprobs: list = []              # those of the tokens returned last, until taken
-        self.rescues = Rescues()     # drafts for the round after each possible outcome (rescue.py)
-        self.adopt: Rescue | None = None      # the one that matched the round just confirmed
 
     @property
     def sent_prefill(self) -> int:
@@ -235,8 +231,6 @@ class SequenceDecoder:
         if self.spec_logits is None:
             self._chain(self.rounds[-1].step.tokens[-1:])
         tokens, qs = self.ahead
-        if self.rescuing:
-            self.rescues.record(self.position + len(tokens), self.drafter, self.spec_logits)
         q = None if not tokens or self.sampler.params.greedy else self.sampler.probs(self.spec_logits)
         tokens.append(int(mx.argmax(self.spec_logits).item()) if q is None else self.sampler.draw(q))
         qs.append(q)
@@ -305,43 +299,14 @@ class SequenceDecoder:
             # The chain the rounds in flight came from goes on, so the next stacked round needs only
             # its own drafts; the verified rows wait in the backlog until the chain is rebuilt.
             # (Rebuilding it here cost a pass per token in flight and did not raise acceptance.)
-            self.rescues.prune(self.rounds[0].step.position)
             return observe
         if self.drafter is not None and (step.kind == "verify" or self.speculative):
-            # The head's own (speculative) entries go; the backbone's verified hiddens replace them,
-            # unless a rescue made in advance continues the chain from this outcome.
-            self.adopt = self.rescues.take(step.position + accepted + 1, out[-1]) if self.rescuing else None
-            self.rescues.clear()
+            # The head's own (speculative) entries go; the backbone's verified hiddens replace them.
             self.drafter.rewind(self.speculative)
             self.speculative = 0
             self.spec_logits = None
             self.ahead = ([], [])
         return observe
-
-    @property
-    def rescuing(self) -> bool:
-        """Whether rescues are made (greedy, with a drafter that can fork its chain)."""
-        return self.sampler.params.greedy and hasattr(self.drafter, "take_branch")
-
-    def rescue_ahead(self) -> bool:
-        """While rounds are out: one pass of the likeliest rescue not made yet (False: none)."""
-        if not self.rounds or not self.rescuing:
-            return False
-        return self.rescues.next_pass(self.drafter, list(self.rounds), self._stackable())
-
-    def adopt_rescue(self, k: int) -> bool:
-        """Take k drafts of the rescue `confirm` found, and its branch of the chain as the head's
-        cache (the verified rows stay in the backlog). False: none fits; draft as usual."""
-        r, self.adopt = self.adopt, None
-        if r is None or not 1 <= k <= len(r.drafts) or sum(len(t) for _, _, t in self.backlog) >= MAX_BACKLOG:
-            return False
-        pick = r.picks[r.position + k]          # the state the k-th draft was picked from
-        self.speculative = pick.offset - self.drafter.offset
-        self.drafter.take_branch(r.fork, pick.offset, pick.last)
-        self.drafts, self.qs = list(r.drafts[:k]), [None] * k
-        self.rescues.picks = {p: v for p, v in r.picks.items() if p <= r.position + k}
-        self.stats.rescued += 1
-        return True
 
     def take_backlog(self) -> tuple[mx.array, mx.array, list[int]]:
         """The rows that rounds without drafts left for the MTP head, as one (hidden, normed, tokens)."""
@@ -374,5 +339,3 @@ class SequenceDecoder:
             self.drafter.extend(*self.take_backlog())
         self.drafts, self.qs = [], []
         self.spec_logits, self.ahead = None, ([], [])
-        self.rescues.clear()
-        self.adopt = None

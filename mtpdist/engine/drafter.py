@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 
-from ..model.cache import copy_caches, rewind_all
+from ..model.cache import rewind_all
 from ..model.qwen35 import Head, MTPHead
 
 
@@ -33,22 +33,3 @@ class MTPDrafter:
     def rewind(self, n: int) -> None:
         if n:
             rewind_all(self.caches, n)
-
-    @property
-    def offset(self) -> int:
-        """Entries in the head's cache."""
-        return self.caches[0].offset
-
-    def fork(self, offset: int, last: mx.array) -> "MTPDrafter":
-        """An independent drafter whose cache holds this one's first `offset` entries and whose
-        next chained entry takes `last` as its hidden input (a branch of the chain)."""
-        d = MTPDrafter(self.head, self.mtp, self.post_norm)
-        d.caches = copy_caches(self.caches)
-        rewind_all(d.caches, d.offset - offset)
-        d.last = last
-        return d
-
-    def take_branch(self, fork: "MTPDrafter", offset: int, last: mx.array) -> None:
-        """Go on from a fork's chain: its first `offset` entries, `last` its output there."""
-        fork.rewind(fork.offset - offset)
-        self.caches, self.last = fork.caches, last

@@ -163,7 +163,7 @@ class Output:
             time_to_first_token=ttft, cached_tokens=self.cached_tokens,
             rounds={"max_in_flight": stats.max_rounds_in_flight, "speculative": stats.speculative_rounds,
                     "voided": stats.voided_rounds, "wasted_rows": stats.wasted_rows,
-                    "drafted_ahead": stats.drafted_ahead, "rescued": stats.rescued})
+                    "drafted_ahead": stats.drafted_ahead})
         return Delta(tail, [], result)
 
 

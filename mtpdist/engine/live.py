@@ -108,10 +108,6 @@ class LiveSequence:
         """One more draft of its next stacked round, if its window is full (False: none to make)."""
         return not self.ended and self.decoder is not None and self.replay is None and self.decoder.draft_ahead()
 
-    def rescue_ahead(self) -> bool:
-        """One pass towards the drafts of the round after its oldest round's possible outcomes."""
-        return not self.ended and self.decoder is not None and self.replay is None and self.decoder.rescue_ahead()
-
     def replay_log(self, upto: int | None = None) -> list[Step]:
         """The steps that rebuild this sequence's state from position 0 (only those ending by
         `upto`): the inherited ones, then its own in the order they were sent. Their epochs are

@@ -70,8 +70,6 @@ def resolve_unit(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.arr
 
 def _pick(dec: SequenceDecoder, logits: mx.array) -> None:
     """Append one draft (argmax, or a draw from the filtered draft distribution) and its q."""
-    if dec.rescuing:
-        dec.rescues.record(dec.position + len(dec.drafts) + 1, dec.drafter, logits)
     if dec.sampler.params.greedy:
         d, q = int(mx.argmax(logits).item()), None
     else:
@@ -87,8 +85,6 @@ def _draft_all(head: Head, entries) -> None:
         dec.backlog.append((h, n, list(toks)))
         dec.drafts, dec.qs = [], []
         k = dec.depth.choose()
-        if dec.adopt is not None and dec.adopt_rescue(k):
-            continue        # its drafts were made while the round was out (rescue.py)
         if k:               # k == 0: no draft this round; the MTP head catches up later
             wanted[i] = k
     batched = {i for i in wanted if isinstance(entries[i][0].drafter, MTPDrafter)}

@@ -235,17 +235,15 @@ class Scheduler:
         self.transport.send(rows, hidden, lambda r, uid=uid: self.events.put(("done", uid, r, time.perf_counter())))
 
     def _draft_ahead(self) -> None:
-        """While nothing has come back, a pass at a time (a returning unit waits one pass at most):
-        the next stacked rounds, then, with no more streams than stages, the rounds' rescues."""
-        live = list(self.live.values())
-        for work in ("draft_ahead", "rescue_ahead")[:2 if len(live) <= self.transport.stages else 1]:
-            for s in live:
-                try:
-                    while self.events.empty() and getattr(s, work)():
-                        pass
-                except Exception as e:   # never let one sequence take the others down
-                    log.exception("drafting failed")
-                    self._end(s, MtpdistError(f"internal error: {e}"))
+        """While nothing has come back: draft the next stacked rounds a pass at a time (a returning
+        unit waits for one pass at most), so each goes out as soon as a round returns."""
+        for s in list(self.live.values()):
+            try:
+                while self.events.empty() and s.draft_ahead():
+                    pass
+            except Exception as e:   # never let one sequence take the others down
+                log.exception("drafting failed")
+                self._end(s, MtpdistError(f"internal error: {e}"))
 
     # -- results ----------------------------------------------------------------------------
     def apply(self, uid: int, result, at: float) -> None:
