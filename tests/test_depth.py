@@ -31,9 +31,9 @@ def test_batch_depth_learns_each_batch_size_separately():
     feed(b, 40, time_of=lambda k: 1.0 + 0.01 * k, accept_of=lambda k: k)
     b.active = 16                                                             # at 16 streams rows are dear
     feed(b, 40, time_of=lambda k: 1.0 + 2.0 * k, accept_of=lambda k: 0)
-    assert b.choose() == 0
+    assert b.current().best() == 0
     b.active = 1
-    assert b.choose() == 2
+    assert b.current().best() == 2
     assert set(b.summary()["by_active_sequences"]) == {1, 16}
 
 
@@ -67,3 +67,37 @@ def test_depth_flag_values():
             parse_depth(bad)
     with pytest.raises(ValueError):
         FixedDepth(0)
+
+
+def test_a_batch_that_chooses_together_sends_one_neighbour_in_each_revisit_period():
+    """A batch's sequences all choose before any of them is observed again: the look at a
+    neighbouring depth is one choice in `revisit_every`, not the whole batch at once."""
+    p = AutoDepth(max_depth=4, warmup=2, revisit_every=32)
+    feed(p, 60, time_of=lambda k: 1.0 + 0.4 * k, accept_of=lambda k: min(k, 1))   # depth 1 is best
+    best = p.choose()
+    picks = []
+    for _ in range(8):                      # 8 batch steps of 16 sequences
+        ks = [p.choose() for _ in range(16)]
+        picks += ks
+        for k in ks:
+            p.observe(k, min(k, 1), 1.0 + 0.4 * k)
+    assert best == 1
+    assert 0 < sum(k != best for k in picks) <= len(picks) // 32
+
+
+def test_a_round_that_waited_for_a_slot_counts_its_wait():
+    """In a batch a round's cost runs from the end of the sequence's round before it (waiting for
+    a slot included, which deeper rounds lengthen), not from when it was sent."""
+    from mtpdist.engine.decoder import Round, SequenceDecoder, Step
+    from mtpdist.engine.sampling import Sampler, SamplingParams
+
+    def confirmed(ready_at, sent, stacked=False):
+        dec = SequenceDecoder(None, Sampler(SamplingParams()), [1, 2, 3])
+        step = Step("decode", (3,), (), 2)
+        dec.rounds.append(Round(step, [], sent=sent, stacked=stacked))
+        dec.ready_at = ready_at
+        dec.confirm(step, [7], 0)
+        return dec.round_start
+    assert confirmed(10.0, 12.5) == 10.0      # it waited 2.5 s for a slot after its last round
+    assert confirmed(None, 12.5) == 12.5      # its first round: from when it went out
+    assert confirmed(10.0, 12.5, stacked=True) is None

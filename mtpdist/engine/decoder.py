@@ -138,6 +138,7 @@ class SequenceDecoder:
         self.backlog: list[tuple[mx.array, mx.array, list[int]]] = []
         self.stats = SpecStats()
         self.round_start: float | None = 0.0   # when the round just confirmed was sent (None: stacked)
+        self.ready_at: float | None = None     # when this sequence's last round was resolved
         self.logprobs_top: int | None = None  # set: note each confirmed token's logprobs (TokenLogprob)
         self.logprobs: list = []              # those of the tokens returned last, until taken
 
@@ -276,7 +277,9 @@ class SequenceDecoder:
         stacked on it or a draft failed); otherwise they are void."""
         done = self.rounds.popleft()
         # A stacked round waited behind the one before it: its wall time is not a round's latency.
-        self.round_start = None if done.stacked else done.sent
+        # A round's cost is the time from the end of the one before it: with other sequences in the
+        # batch that includes waiting for a slot, which deeper rounds (more rows) lengthen.
+        self.round_start = None if done.stacked else done.sent if self.ready_at is None else min(self.ready_at, done.sent)
         observe = None
         k = len(step.drafts)
         if step.kind == "verify":

@@ -52,6 +52,7 @@ class AutoDepth:
         self.time: dict[int, float] = {}    # depth -> EMA of round seconds
         self.rounds: dict[int, int] = {}
         self.total = 0
+        self.chosen = 0                     # choices made after the warm-up
         self.current = max_depth
         self.stages = 1                     # pipeline stages (the scheduler keeps it current)
 
@@ -96,12 +97,19 @@ class AutoDepth:
                 return k
         if not self.time:
             return self.current
-        best = max(self.time, key=lambda k: max(self.rate(k, 1), self.rate(k, self.stages)))
-        if self.total % self.revisit_every == 0:  # look again at the neighbours now and then
-            up = (self.total // self.revisit_every) % 2
+        best = self.best()
+        # Look again at a neighbour now and then: one choice in `revisit_every`, counted by choices
+        # (a batch's sequences all choose before any of them is observed again).
+        self.chosen += 1
+        if self.chosen % self.revisit_every == 0:
+            up = (self.chosen // self.revisit_every) % 2
             best = min(self.max_depth, best + 1) if up else max(self.min_depth, best - 1)
         self.current = best
         return best
+
+    def best(self) -> int:
+        """The measured depth with the highest expected rate (no look at a neighbour)."""
+        return max(self.time, key=lambda k: max(self.rate(k, 1), self.rate(k, self.stages)))
 
     def observe(self, depth: int, accepted: int, seconds: float | None, guessed: bool | None = None) -> None:
         """Learn from a verified round; `seconds` (its latency) is None for a stacked round. A guess

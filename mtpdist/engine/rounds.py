@@ -65,6 +65,9 @@ def resolve_unit(head: Head, items: Sequence[tuple[SequenceDecoder, Step, mx.arr
                 drafting.append((dec, h[:, :rows], n[:, :rows], out, observe))
     if drafting:
         _draft_all(head, drafting)
+    now = time.perf_counter()
+    for dec, _, _ in items:
+        dec.ready_at = now
     return outs
 
 
