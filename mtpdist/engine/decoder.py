@@ -279,7 +279,7 @@ class SequenceDecoder:
         # A stacked round waited behind the one before it: its wall time is not a round's latency.
         # A round's cost is the time from the end of the one before it: with other sequences in the
         # batch that includes waiting for a slot, which deeper rounds (more rows) lengthen.
-        self.round_start = None if done.stacked else done.sent if self.ready_at is None else min(self.ready_at, done.sent)
+        self.round_start = None if done.stacked else min(done.sent, self.ready_at or done.sent)
         observe = None
         k = len(step.drafts)
         if step.kind == "verify":

@@ -51,7 +51,6 @@ class AutoDepth:
         self.held = [0] * max_depth
         self.time: dict[int, float] = {}    # depth -> EMA of round seconds
         self.rounds: dict[int, int] = {}
-        self.total = 0
         self.chosen = 0                     # choices made after the warm-up
         self.current = max_depth
         self.stages = 1                     # pipeline stages (the scheduler keeps it current)
@@ -116,7 +115,6 @@ class AutoDepth:
         of its bonus token by the round stacked on it (`guessed`) counts as draft depth + 1: with
         rounds in flight that position decides whether stacked rounds hold, and rounds of the
         depth chosen never draft it themselves."""
-        self.total += 1
         self.rounds[depth] = self.rounds.get(depth, 0) + 1
         for j in range(min(depth, accepted + 1)):
             self.tried[j] += 1
