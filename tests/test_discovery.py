@@ -173,12 +173,15 @@ def test_status_and_a_worker_joining_between_requests(tmp_path, tiny_dense):
                 break
             time.sleep(0.5)
         workers = httpx.get(c.url + "/cluster").json()["workers"]
-        assert len(workers) == 2 and [w["layers"] for w in workers] == [[0, 4], [4, 8]]
+        # Two contiguous ranges over all 8 layers; where they meet follows each worker's measured
+        # speed, which on a loaded box need not come out equal.
+        (a, k), (k2, b) = [w["layers"] for w in workers]
+        assert len(workers) == 2 and a == 0 and b == 8 and k == k2 and 0 < k < 8
         st = subprocess.run([sys.executable, "-m", "mtpdist.cli", "status", "--workers", "2", "--cluster", cluster,
                              "--mdns-interface", "127.0.0.1", "--insecure", "--json"],
                             capture_output=True, text=True, timeout=120)
         rows = json.loads(st.stdout)["workers"]
-        assert st.returncode == 0 and sorted(r["layers"] for r in rows) == ["0-3", "4-7"]
+        assert st.returncode == 0 and sorted(r["layers"] for r in rows) == sorted([f"0-{k - 1}", f"{k}-7"])
         assert all(r["link"] == "loopback" and r["backend"] == "cpu" for r in rows)
     finally:
         c.stop()
