@@ -137,7 +137,7 @@ class SequenceDecoder:
         # running the MTP head; the head catches up in one pass when drafting resumes.
         self.backlog: list[tuple[mx.array, mx.array, list[int]]] = []
         self.stats = SpecStats()
-        self.round_start: float | None = 0.0   # when the round just confirmed was sent (None: stacked)
+        self.round_start: float | None = 0.0   # when the round just confirmed started (None: stacked)
         self.ready_at: float | None = None     # when this sequence's last round was resolved
         self.logprobs_top: int | None = None  # set: note each confirmed token's logprobs (TokenLogprob)
         self.logprobs: list = []              # those of the tokens returned last, until taken
