@@ -23,7 +23,7 @@ from mtpdist.security import node_identity
 from mtpdist.wire.activations import to_activation
 from mtpdist.wire.client import ChannelSettings, WorkerClient
 from mtpdist.wire.frames import (SCHEMA, ErrorFrame, Hello, UnitFrame, decode, decode_header, encode_error,
-                                 encode_header, encode_unit, route_tag)
+                                 encode_header, encode_result, encode_unit, route_tag)
 from mtpdist.wire.links import Link
 from mtpdist.wire.sockets import SocketLink, dial
 from mtpdist.wire.types import SequenceRows
@@ -52,7 +52,7 @@ def outcome(link_args: tuple, timeout: float = 10, port: int = 0) -> WorkerCallE
 
 def unit_now(transport, rows, hidden, timeout: float = 60):
     box, done = [], threading.Event()
-    transport.send(rows, hidden, lambda r: (box.append(r), done.set()))
+    transport.send(rows, to_activation(hidden), lambda r: (box.append(r), done.set()))
     assert done.wait(timeout), "the unit never came back"
     return box[0]
 
@@ -66,6 +66,11 @@ def test_frames_carry_every_header_field_and_the_bytes_as_they_are():
     f = decode(encode_unit(UnitFrame(route_tag("r"), 9, (s,), act, (10,), (5,), (3,))))
     assert (f.unit, f.sequences, f.positions, f.compute_us, f.batch_rows) == (9, (s,), (10,), (5,), (3,))
     assert bytes(f.hidden.data) == act.data and f.hidden.shape == (3, 4)
+    # The last stage's result frame: no sequence headers, only where each sequence now stands.
+    two = (s, SequenceRows("other", 0, 1))
+    r = decode(encode_result(UnitFrame(route_tag("r"), 9, two, act, (10, 1), (5, 6), (3, 3))))
+    assert (r.unit, r.sequences, r.positions, r.compute_us, r.batch_rows) == (9, (), (10, 1), (5, 6), (3, 3))
+    assert bytes(r.hidden.data) == act.data and r.hidden.shape == (3, 4)
     e = decode(encode_error(1, 2, 3, "conflict", "cache stands at 5"))
     assert e == ErrorFrame(1, 2, 3, "conflict", "cache stands at 5")
     with pytest.raises(Exception, match="malformed"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 from mtpdist.engine.transport import UnitResult
 from mtpdist.errors import RequestError, WorkerCallError
 from mtpdist.model.qwen35 import LayerStack
+from mtpdist.wire.activations import from_activation
 
 from .sequences import SequenceStore
 
@@ -22,7 +23,7 @@ class LocalTransport:
 
     def send(self, rows, hidden, done) -> None:
         try:
-            out = self.store.forward(list(rows), hidden)
+            out = self.store.forward(list(rows), from_activation(hidden))
         except RequestError as e:    # answered as a worker would, so the same recovery rules apply
             done(WorkerCallError(_HERE, e.kind, e.kind, str(e)))
             return

@@ -17,8 +17,8 @@ import threading
 from collections import OrderedDict
 
 from mtpdist.errors import RequestError
-from mtpdist.wire.frames import (SCHEMA, ErrorFrame, Hello, UnitFrame, decode, encode_error, encode_unit,
-                                 route_tag)
+from mtpdist.wire.frames import (SCHEMA, ErrorFrame, Hello, UnitFrame, decode, encode_error, encode_result,
+                                 encode_unit, route_tag)
 from mtpdist.errors import WorkerCallError
 from mtpdist.wire.sockets import dial
 from mtpdist.wire.types import ForwardCall
@@ -83,6 +83,7 @@ class _Feed:
     def __init__(self, ring: "RingStage", hello: Hello):
         self.ring, self.stage, self.outlet = ring, hello.stage, None
         self.tag = route_tag(hello.route)
+        self.last = False                          # the last stage: results go back without headers
         self.dead: WorkerCallError | None = None   # our outlet's end: units would go nowhere
         self.abort = None                          # set by the link's server
 
@@ -114,8 +115,9 @@ class _Feed:
                 else "internal"
             self.outlet.send(encode_error(f.route, f.unit, self.stage, kind, str(err)))
             return
-        self.outlet.send(encode_unit(UnitFrame(f.route, f.unit, f.sequences, run.hidden, run.positions,
-                                               f.compute_us + (run.compute_us,), f.batch_rows + (run.batch_rows,))))
+        out = UnitFrame(f.route, f.unit, f.sequences, run.hidden, run.positions, f.compute_us + (run.compute_us,),
+                        f.batch_rows + (run.batch_rows,))
+        self.outlet.send(encode_result(out) if self.last else encode_unit(out))
 
     def adopt(self, inlet) -> None:
         """A socket link: the MLX thread reads its frames itself (worker/compute.py)."""
@@ -200,7 +202,7 @@ class RingStage:
                                on_end=feed.broken)
         else:
             feed = _Feed(self, hello)
-            feed.outlet = self._sink_for(route)
+            feed.outlet, feed.last = self._sink_for(route), True
         with self.lock:
             old, self.feeds[route] = self.feeds.get(route), feed
         if old is not None:

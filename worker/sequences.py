@@ -20,6 +20,9 @@ from mtpdist.wire.activations import wire_bits
 from mtpdist.wire.types import SequenceRows
 
 MAX_KEEP = 16
+# The state budget is checked (a scan of every cache) once this many rows have run since the last
+# check, not after every decode step: it may be overrun by at most these rows' cache entries.
+BUDGET_CHECK_ROWS = 64
 
 
 class _State:
@@ -65,6 +68,7 @@ class SequenceStore:
         self.prefix_bytes = 0
         self.last_used: dict[str, float] = {}  # monotonic time of each sequence's last call
         self.prefix_used: dict[str, float] = {}  # monotonic time each kept prefix was kept or last forked
+        self.unchecked_rows = 0                  # rows run since the state budget was last checked
 
     def expire_idle(self, now: float, ttl: float) -> list[str]:
         """Drop sequences unused for more than `ttl` seconds (a coordinator that crashed never
@@ -111,6 +115,7 @@ class SequenceStore:
         return rows.epoch != state.epoch or state.offset >= rows.position
 
     def _evict(self, keep: set[str]) -> None:
+        self.unchecked_rows = 0
         # Kept prefixes go first: losing one costs a prefill later, never a request.
         while self.prefixes and (len(self.prefixes) > self.max_prefixes or self.state_bytes() > self.state_budget):
             self._drop_prefix(next(iter(self.prefixes)))
@@ -229,10 +234,14 @@ class SequenceStore:
         t0 = time.perf_counter()
         out, bits = self._run(sequences, states, live, x)
         us = int((time.perf_counter() - t0) * 1e6)
+        kept = False
         for i in live:
             if sequences[i].keep_as:
                 self.save(sequences[i].sequence_id, sequences[i].keep_as)
-        self._evict(keep={s.sequence_id for s in sequences})
+                kept = True
+        self.unchecked_rows += x.shape[0]
+        if kept or self.unchecked_rows >= BUDGET_CHECK_ROWS or len(self.seqs) > self.max_sequences:
+            self._evict(keep={s.sequence_id for s in sequences})
         return StoreOutput(out, [t.offset for t in states], us, bits)
 
     def _run(self, sequences: Sequence[SequenceRows], states: list, live: list[int],

@@ -15,7 +15,6 @@ import threading
 import time
 
 from ..errors import WorkerCallError
-from ..wire.activations import to_activation
 from ..wire.errors import worker_error
 from ..wire.frames import ErrorFrame, Hello, UnitFrame, decode, encode_unit, route_tag
 from ..wire.links import unit_error
@@ -57,8 +56,7 @@ class RingTransport(WorkerTransport):
         self.feed = dial(first, ports[0], Hello(route, "feed", "", first.address, 0), None, self._ended)
 
     def send(self, rows, hidden, done) -> None:
-        act = to_activation(hidden, copy=False)     # a view: the frame is encoded from it below
-        self.sent_bytes += (self.stages + 1) * len(act.data)
+        self.sent_bytes += (self.stages + 1) * len(hidden.data)
         with self.lock:
             broken = self.broken
             if broken is None:
@@ -68,7 +66,7 @@ class RingTransport(WorkerTransport):
         if broken is not None:
             done(broken)     # at once: the scheduler re-plans
             return
-        self.feed.send(encode_unit(UnitFrame(self.tag, uid, tuple(rows), act)))
+        self.feed.send(encode_unit(UnitFrame(self.tag, uid, tuple(rows), hidden)))
 
     def _finish(self, uid: int, result) -> None:
         with self.lock:

@@ -18,11 +18,10 @@ import time
 import uuid
 from typing import Callable
 
-import mlx.core as mx
-
 from ..errors import MtpdistError, is_recoverable
 from ..wire.types import SequenceRows
 from .decoder import Step
+from .embeddings import EmbeddingRows
 from .depth import BatchDepth, rounds_window
 from .generate import GenerationRequest, GenerationResult, Generator, Output
 from .plan import Candidate, PlanLimits, plan_units
@@ -45,6 +44,7 @@ class Scheduler:
         self.generator, self.backend, self.settings, self.on_result = generator, backend, settings, on_result
         self.on_unit = on_unit
         self.head = generator.parts.head
+        self.embeddings = EmbeddingRows(self.head)
         self.events: queue.Queue = queue.Queue()
         self.live: dict[str, LiveSequence] = {}
         self.units: dict[int, list[tuple[str, Step]]] = {}
@@ -229,9 +229,9 @@ class Scheduler:
             keep = s.keep_at.get(end, "") if step.kind == "prefill" and s.replay is None else ""
             rows.append(SequenceRows(s.wire_id, step.position, len(step.tokens), step.epoch, step.snapshots, keep,
                                      step.floor))
-        hidden = self.head.embed(mx.array([t for _, step, _ in members for t in step.tokens]))
-        self.stats.sent(len(members))
         self.sent_at[uid] = time.perf_counter()
+        hidden = self.embeddings.activation([t for _, step, _ in members for t in step.tokens])
+        self.stats.sent(len(members))
         self.transport.send(rows, hidden, lambda r, uid=uid: self.events.put(("done", uid, r, time.perf_counter())))
 
     def _draft_ahead(self) -> None:

@@ -5,7 +5,9 @@ A unit frame is
     per stage done:  <Q I>  compute microseconds, rows in its (possibly merged) forward
     per sequence:    its SequenceRows header (`encode_header`), then <q> its position after
     the activation:  rows x hidden x itemsize bytes, little-endian
-and an error frame is <B I Q H> kind, route tag, unit id, stage index, then UTF-8 JSON
+A result frame (the last stage's, back to the coordinator, which knows the unit's sequences)
+has the same fixed part and stages, then <q> each sequence's position after, then the
+activation. An error frame is <B I Q H> kind, route tag, unit id, stage index, then UTF-8 JSON
 {"kind", "details"}. No protobuf here: this module is plain struct packing, and decoding
 hands out memoryviews of the frame (no copy) that np.frombuffer reads directly.
 """
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from ..errors import RequestError
 from .types import ACTIVATION_DTYPES, Activation, SequenceRows
 
-UNIT, ERROR = 1, 2
+UNIT, ERROR, RESULT = 1, 2, 3
 _FIXED = struct.Struct("<BBHIQIIB")
 _STAGE = struct.Struct("<QI")
 _ERROR = struct.Struct("<BIQH")
@@ -63,8 +65,9 @@ def _steps() -> tuple[tuple[str, struct.Struct | None], ...]:
 
 
 _STEPS = _steps()
-# Both ends of a link must agree on the header's fields: a hello carries this and a mismatch is refused.
-SCHEMA = f"{zlib.crc32(repr(_FIELDS).encode()):08x}"
+# Both ends of a link must agree on the frames: a hello carries this and a mismatch is refused.
+_FORMAT = 2     # 2: result frames
+SCHEMA = f"{zlib.crc32(repr((_FORMAT, _FIELDS)).encode()):08x}"
 
 
 def encode_header(s: SequenceRows) -> bytes:
@@ -141,6 +144,17 @@ def encode_unit(f: UnitFrame) -> bytes:
     return b"".join(parts)
 
 
+def encode_result(f: UnitFrame) -> bytes:
+    """The last stage's frame: like `encode_unit` without the sequences' headers (only their
+    positions after), which the coordinator does not need back."""
+    rows, hidden = f.hidden.shape
+    n = len(f.positions)
+    return b"".join([_FIXED.pack(RESULT, _DTYPE_CODE[f.hidden.dtype], n, f.route, f.unit, rows, hidden,
+                                 len(f.compute_us)),
+                     *[_STAGE.pack(c, b) for c, b in zip(f.compute_us, f.batch_rows)],
+                     struct.pack(f"<{n}q", *f.positions), f.hidden.data])
+
+
 def encode_error(route: int, unit: int, stage: int, kind: str, details: str) -> bytes:
     return _ERROR.pack(ERROR, route, unit, stage) + json.dumps({"kind": kind, "details": details}).encode()
 
@@ -180,12 +194,16 @@ def decode(frame: bytes) -> UnitFrame | ErrorFrame:
             d = json.loads(bytes(buf[_ERROR.size:]))
             return ErrorFrame(route, unit, stage, str(d["kind"]), str(d["details"]))
         kind, dcode, nseq, route, unit, rows, hidden, stages = _FIXED.unpack_from(buf, 0)
-        if kind != UNIT or dcode >= len(ACTIVATION_DTYPES) or nseq > MAX_SEQUENCES:
+        if kind not in (UNIT, RESULT) or dcode >= len(ACTIVATION_DTYPES) or nseq > MAX_SEQUENCES:
             raise ValueError(f"kind {kind}, dtype {dcode}, {nseq} sequences")
         off = _FIXED.size
         trail = [_STAGE.unpack_from(buf, off + i * _STAGE.size) for i in range(stages)]
         off += stages * _STAGE.size
         seqs, positions = [], []
+        if kind == RESULT:
+            positions = list(struct.unpack_from(f"<{nseq}q", buf, off))
+            off += 8 * nseq
+            nseq = 0
         for _ in range(nseq):
             s, off = decode_header(buf, off)
             seqs.append(s)
