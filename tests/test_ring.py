@@ -66,6 +66,9 @@ def test_frames_carry_every_header_field_and_the_bytes_as_they_are():
     f = decode(encode_unit(UnitFrame(route_tag("r"), 9, (s,), act, (10,), (5,), (3,))))
     assert (f.unit, f.sequences, f.positions, f.compute_us, f.batch_rows) == (9, (s,), (10,), (5,), (3,))
     assert bytes(f.hidden.data) == act.data and f.hidden.shape == (3, 4)
+    # A stage passes the headers on as they came: the same bytes as encoding them anew.
+    raw = encode_unit(UnitFrame(route_tag("r"), 9, (s, SequenceRows("b", 1, 0)), act, (10, 1), (5,), (3,)))
+    assert len(decode(raw).headers) == 2 and encode_unit(decode(raw)) == raw
     # The last stage's result frame: no sequence headers, only where each sequence now stands.
     two = (s, SequenceRows("other", 0, 1))
     r = decode(encode_result(UnitFrame(route_tag("r"), 9, two, act, (10, 1), (5, 6), (3, 3))))

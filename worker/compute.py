@@ -343,7 +343,7 @@ class ComputeLoop:
         seqs = [s for t, _ in inputs for s in t.call.sequences]
         x = inputs[0][1] if len(inputs) == 1 else mx.concatenate([x for _, x in inputs], axis=0)
         try:
-            out = stage.forward(seqs, x)
+            out = stage.forward(seqs, x, checked=True)   # each task was checked as it was taken
         except (RequestError, ValueError) as e:
             if len(inputs) > 1:
                 raise

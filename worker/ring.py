@@ -116,7 +116,7 @@ class _Feed:
             self.outlet.send(encode_error(f.route, f.unit, self.stage, kind, str(err)))
             return
         out = UnitFrame(f.route, f.unit, f.sequences, run.hidden, run.positions, f.compute_us + (run.compute_us,),
-                        f.batch_rows + (run.batch_rows,))
+                        f.batch_rows + (run.batch_rows,), f.headers)
         self.outlet.send(encode_result(out) if self.last else encode_unit(out))
 
     def adopt(self, inlet) -> None:

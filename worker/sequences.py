@@ -201,11 +201,13 @@ class SequenceStore:
                 raise RequestError("invalid",
                                    f"snapshot positions {list(s.snapshots)} must lie in [1, {s.tokens - 1}]")
 
-    def forward(self, sequences: Sequence[SequenceRows], x: mx.array) -> StoreOutput:
+    def forward(self, sequences: Sequence[SequenceRows], x: mx.array, checked: bool = False) -> StoreOutput:
         """Run several sequences' rows [N, H] as one forward. Rows of a newer epoch first take
         their cache back to `position`; rows of an older epoch are stale and come back as zeros;
-        the others must find their cache at `position`. Every check comes before any state changes."""
-        self.check(sequences, x.shape[0])
+        the others must find their cache at `position`. Every check comes before any state changes
+        (`checked`: the caller has run `check` on these rows already)."""
+        if not checked:
+            self.check(sequences, x.shape[0])
         states, live = [], []
         for s in sequences:
             state = self._existing(s.sequence_id, s.position)

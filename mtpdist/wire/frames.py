@@ -119,6 +119,9 @@ class UnitFrame:
     positions: tuple[int, ...] = ()
     compute_us: tuple[int, ...] = ()
     batch_rows: tuple[int, ...] = ()
+    # Each sequence's header as it came off the wire: a stage passes the same sequences on, and
+    # sending these bytes again costs less than encoding them anew at every hop.
+    headers: tuple = dataclasses.field(default=(), compare=False)
 
 
 @dataclass(frozen=True)
@@ -138,8 +141,9 @@ def encode_unit(f: UnitFrame) -> bytes:
     parts = [_FIXED.pack(UNIT, _DTYPE_CODE[f.hidden.dtype], len(f.sequences), f.route, f.unit, rows, hidden,
                          len(f.compute_us))]
     parts += [_STAGE.pack(c, b) for c, b in zip(f.compute_us, f.batch_rows)]
-    for s, p in zip(f.sequences, positions):
-        parts += [encode_header(s), _POS.pack(p)]
+    headers = f.headers if len(f.headers) == len(f.sequences) else [encode_header(s) for s in f.sequences]
+    for h, p in zip(headers, positions):
+        parts += [h, _POS.pack(p)]
     parts.append(f.hidden.data)
     return b"".join(parts)
 
@@ -204,8 +208,11 @@ def decode(frame: bytes) -> UnitFrame | ErrorFrame:
             positions = list(struct.unpack_from(f"<{nseq}q", buf, off))
             off += 8 * nseq
             nseq = 0
+        headers = []
         for _ in range(nseq):
+            start = off
             s, off = decode_header(buf, off)
+            headers.append(buf[start:off])
             seqs.append(s)
             positions.append(_POS.unpack_from(buf, off)[0])
             off += 8
@@ -213,6 +220,6 @@ def decode(frame: bytes) -> UnitFrame | ErrorFrame:
         if len(buf) - off != rows * hidden * _ITEMSIZE[dtype]:
             raise ValueError(f"{len(buf) - off} activation bytes for [{rows}, {hidden}] {dtype}")
         return UnitFrame(route, unit, tuple(seqs), Activation(buf[off:], dtype, (rows, hidden)), tuple(positions),
-                         tuple(c for c, _ in trail), tuple(b for _, b in trail))
+                         tuple(c for c, _ in trail), tuple(b for _, b in trail), tuple(headers))
     except (struct.error, ValueError, KeyError, IndexError, UnicodeDecodeError, TypeError) as e:
         raise RequestError("invalid", f"malformed ring frame: {e}") from None
