@@ -20,6 +20,7 @@ import struct
 import typing
 import zlib
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..errors import RequestError
 from .types import ACTIVATION_DTYPES, Activation, SequenceRows
@@ -109,9 +110,9 @@ def route_tag(route: str) -> int:
     return zlib.crc32(route.encode())
 
 
-@dataclass(frozen=True)
-class UnitFrame:
-    """A unit on its way round the ring (decoded; `hidden.data` is a view of the frame)."""
+class UnitFrame(NamedTuple):
+    """A unit on its way round the ring (decoded; `hidden.data` is a view of the frame). A named
+    tuple, not a dataclass: one is built at every hop, and a tuple is the cheapest to build."""
     route: int
     unit: int
     sequences: tuple[SequenceRows, ...]
@@ -121,7 +122,7 @@ class UnitFrame:
     batch_rows: tuple[int, ...] = ()
     # Each sequence's header as it came off the wire: a stage passes the same sequences on, and
     # sending these bytes again costs less than encoding them anew at every hop.
-    headers: tuple = dataclasses.field(default=(), compare=False)
+    headers: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -201,25 +202,26 @@ def decode(frame: bytes) -> UnitFrame | ErrorFrame:
         if kind not in (UNIT, RESULT) or dcode >= len(ACTIVATION_DTYPES) or nseq > MAX_SEQUENCES:
             raise ValueError(f"kind {kind}, dtype {dcode}, {nseq} sequences")
         off = _FIXED.size
-        trail = [_STAGE.unpack_from(buf, off + i * _STAGE.size) for i in range(stages)]
+        trail = struct.unpack_from("<" + "QI" * stages, buf, off)
         off += stages * _STAGE.size
-        seqs, positions = [], []
         if kind == RESULT:
-            positions = list(struct.unpack_from(f"<{nseq}q", buf, off))
+            positions = struct.unpack_from(f"<{nseq}q", buf, off)
             off += 8 * nseq
-            nseq = 0
-        headers = []
-        for _ in range(nseq):
-            start = off
-            s, off = decode_header(buf, off)
-            headers.append(buf[start:off])
-            seqs.append(s)
-            positions.append(_POS.unpack_from(buf, off)[0])
-            off += 8
+            seqs = headers = ()
+        else:
+            seqs, positions, headers = [], [], []
+            for _ in range(nseq):
+                start = off
+                s, off = decode_header(buf, off)
+                headers.append(buf[start:off])
+                seqs.append(s)
+                positions.append(_POS.unpack_from(buf, off)[0])
+                off += 8
+            seqs, positions, headers = tuple(seqs), tuple(positions), tuple(headers)
         dtype = ACTIVATION_DTYPES[dcode]
         if len(buf) - off != rows * hidden * _ITEMSIZE[dtype]:
             raise ValueError(f"{len(buf) - off} activation bytes for [{rows}, {hidden}] {dtype}")
-        return UnitFrame(route, unit, tuple(seqs), Activation(buf[off:], dtype, (rows, hidden)), tuple(positions),
-                         tuple(c for c, _ in trail), tuple(b for _, b in trail), tuple(headers))
+        return UnitFrame(route, unit, seqs, Activation(buf[off:], dtype, (rows, hidden)), positions,
+                         trail[0::2], trail[1::2], headers)
     except (struct.error, ValueError, KeyError, IndexError, UnicodeDecodeError, TypeError) as e:
         raise RequestError("invalid", f"malformed ring frame: {e}") from None
