@@ -10,6 +10,7 @@ from .types import ACTIVATION_DTYPES, Activation
 
 _MX = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_NAME = {v: k for k, v in _MX.items()}
 
 
 def wire_bits(x: mx.array) -> mx.array:
@@ -27,12 +28,15 @@ def to_activation(x: mx.array, copy: bool = True) -> Activation:
 def split_activation(x: mx.array, bits: mx.array | None, rows: tuple[int, ...],
                      copy: bool = False) -> list[Activation]:
     """Consecutive blocks of `rows` rows of `x` [N, H], each as an activation; without `copy`
-    all are views of one buffer (no slice of x, so no eval per block)."""
-    name = {mx.float32: "float32", mx.float16: "float16", mx.bfloat16: "bfloat16"}.get(x.dtype)
+    all are views of one buffer (no slice of x, so no eval per block). `bits`: x's `wire_bits`,
+    already evaluated with x (None: evaluated here)."""
+    name = _NAME.get(x.dtype)
     if name is None:
         raise ValueError(f"activations must be float32/float16/bfloat16, not {x.dtype}")
-    b = wire_bits(x) if bits is None else bits
-    mx.eval(b)          # nothing to do when it was evaluated with x
+    if bits is None:    # else it was evaluated with x (a stage's output): no eval, not even an empty one
+        bits = wire_bits(x)
+        mx.eval(bits)
+    b = bits
     try:     # the array's own buffer: no numpy object in between
         view = memoryview(b).cast("B")
     except TypeError:   # not contiguous (a strided view): one contiguous copy first
