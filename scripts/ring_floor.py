@@ -3,13 +3,14 @@
 N forked processes pass one decode row around a ring of plaintext TCP sockets, as the
 product's stages do, but with nothing else: no frames beyond a 24-byte header, no task
 queue, no coordinator scheduler. Each stage runs the bundled model's layers through the
-product's own `SequenceStore` (`--compute store`, the default), or a few bf16 matmuls of
+product's own `SequenceStore` (`--compute store`, the default), or the same layers with
+none of the store's bookkeeping around them (`--compute layers`), or a few bf16 matmuls of
 about the same duration (`--compute matmul`), or nothing (`--compute none`). Prints the
 overhead per stage the way the hop bench counts it: (unit wall - stage compute) / stages.
 What this measures here is what any Python stage pays on this box (waking a process,
 running its code cold after compute), so it bounds what the product's ring can reach.
 
-    python scripts/ring_floor.py --workers 2 [--units 150] [--compute store|matmul|none]
+    python scripts/ring_floor.py --workers 2 [--units 150] [--compute store|layers|matmul|none]
 """
 
 from __future__ import annotations
@@ -36,17 +37,24 @@ def _connect(port: int) -> socket.socket:
 def _stage_compute(kind: str, i: int, n: int):
     """A function (x [1, H] bf16 array, position) -> (output bits array, compute us)."""
     import mlx.core as mx
-    if kind == "store":
+    if kind in ("store", "layers"):
+        from mtpdist.model.cache import cache_arrays
         from mtpdist.model.loader import load_parts
         from mtpdist.wire.types import SequenceRows
         from mtpdist.worker.sequences import SequenceStore
         per = LAYERS // n
         parts = load_parts(MODEL, layers=(i * per, (i + 1) * per), head=False)
         store = SequenceStore(parts.stack, parts.config.hidden_size)
+        caches = parts.stack.make_caches()
 
         def run(x, pos):
-            out = store.forward([SequenceRows("s", pos, 1)], x)
-            return out.bits, out.compute_us
+            if kind == "store":
+                out = store.forward([SequenceRows("s", pos, 1)], x)
+                return out.bits, out.compute_us
+            t0 = time.perf_counter()      # the same layers and eval as the store's, nothing around them
+            bits = parts.stack.ragged(x[None], [(caches, 1, ())])[0].view(mx.uint16)
+            mx.eval(bits, *cache_arrays(caches))
+            return bits, int((time.perf_counter() - t0) * 1e6)
         return run
     w1 = mx.random.normal((256, 1024)).astype(mx.bfloat16)
     w2 = mx.random.normal((1024, 256)).astype(mx.bfloat16)
@@ -86,7 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--units", type=int, default=150)
-    ap.add_argument("--compute", choices=["store", "matmul", "none"], default="store")
+    ap.add_argument("--compute", choices=["store", "layers", "matmul", "none"], default="store")
     args = ap.parse_args()
     n = args.workers
     listeners = [socket.create_server(("127.0.0.1", 0)) for _ in range(n + 1)]

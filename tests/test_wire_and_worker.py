@@ -233,3 +233,30 @@ def test_store_expires_only_unused_prefixes(tiny_dense):
     stage.prefix_used["b:turn"] -= 100
     stage.fork("b:turn", "c")                             # a fork counts as a use
     assert stage.expire_prefixes(time.monotonic(), ttl=60) == [] and stage.prefixes
+
+
+def test_store_keeps_its_state_budget_within_a_bounded_number_of_rows(tiny_dense):
+    import mlx.core as mx
+
+    from mtpdist.errors import RequestError
+    from mtpdist.model.loader import load_parts
+    from mtpdist.wire.types import SequenceRows
+    from mtpdist.worker.sequences import BUDGET_CHECK_ROWS, SequenceStore
+
+    parts = load_parts(tiny_dense[0], layers=(0, 2), head=False)
+    stage = SequenceStore(parts.stack, parts.config.hidden_size)
+    one = mx.ones((1, parts.config.hidden_size))
+    stage.forward([SequenceRows("idle", 0, 1)], one)
+    stage.forward([SequenceRows("busy", 0, 1)], one)
+    stage.state_budget = stage.state_bytes()        # from here on, every new cache entry is over it
+    steps = 0
+    while "idle" in stage.seqs:
+        stage.forward([SequenceRows("busy", 1 + steps, 1)], one)
+        steps += 1
+        assert steps <= BUDGET_CHECK_ROWS, "the budget was never checked"
+    # Scanning every cache for the budget after each decode step costs a pass over every layer of
+    # every sequence; it runs once the rows since the last scan (the two above count) reach the bound.
+    assert 1 < steps <= BUDGET_CHECK_ROWS and list(stage.seqs) == ["busy"]
+    with pytest.raises(RequestError) as e:
+        stage.forward([SequenceRows("idle", 1, 1)], one)
+    assert e.value.kind == "state_lost" and "memory ran short" in str(e.value)
