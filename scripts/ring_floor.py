@@ -55,6 +55,7 @@ def _stage_compute(kind: str, i: int, n: int):
             bits = parts.stack.ragged(x[None], [(caches, 1, ())])[0].view(mx.uint16)
             mx.eval(bits, *cache_arrays(caches))
             return bits, int((time.perf_counter() - t0) * 1e6)
+        run.after = store.tidy if kind == "store" else None      # as a worker: once the output has gone
         return run
     w1 = mx.random.normal((256, 1024)).astype(mx.bfloat16)
     w2 = mx.random.normal((1024, 256)).astype(mx.bfloat16)
@@ -88,6 +89,8 @@ def _stage(kind: str, i: int, n: int, listener: socket.socket, next_port: int, r
         bits, took = compute(x, pos)
         body = memoryview(bits).cast("B")
         outlet.sendall(HDR.pack(HDR.size + len(body), unit, us + took, pos) + bytes(body))
+        if getattr(compute, "after", None):
+            compute.after()
 
 
 def main() -> None:

@@ -252,6 +252,7 @@ def test_store_keeps_its_state_budget_within_a_bounded_number_of_rows(tiny_dense
     steps = 0
     while "idle" in stage.seqs:
         stage.forward([SequenceRows("busy", 1 + steps, 1)], one)
+        stage.tidy()                                # as the compute loop does once the output has gone
         steps += 1
         assert steps <= BUDGET_CHECK_ROWS, "the budget was never checked"
     # Scanning every cache for the budget after each decode step costs a pass over every layer of
@@ -260,3 +261,24 @@ def test_store_keeps_its_state_budget_within_a_bounded_number_of_rows(tiny_dense
     with pytest.raises(RequestError) as e:
         stage.forward([SequenceRows("idle", 1, 1)], one)
     assert e.value.kind == "state_lost" and "memory ran short" in str(e.value)
+
+
+def test_the_compute_loop_frees_old_snapshots_after_each_forward(tiny_dense):
+    import mlx.core as mx
+
+    from mtpdist.model.loader import load_parts
+    from mtpdist.wire.activations import to_activation
+    from mtpdist.wire.types import ForwardCall, SequenceRows
+    from mtpdist.worker.compute import ComputeLoop
+    from mtpdist.worker.sequences import SequenceStore
+
+    parts = load_parts(tiny_dense[0], layers=(0, 4), head=False)
+    stage = SequenceStore(parts.stack, parts.config.hidden_size)
+    loop = ComputeLoop()
+    x = to_activation(mx.ones((2, parts.config.hidden_size)))
+    for step in range(6):            # verify-sized steps, each with a snapshot after its first row
+        p = 2 * step
+        loop.forward(stage, ForwardCall((SequenceRows("s", p, 2, 0, (1,), "", p),), x))
+    gdn = [c for c in stage.seqs["s"].caches if hasattr(c, "snapshots")]
+    # The loop tidies after each forward: only snapshots at or above the last floor are left.
+    assert gdn and all(min(c.snapshots) >= 10 for c in gdn) and not stage.untidy

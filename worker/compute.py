@@ -336,6 +336,7 @@ class ComputeLoop:
                 time.sleep(left)
         for t, _ in inputs:
             t.complete()
+        stage.tidy()        # after the outputs went on: their frames need not wait for it
 
     def _run_together(self, stage, inputs, rows: int) -> None:
         import mlx.core as mx

@@ -24,6 +24,7 @@ class LocalTransport:
     def send(self, rows, hidden, done) -> None:
         try:
             out = self.store.forward(list(rows), from_activation(hidden))
+            self.store.tidy()
         except RequestError as e:    # answered as a worker would, so the same recovery rules apply
             done(WorkerCallError(_HERE, e.kind, e.kind, str(e)))
             return

@@ -53,3 +53,4 @@ def warm(store, prompt_rows: int = 8) -> float:
 def _run(store, rows: list[SequenceRows], dtype) -> None:
     x = mx.zeros((sum(r.tokens for r in rows), store.hidden_size), dtype=dtype)
     mx.eval(store.forward(rows, x).hidden)
+    store.tidy()
