@@ -49,3 +49,26 @@ def test_rewind_without_snapshot_is_refused(tiny_dense):
     t.forward(parts.head.embed(mx.array([[1, 2, 3]])))
     with pytest.raises(ValueError, match="no snapshot"):
         t.rewind(1)
+
+
+def test_forgetting_drops_exactly_the_snapshots_below_a_position():
+    """Passes, rewinds and forgets in a random order: `forget_before(p)` leaves exactly the
+    snapshots at p and above (it relies on their being kept in ascending order)."""
+    rng = np.random.default_rng(0)
+    c, z = GDNCache(), mx.zeros((1,))
+    floor = 0
+    for _ in range(300):
+        op = rng.integers(3)
+        if op == 0:                                            # a pass of T rows, snapshots inside
+            T = int(rng.integers(1, 5))
+            cuts = sorted({int(k) for k in rng.integers(1, T + 1, size=2) if k < T})
+            c.record(z, z, T, {k: (z, z) for k in cuts})
+        elif op == 1 and c.offset > floor:                     # a rejection: back to a snapshot
+            back = [c.offset - p for p in c.snapshots if floor <= p < c.offset]
+            if back:
+                c.rewind(int(rng.choice(back)))
+        else:                                                  # the floor moves up to where the cache is
+            floor = int(rng.integers(floor, c.offset + 1))
+            want = sorted(p for p in c.snapshots if p >= floor)
+            c.forget_before(floor)
+            assert list(c.snapshots) == want                    # the same set, still in order

@@ -75,9 +75,15 @@ class GDNCache:
         self.snapshots = {k: v for k, v in self.snapshots.items() if k <= keep}
 
     def forget_before(self, position: int) -> None:
-        """Drop snapshots below `position` (no rewind will go there): their memory is freed."""
-        if any(k < position for k in self.snapshots):   # most steps have none to drop
-            self.snapshots = {k: v for k, v in self.snapshots.items() if k >= position}
+        """Drop snapshots below `position` (no rewind will go there): their memory is freed.
+        They are added in ascending position (a pass's rows, then its end; a rewind keeps the
+        order), so those to drop are at the front: no pass over the rest."""
+        snaps = self.snapshots
+        while snaps:
+            first = next(iter(snaps))
+            if first >= position:
+                return
+            del snaps[first]
 
     def nbytes(self) -> int:
         """State plus its snapshots (they hold memory until forgotten or rewound past)."""
