@@ -36,11 +36,10 @@ def split_activation(x: mx.array, bits: mx.array | None, rows: tuple[int, ...],
     if bits is None:    # else it was evaluated with x (a stage's output): no eval, not even an empty one
         bits = wire_bits(x)
         mx.eval(bits)
-    b = bits
     try:     # the array's own buffer: no numpy object in between
-        view = memoryview(b).cast("B")
+        view = memoryview(bits).cast("B")
     except TypeError:   # not contiguous (a strided view): one contiguous copy first
-        view = memoryview(np.ascontiguousarray(b)).cast("B")
+        view = memoryview(np.ascontiguousarray(bits)).cast("B")
     row = len(view) // max(x.shape[0], 1)
     out, start = [], 0
     for n in rows:
