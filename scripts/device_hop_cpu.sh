@@ -9,6 +9,7 @@
 # usage: scripts/device_hop_cpu.sh OUT_DIR [SESSIONS] [BEFORE_DIR] [WORKER_COUNTS]
 set -euo pipefail
 out=${1:?out dir}; sessions=${2:-2}; before=${3:-.before}; counts=${4:-2 4}
+mkdir -p "$out"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whlcpu/*.whl
 ln -sfn ../worker mtpdist/worker; ln -sfn ../coordinator mtpdist/coordinator
 ln -sfn ../worker "$before/mtpdist/worker"; ln -sfn ../coordinator "$before/mtpdist/coordinator"
