@@ -188,21 +188,30 @@ def merge(model_dir: Path, head_file: Path) -> None:
     import mlx.core as mx
     new = mx.load(str(head_file))
     index_file = model_dir / "model.safetensors.index.json"
-    index = json.loads(index_file.read_text())
-    f = model_dir / index["weight_map"]["mtp.fc.weight"]
+    # A model of one weights file has no index: then that file holds the head.
+    index = json.loads(index_file.read_text()) if index_file.exists() else None
+    f = model_dir / (index["weight_map"]["mtp.fc.weight"] if index else "model.safetensors")
+    if not f.exists():
+        raise SystemExit(f"{model_dir}: neither model.safetensors.index.json nor model.safetensors")
     weights, meta = mx.load(str(f), return_metadata=True)
-    dtype, size = weights["mtp.fc.weight"].dtype, index["metadata"]["total_size"]
+    if "mtp.fc.weight" not in weights:
+        raise SystemExit(f"{f}: no MTP head (mtp.fc.weight) to replace")
+    dtype = weights["mtp.fc.weight"].dtype
+    size = index["metadata"]["total_size"] if index else 0
     for k in [k for k in weights if k.startswith("mtp.")]:
         size -= weights.pop(k).nbytes
-        index["weight_map"].pop(k, None)
+        if index:
+            index["weight_map"].pop(k, None)
     for k, v in new.items():
         weights[k] = v.astype(dtype)
         size += weights[k].nbytes
-        index["weight_map"][k] = f.name
+        if index:
+            index["weight_map"][k] = f.name
     mx.save_safetensors(str(f), weights, metadata=meta)
-    index["metadata"]["total_size"] = size
-    index["weight_map"] = dict(sorted(index["weight_map"].items()))
-    index_file.write_text(json.dumps(index, indent=2) + "\n")
+    if index:
+        index["metadata"]["total_size"] = size
+        index["weight_map"] = dict(sorted(index["weight_map"].items()))
+        index_file.write_text(json.dumps(index, indent=2) + "\n")
     layers = len({k.split(".")[2] for k in new if k.startswith("mtp.layers.")})
     cfg_file = model_dir / "config.json"
     cfg = json.loads(cfg_file.read_text())
