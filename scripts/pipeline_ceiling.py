@@ -13,7 +13,8 @@ as `mtpdist worker --emulate-ms` sleeps.
   verifies the next k + 1 tokens of the same chain (its first row is the guess of the bonus
   token of the round under it), so it holds only if every round under it held. The first
   round that misses returns N stage times after it left; the rounds on top of it are void,
-  and the next round starts from the confirmed tokens.
+  and the next round starts from the confirmed tokens. A chain that holds through every
+  recorded draft goes on with no restart, as the chain recorded from where it stops.
 - With --branches, two bounds on draft trees across the pipeline, the one lever left. "free":
   every miss where the chain's second choice was right costs no restart, and the branch costs
   nothing (no such tree exists: it bounds them all). "1 row": each round carries one more row,
@@ -102,6 +103,10 @@ def stages(run: list[Chain], k: int, a: float, b: float, n_stages: int, branch: 
     t = 0.0
     while i < len(run):
         c, held = run[i], 0
+        if c.miss > len(c.top):     # no miss in the recorded drafts: those rounds hold, no restart
+            got = len(c.top) // (k + 1) * (k + 1)
+            n, t, i = n + got, t + got // (k + 1) * s, i + got
+            continue
         while c.miss > (held + 1) * (k + 1):      # the round after `held` held rounds also holds
             held += 1
         got = min(c.miss, (held + 1) * (k + 1))
